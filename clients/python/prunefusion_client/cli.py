@@ -1,0 +1,101 @@
+"""prunefusion-client: talk to a prunefusion server from the shell.
+
+    prunefusion-client generate "def fibonacci(n):" --stream
+    prunefusion-client generate "The os module" --model tiny-lm --seed 7 --temperature 0.8
+    prunefusion-client models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions
+
+
+def _generate(client: Client, args: argparse.Namespace) -> None:
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    if args.stream:
+        last = None
+        for chunk in client.generate_stream(args.prompt, args.model, options):
+            if args.json:
+                print(json.dumps(MessageToDict(chunk)), flush=True)
+            else:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            last = chunk
+        if last is not None and not args.json:
+            print(f"\n[{_summary(last)}]", file=sys.stderr)
+        return
+    response = client.generate(args.prompt, args.model, options)
+    if args.json:
+        print(json.dumps(MessageToDict(response), indent=2))
+    else:
+        print(response.text)
+        print(f"[{_summary(response)}]", file=sys.stderr)
+
+
+def _summary(message) -> str:
+    from prunefusion_client.v1 import text_generation_pb2 as pb
+
+    reason = pb.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower()
+    t = message.timings
+    return (f"finish={reason} prompt_tokens={message.usage.prompt_tokens} "
+            f"completion_tokens={message.usage.completion_tokens} ttft={t.time_to_first_token_seconds * 1000:.1f}ms "
+            f"total={t.total_seconds * 1000:.1f}ms cached={str(message.cached).lower()}")
+
+
+def _models(client: Client, args: argparse.Namespace) -> None:
+    models = client.list_models()
+    if args.json:
+        print(json.dumps([MessageToDict(m) for m in models], indent=2))
+        return
+    print(f"{'name':<20} {'family':<10} {'layers':>6} {'params':>12} {'engine':<7} {'context':>7}  digest")
+    for m in models:
+        print(f"{m.name:<20} {m.family:<10} {m.num_layers:>6} {m.num_parameters:>12,} {m.engine:<7} "
+              f"{m.context_length:>7}  {m.weights_digest[:12]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunefusion-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
+    parser.add_argument("--json", action="store_true", help="print protobuf messages as JSON")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="", help="model name (default: the server's first model)")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float, help="0 = greedy (the server default)")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.set_defaults(func=_generate)
+    models = sub.add_parser("models", help="list the served models")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            args.func(client, args)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

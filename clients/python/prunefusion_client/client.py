@@ -1,0 +1,131 @@
+"""Sync and asyncio clients for prunefusion.v1.
+
+Deadlines: every call takes `timeout` seconds (default: the client's). Retries: only calls that fail with
+UNAVAILABLE are retried (gRPC's own retry policy, exponential backoff, at most `max_attempts` tries); a stream is
+retried only before its first message arrives, so no chunk is ever repeated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from prunefusion_client.v1 import text_generation_pb2 as pb
+from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class GenerateOptions:
+    """Request parameters; None leaves the server default (see proto/prunefusion/v1/text_generation.proto)."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    request_id: str = ""
+
+    def to_request(self, prompt: str, model: str) -> pb.GenerateRequest:
+        optional = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("temperature", self.temperature),
+                                      ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed))
+                    if v is not None}
+        return pb.GenerateRequest(model=model, prompt=prompt, stop=self.stop, request_id=self.request_id, **optional)
+
+
+def channel_options(max_attempts: int) -> list[tuple[str, object]]:
+    retry = {"methodConfig": [{
+        "name": [{"service": "prunefusion.v1.TextGeneration"}],
+        "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]}
+    options: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if max_attempts < 2:  # gRPC requires maxAttempts >= 2 in a retry policy; 1 means no retries at all
+        return [*options, ("grpc.enable_retries", 0)]
+    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(retry))]
+
+
+class Client:
+    """Blocking client. Use as a context manager or call close()."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 120.0, max_attempts: int = 4,
+                 credentials: grpc.ChannelCredentials | None = None):
+        opts = channel_options(max_attempts)
+        self._channel = (grpc.secure_channel(target, credentials, opts) if credentials
+                         else grpc.insecure_channel(target, opts))
+        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self.timeout = timeout
+
+    def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
+                 timeout: float | None = None) -> pb.GenerateResponse:
+        request = (options or GenerateOptions()).to_request(prompt, model)
+        return self._stub.Generate(request, timeout=timeout or self.timeout)
+
+    def generate_stream(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
+                        timeout: float | None = None) -> Iterator[pb.GenerateStreamChunk]:
+        """Yield chunks; closing the iterator early cancels the call (the server frees the slot)."""
+        call = self._stub.GenerateStream((options or GenerateOptions()).to_request(prompt, model),
+                                         timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout).models)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client (grpc.aio). Use as an async context manager or await close()."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 120.0, max_attempts: int = 4,
+                 credentials: grpc.ChannelCredentials | None = None):
+        opts = channel_options(max_attempts)
+        self._channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
+                         else grpc.aio.insecure_channel(target, opts))
+        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self.timeout = timeout
+
+    async def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
+                       timeout: float | None = None) -> pb.GenerateResponse:
+        request = (options or GenerateOptions()).to_request(prompt, model)
+        return await self._stub.Generate(request, timeout=timeout or self.timeout)
+
+    async def generate_stream(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
+                              timeout: float | None = None) -> AsyncIterator[pb.GenerateStreamChunk]:
+        call = self._stub.GenerateStream((options or GenerateOptions()).to_request(prompt, model),
+                                         timeout=timeout or self.timeout)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+        return list(response.models)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

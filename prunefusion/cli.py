@@ -1,0 +1,99 @@
+"""`prunefusion`: serve models and build the project's own default models.
+
+    prunefusion serve                      # the default LM on :50051 (built on first start)
+    prunefusion serve --config my.yaml     # your models (see README, "Config reference")
+    prunefusion models build               # build the default LM into $PRUNEFUSION_HOME/models/tiny-lm
+    prunefusion models build --recipe large --out DIR
+    prunefusion models list
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from prunefusion.home import default_model_dir, prunefusion_home
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from prunefusion.server.app import serve
+    from prunefusion.server.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.port is not None:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
+    logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from prunefusion.models.build import build_model
+
+    out = Path(args.out) if args.out else default_model_dir("tiny-lm" if args.recipe == "default"
+                                                            else f"tiny-lm-{args.recipe}")
+    try:
+        result = build_model(args.recipe, out, steps=args.steps, seed=args.seed, force=args.force)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    print(f"built {result.path}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
+          f"{m['training']['seconds']:.0f} s, held-out perplexity {m['metrics']['held_out_perplexity']:.2f}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    root = prunefusion_home() / "models"
+    rows = []
+    for manifest in sorted(root.glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        rows.append((manifest.parent.name, m.get("num_parameters", 0),
+                     m.get("metrics", {}).get("held_out_perplexity", float("nan")), str(manifest.parent)))
+    if not rows:
+        print(f"no built models under {root}; run: prunefusion models build")
+    for name, params, ppl, path in rows:
+        print(f"{name:<24} {params:>12,} params  held-out ppl {ppl:8.2f}  {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunefusion.models.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(prog="prunefusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--config", help="YAML config (default: the embedded default)")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.set_defaults(func=_serve)
+
+    models = sub.add_parser("models", help="build and list the project's own models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    build = msub.add_parser("build", help="train a language model on the stdlib corpus")
+    build.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="default: %(default)s")
+    build.add_argument("--out", help="output directory (default: $PRUNEFUSION_HOME/models/tiny-lm[-RECIPE])")
+    build.add_argument("--steps", type=int, help="override the recipe's training steps")
+    build.add_argument("--seed", type=int, help="override the recipe's seed")
+    build.add_argument("--force", action="store_true", help="replace an existing directory")
+    build.set_defaults(func=_build)
+    listing = msub.add_parser("list", help="list built models under $PRUNEFUSION_HOME")
+    listing.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Wire the gRPC server: servicers, health, reflection, model registry, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prunefusion.server.config import AppConfig
+from prunefusion.server.registry import ModelRegistry
+from prunefusion.server.servicers.text_generation import TextGenerationServicer
+from prunefusion_client.v1 import text_generation_pb2, text_generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,)
+
+
+class PrunefusionServer:
+    """start() binds the port first (health NOT_SERVING), then loads the models, then reports SERVING."""
+
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.registry = ModelRegistry(config.models)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", *SERVED_SERVICES):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        cfg = self.config.server
+        limit = cfg.max_message_mb * 1024 * 1024
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        text_generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(self.registry),
+                                                                      self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        await self._set_health(False)
+        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        await self._server.start()
+        log.info("listening on %s:%d (NOT_SERVING until models are ready)", cfg.host, self.port)
+        await self.registry.start()
+        await self._set_health(True)
+        log.info("SERVING %s", ", ".join(i.name for i in self.registry.infos()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`, stop engines."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.server.drain_seconds if grace is None else grace
+        log.info("draining (up to %.0f s for in-flight requests)", grace)
+        await self._set_health(False)
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.registry.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: AppConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
+    server = PrunefusionServer(config)
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: stop_task.append(asyncio.ensure_future(server.stop())) if not
+                                stop_task else None)
+    await server.start()
+    await server.wait_stopped()

@@ -1,0 +1,126 @@
+"""The server's YAML configuration, validated by typed models (unknown keys rejected, errors name the field)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunefusion.home import prunefusion_home
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One served model."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    # A local Hugging Face directory (config.json + *.safetensors + tokenizer). `${VAR}` and `~` are expanded;
+    # `${PRUNEFUSION_HOME}` defaults to ~/.cache/prunefusion.
+    path: str
+    # Build this recipe into `path` when the directory is missing (see `prunefusion models build --help`).
+    build: str | None = None
+    engine: str = "torch"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16  # rows decoded together per step
+    max_queue: Annotated[int, Field(ge=0)] = 64  # requests waiting for a slot; more -> RESOURCE_EXHAUSTED
+    max_new_tokens_limit: Annotated[int, Field(ge=1)] = 512
+    default_max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
+    context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from prunefusion.server.registry import ENGINE_FACTORIES
+
+        if value not in ENGINE_FACTORIES:
+            raise ValueError(f"unknown engine {value!r}; choose one of {sorted(ENGINE_FACTORIES)}")
+        return value
+
+    @field_validator("build")
+    @classmethod
+    def _known_recipe(cls, value: str | None) -> str | None:
+        from prunefusion.models.recipes import RECIPES
+
+        if value is not None and value not in RECIPES:
+            raise ValueError(f"unknown recipe {value!r}; choose one of {sorted(RECIPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ModelConfig:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        return self
+
+    @property
+    def resolved_path(self) -> Path:
+        env = {**os.environ, "PRUNEFUSION_HOME": str(prunefusion_home())}
+        expanded = self.path
+        for key, value in env.items():
+            expanded = expanded.replace("${" + key + "}", value)
+        return Path(expanded).expanduser()
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port (tests)
+    max_message_mb: Annotated[int, Field(ge=1, le=2047)] = 64
+    drain_seconds: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM, how long in-flight requests may finish
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AppConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return self
+
+
+def _format(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: object) -> AppConfig:
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: str | Path | None = None) -> AppConfig:
+    """Load a YAML config file, or the embedded default (`default_config.yaml`) when path is None."""
+    if path is None:
+        text = resources.files("prunefusion.server").joinpath("default_config.yaml").read_text()
+        source = "embedded default config"
+    else:
+        text, source = Path(path).read_text(), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None

@@ -1,0 +1,307 @@
+"""A continuous-batching engine on plain PyTorch + transformers (CPU or GPU).
+
+One asyncio task schedules; one worker thread runs the model. Between decode steps, finished, cancelled and
+expired rows leave the batch and queued requests join it (each prefilled alone, then merged into the left-padded
+batch KV cache, see kv_batch.py). All scheduling state is touched only inside `_step` (worker thread) or while
+no step is running, so there are no locks.
+
+Determinism: greedy requests, and sampled requests with a seed, draw nothing from shared state: every request owns
+its `torch.Generator` and draws one number per step. What batch partners can change is the padding width of the
+KV cache, which can perturb logits in the last floating-point bits (measured here: equal tokens in the tests); a
+near-tie between two tokens can therefore resolve differently when partners change. Batch-of-one runs are bitwise
+repeatable on the same machine and library versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from prunefusion.server.engines.base import (
+    Engine,
+    EngineStats,
+    EngineUnavailableError,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    ModelInfo,
+    QueueFullError,
+    Timings,
+    Usage,
+)
+from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
+from prunefusion.server.engines.kv_batch import BatchedKV
+from prunefusion.server.engines.sampling import select_tokens
+from prunefusion.server.engines.text import IncrementalText
+from prunefusion.server.engines.validation import check_prompt_length, check_sampling_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TorchEngineOptions:
+    path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 16
+    max_queue: int = 64
+    max_new_tokens_limit: int = 512
+    default_max_new_tokens: int = 64
+    trust_remote_code: bool = False
+    context_length: int | None = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: torch.Generator
+    text: IncrementalText
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerationChunk | BaseException
+    output_ids: list[int] = field(default_factory=list)
+    started: float | None = None  # prefill began
+    first_token_at: float | None = None
+    cancel_requested: bool = False  # set from the event loop; honoured at the next step
+    done: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now >= self.request.deadline
+
+
+class TorchEngine(Engine):
+    kind = "torch"
+
+    def __init__(self, name: str, options: TorchEngineOptions):
+        self.name = name
+        self.options = options
+        self.info: ModelInfo | None = None
+        self._loaded: LoadedModel | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._by_id: dict[str, _Sequence] = {}
+        self._kv = BatchedKV()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._accepting = False
+        self.steps = 0  # decode steps run
+        self.peak_batch = 0  # most rows decoded together in one step
+        self.finished: collections.Counter[FinishReason] = collections.Counter()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        o = self.options
+        self._loaded = await loop.run_in_executor(self._executor, lambda: load_causal_lm(
+            o.path, device=o.device, dtype=o.dtype, trust_remote_code=o.trust_remote_code,
+            context_length=o.context_length))
+        m = self._loaded
+        self.info = ModelInfo(
+            name=self.name, family=m.family, num_layers=m.num_layers, num_parameters=m.num_parameters,
+            weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, engine=self.kind,
+            context_length=m.context_length, max_new_tokens_limit=o.max_new_tokens_limit,
+            default_max_new_tokens=o.default_max_new_tokens, path=str(o.path))
+        await loop.run_in_executor(self._executor, self._warm_up)
+        self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
+        self._accepting = True
+
+    async def shutdown(self) -> None:
+        self._accepting = False
+        for seq in list(self._by_id.values()):
+            seq.cancel_requested = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        self._executor.shutdown(wait=True)
+
+    def stats(self) -> EngineStats:
+        healthy = self._accepting and self._loop_task is not None and not self._loop_task.done()
+        return EngineStats(running=len(self._active), waiting=len(self._waiting), healthy=healthy)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def _tokenize(self, prompt: str) -> list[int]:
+        assert self._loaded is not None
+        return self._loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def validate(self, request: GenerationRequest) -> None:
+        self._validated_prompt_ids(request)
+
+    def _validated_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        assert self.info is not None
+        if not request.prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        check_sampling_params(request.params, self.info.max_new_tokens_limit)
+        ids = self._tokenize(request.prompt)
+        check_prompt_length(len(ids), request.params.max_new_tokens, self.info.context_length)
+        return ids
+
+    def _admit(self, request: GenerationRequest) -> _Sequence:
+        if not self._accepting:
+            raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
+        prompt_ids = self._validated_prompt_ids(request)
+        if request.request_id in self._by_id:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+        if len(self._waiting) >= self.options.max_queue:
+            raise QueueFullError(f"model {self.name!r}: admission queue full ({self.options.max_queue} waiting)",
+                                 retry_after_s=1.0)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        seq = _Sequence(request=request, prompt_ids=prompt_ids,
+                        generator=torch.Generator().manual_seed(seed),
+                        text=IncrementalText(self._loaded.tokenizer, prompt_ids, request.params.stop))
+        self._by_id[request.request_id] = seq
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        seq = self._admit(request)
+        try:
+            while True:
+                item = await seq.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not seq.done:
+                self._cancel(seq)
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            self._cancel(seq)
+
+    def _cancel(self, seq: _Sequence) -> None:
+        if seq in self._waiting:  # never started: answer at once, no step needed
+            self._waiting.remove(seq)
+            seq.outbox.put_nowait(self._finish(seq, FinishReason.CANCELLED))
+        else:
+            seq.cancel_requested = True
+            self._wake.set()
+
+    # ---- scheduling loop (event loop side) ---------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._accepting or self._active or self._waiting:
+            if not self._active and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            newcomers = []
+            while self._waiting and len(self._active) + len(newcomers) < self.options.max_batch_size:
+                newcomers.append(self._waiting.popleft())
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
+            except Exception as exc:  # a model failure fails the requests in the batch, not the engine
+                log.exception("engine %s: step failed; failing %d requests", self.name,
+                              len(self._active) + len(newcomers))
+                outputs = [(seq, exc) for seq in {*self._active, *newcomers} if not seq.done]
+                for seq, _ in outputs:
+                    seq.done = True
+                    self._by_id.pop(seq.request.request_id, None)
+                self._active, self._kv = [], BatchedKV()
+            for seq, item in outputs:
+                seq.outbox.put_nowait(item)
+
+    # ---- model side (worker thread) ----------------------------------------------------------------------------
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
+                ) -> GenerationChunk:
+        now = time.monotonic()
+        seq.done = True
+        self._by_id.pop(seq.request.request_id, None)
+        self.finished[reason] += 1
+        arrival = seq.request.arrival
+        started = seq.started if seq.started is not None else now
+        timings = Timings(queue_seconds=started - arrival,
+                          time_to_first_token_seconds=(seq.first_token_at or now) - arrival,
+                          total_seconds=now - arrival)
+        return GenerationChunk(seq.request.request_id, text, token_ids, reason,
+                               Usage(len(seq.prompt_ids), len(seq.output_ids)), timings)
+
+    def _accept(self, seq: _Sequence, token: int) -> GenerationChunk:
+        """Record a sampled token and build its chunk (final when the sequence ends here)."""
+        seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        assert self._loaded is not None
+        if token in self._loaded.eos_token_ids:
+            return self._finish(seq, FinishReason.EOS, seq.text.finish(), (token,))
+        delta = seq.text.add(token)
+        if seq.text.stopped:
+            return self._finish(seq, FinishReason.STOP, delta, (token,))
+        if len(seq.output_ids) >= seq.request.params.max_new_tokens:
+            return self._finish(seq, FinishReason.LENGTH, delta + seq.text.finish(), (token,))
+        return GenerationChunk(seq.request.request_id, delta, (token,))
+
+    def _step(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk]]:
+        out: list[tuple[_Sequence, GenerationChunk]] = []
+        now = time.monotonic()
+        for seq in self._active:
+            if reason := self._stop_reason(seq, now):
+                out.append((seq, self._finish(seq, reason, seq.text.finish())))
+        self._drop_done()
+        with torch.inference_mode():
+            for seq in newcomers:
+                reason = self._stop_reason(seq, now)
+                out.append((seq, self._finish(seq, reason) if reason else self._prefill(seq)))
+            self._drop_done()
+            if self._active:
+                out.extend(self._decode())
+                self._drop_done()
+        return out
+
+    @staticmethod
+    def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
+        """Why a row must leave before the next step, if it must. A gRPC deadline also cancels the call, so
+        expiry is checked first to report it as DEADLINE."""
+        if seq.expired(now):
+            return FinishReason.DEADLINE
+        return FinishReason.CANCELLED if seq.cancel_requested else None
+
+    def _prefill(self, seq: _Sequence) -> GenerationChunk:
+        assert self._loaded is not None
+        seq.started = time.monotonic()
+        cache = DynamicCache()  # full-length layers for every model, so rows can be merged (see kv_batch.py)
+        ids = torch.tensor([seq.prompt_ids], device=self.options.device)
+        logits = self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = select_tokens(logits[:, -1], [seq.request.params], [seq.generator])[0]
+        self._kv.join(cache, len(seq.prompt_ids))
+        self._active.append(seq)
+        return self._accept(seq, token)
+
+    def _decode(self) -> list[tuple[_Sequence, GenerationChunk]]:
+        assert self._loaded is not None
+        rows = self._active
+        input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.options.device)
+        logits = self._loaded.model(input_ids=input_ids, attention_mask=self._kv.decode_mask(),
+                                    position_ids=self._kv.next_positions(), past_key_values=self._kv.cache,
+                                    use_cache=True).logits[:, -1]  # [B, V]
+        self._kv.after_decode()
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        tokens = select_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
+        return [(seq, self._accept(seq, tok)) for seq, tok in zip(rows, tokens, strict=True)]
+
+    def _drop_done(self) -> None:
+        keep = [i for i, seq in enumerate(self._active) if not seq.done]
+        if len(keep) != len(self._active):
+            self._kv.keep(keep)
+            self._active = [self._active[i] for i in keep]
+
+    def _warm_up(self) -> None:
+        assert self._loaded is not None
+        with torch.inference_mode():
+            ids = torch.tensor([self._tokenize("Hello")], device=self.options.device)
+            cache = DynamicCache()
+            self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -1,0 +1,41 @@
+"""Checks every engine applies to a request before it is queued; each error names the request field."""
+
+from __future__ import annotations
+
+import math
+
+from prunefusion.server.engines.base import InvalidRequestError, SamplingParams
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+
+def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> None:
+    if not 1 <= params.max_new_tokens <= max_new_tokens_limit:
+        raise InvalidRequestError("max_new_tokens",
+                                  f"must be in [1, {max_new_tokens_limit}], got {params.max_new_tokens}")
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise InvalidRequestError("top_p", f"must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise InvalidRequestError("top_k", f"must be >= 0 (0 disables it), got {params.top_k}")
+    if params.seed is not None and not 0 <= params.seed < 2**63:
+        raise InvalidRequestError("seed", f"must be in [0, 2**63), got {params.seed}")
+    if len(params.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop)}")
+    for s in params.stop:
+        if not 1 <= len(s) <= MAX_STOP_LENGTH:
+            raise InvalidRequestError("stop", f"each sequence must have 1..{MAX_STOP_LENGTH} characters, got {len(s)}")
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    if prompt_tokens == 0:
+        raise InvalidRequestError("prompt", "must not be empty")
+    if prompt_tokens >= context_length:
+        raise InvalidRequestError("prompt",
+                                  f"has {prompt_tokens} tokens; the model's context is {context_length} tokens")
+    if prompt_tokens + max_new_tokens > context_length:
+        raise InvalidRequestError(
+            "max_new_tokens", f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {context_length} tokens; ask for at most {context_length - prompt_tokens}")

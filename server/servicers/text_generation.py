@@ -1,0 +1,119 @@
+"""TextGeneration servicer: protobuf in, domain dataclasses to the engine, protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from prunefusion.server.engines.base import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    Timings,
+    Usage,
+    collect,
+)
+from prunefusion.server.errors import stream_errors, unary_errors
+from prunefusion.server.registry import ModelRegistry
+from prunefusion_client.v1 import text_generation_pb2 as pb
+from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+}
+
+
+def to_domain(request: pb.GenerateRequest, default_max_new_tokens: int,
+              context: grpc.aio.ServicerContext) -> GenerationRequest:
+    params = SamplingParams(
+        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else default_max_new_tokens,
+        temperature=request.temperature if request.HasField("temperature") else 0.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k if request.HasField("top_k") else 0,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+    )
+    remaining = context.time_remaining()
+    now = time.monotonic()
+    return GenerationRequest(request_id=request.request_id or uuid.uuid4().hex, prompt=request.prompt,
+                             params=params, arrival=now, deadline=None if remaining is None else now + remaining)
+
+
+def usage_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+
+
+def timings_pb(t: Timings) -> pb.Timings:
+    return pb.Timings(queue_seconds=t.queue_seconds, time_to_first_token_seconds=t.time_to_first_token_seconds,
+                      total_seconds=t.total_seconds)
+
+
+def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
+    message = pb.GenerateStreamChunk(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.finish_reason is not None:
+        message.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        message.usage.CopyFrom(usage_pb(chunk.usage))
+        message.timings.CopyFrom(timings_pb(chunk.timings))
+    return message
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, registry: ModelRegistry):
+        self._registry = registry
+
+    def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        engine = self._registry.get(request.model)
+        domain = to_domain(request, engine.info.default_max_new_tokens, context)
+        return engine, domain, contextlib.aclosing(engine.generate(domain))
+
+    @staticmethod
+    async def _end(context: grpc.aio.ServicerContext, engine, domain: GenerationRequest, reason: FinishReason,
+                   usage: Usage, timings: Timings) -> None:
+        log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms",
+                 domain.request_id, engine.info.name, reason.value, usage.prompt_tokens, usage.completion_tokens,
+                 timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3)
+        if reason is FinishReason.DEADLINE:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"deadline passed after {usage.completion_tokens} generated tokens")
+
+    @unary_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        engine, domain, stream = self._start(request, context)
+        async with stream as chunks:
+            result = await collect(chunks)
+        await self._end(context, engine, domain, result.finish_reason, result.usage, result.timings)
+        return pb.GenerateResponse(
+            request_id=result.request_id, model=engine.info.name, text=result.text, token_ids=result.token_ids,
+            finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_pb(result.usage),
+            timings=timings_pb(result.timings), cached=False)
+
+    @stream_errors
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamChunk]:
+        engine, domain, stream = self._start(request, context)
+        async with stream as chunks:
+            async for chunk in chunks:
+                if chunk.finished:  # log; a DEADLINE finish ends the call with DEADLINE_EXCEEDED instead
+                    await self._end(context, engine, domain, chunk.finish_reason, chunk.usage, chunk.timings)
+                yield chunk_pb(chunk)
+
+    @unary_errors
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(name=i.name, family=i.family, num_layers=i.num_layers, num_parameters=i.num_parameters,
+                         weights_digest=i.weights_digest, engine=i.engine, context_length=i.context_length,
+                         max_new_tokens_limit=i.max_new_tokens_limit, path=i.path)
+            for i in self._registry.infos()])

@@ -1,0 +1,86 @@
+"""Shared fixtures: a pico model directory and a real gRPC server on a loopback socket (in a background thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pico import build_pico_llama  # noqa: E402
+
+from prunefusion.server.app import PrunefusionServer  # noqa: E402
+from prunefusion.server.config import parse_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pico_dir(tmp_path_factory) -> Path:
+    return build_pico_llama(tmp_path_factory.mktemp("pico") / "pico-llama")
+
+
+class ServerThread:
+    """A PrunefusionServer running on its own event loop in a daemon thread."""
+
+    def __init__(self, config):
+        self.server = PrunefusionServer(config)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # surfaced in start()
+            self._error = exc
+        self._ready.set()
+        if self._error is None:
+            self.loop.run_until_complete(self.server.wait_stopped())
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        self._ready.wait(120)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def engine(self, name: str):
+        return self.server.registry.get(name)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def server(pico_dir) -> ServerThread:
+    config = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "models": [
+            {"name": "pico", "path": str(pico_dir), "max_batch_size": 8, "max_queue": 32,
+             "max_new_tokens_limit": 200, "default_max_new_tokens": 16},
+            # One slot and a tiny queue: cancellation, deadline and overload tests.
+            {"name": "pico-one", "path": str(pico_dir), "max_batch_size": 1, "max_queue": 1,
+             "max_new_tokens_limit": 200},
+        ],
+    })
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def client(server):
+    from prunefusion_client import Client
+
+    with Client(server.target, timeout=60, max_attempts=1) as c:
+        yield c
