@@ -11,10 +11,11 @@ from prunefusion.models.corpus import pydoc_topics
 from prunefusion.models.tokenizer import train_bpe_tokenizer
 
 
-def build_pico_llama(out_dir: Path, *, context: int = 256, seed: int = 0, layers: int = 2) -> Path:
+def build_pico_llama(out_dir: Path, *, context: int = 256, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
     tokenizer = train_bpe_tokenizer(pydoc_topics()[:30], vocab_size=384, max_length=context)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=context,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
                          initializer_range=0.2)  # wide init: peaked logits, so argmax has no near-ties

@@ -28,7 +28,8 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     remove_sorted = ranks >= k  # top-k: keep ranks 0..k-1
     probs = torch.softmax(sorted_logits.masked_fill(remove_sorted, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of strictly more likely tokens
-    remove_sorted |= mass_before >= top_p[:, None]  # top-p: keep while the mass before is below top_p
+    # top-p: keep while the mass before is below top_p; top_p == 1 is "off" (float sums may reach 1 early)
+    remove_sorted |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     remove_sorted[:, 0] = False
     remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
     return scaled.masked_fill(remove, float("-inf"))

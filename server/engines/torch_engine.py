@@ -151,7 +151,8 @@ class TorchEngine(Engine):
         prompt_ids = self._validated_prompt_ids(request)
         if request.request_id in self._by_id:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-        if len(self._waiting) >= self.options.max_queue:
+        free_slots = self.options.max_batch_size - len(self._active)  # a burst may fill free slots first
+        if len(self._waiting) >= self.options.max_queue + max(free_slots, 0):
             raise QueueFullError(f"model {self.name!r}: admission queue full ({self.options.max_queue} waiting)",
                                  retry_after_s=1.0)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)

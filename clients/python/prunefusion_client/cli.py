@@ -30,7 +30,8 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
                 sys.stdout.flush()
             last = chunk
         if last is not None and not args.json:
-            print(f"\n[{_summary(last)}]", file=sys.stderr)
+            print()
+            print(f"[{_summary(last)}]", file=sys.stderr)
         return
     response = client.generate(args.prompt, args.model, options)
     if args.json:

@@ -1,0 +1,44 @@
+"""Server config: typed, strict, errors name the field."""
+
+import pytest
+
+from prunefusion.server.config import ConfigError, load_config, parse_config
+
+
+def test_embedded_default_serves_the_default_lm():
+    config = load_config()
+    assert config.server.port == 50051
+    assert [m.name for m in config.models] == ["tiny-lm"]
+    assert config.models[0].build == "default"
+    assert config.models[0].resolved_path.parts[-2:] == ("models", "tiny-lm")
+
+
+def test_prunefusion_home_expands(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNEFUSION_HOME", str(tmp_path))
+    assert load_config().models[0].resolved_path == tmp_path / "models" / "tiny-lm"
+
+
+@pytest.mark.parametrize(("data", "named"), [
+    ({"models": [{"name": "a", "path": "/x", "max_batch": 4}]}, "models[0].max_batch"),
+    ({"models": [{"name": "a", "path": "/x", "max_batch_size": 0}]}, "models[0].max_batch_size"),
+    ({"models": [{"name": "a", "path": "/x", "engine": "tensorrt"}]}, "models[0].engine"),
+    ({"models": [{"name": "a", "path": "/x", "build": "huge"}]}, "models[0].build"),
+    ({"models": [{"name": "a b", "path": "/x"}]}, "models[0].name"),
+    ({"models": [{"name": "a"}]}, "models[0].path"),
+    ({"models": []}, "models"),
+    ({"server": {"prot": 1}, "models": [{"name": "a", "path": "/x"}]}, "server.prot"),
+    ({"models": [{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}]}, "repeated"),
+    ({"models": [{"name": "a", "path": "/x", "default_max_new_tokens": 99, "max_new_tokens_limit": 10}]},
+     "default_max_new_tokens"),
+])
+def test_invalid_configs_name_the_field(data, named):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert named in str(err.value)
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  - name: a\n    path: /x\n    dtype: float8\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml.*models\[0\]\.dtype"):
+        load_config(path)

@@ -1,0 +1,140 @@
+"""The console scripts as a user runs them: `prunefusion serve` (SIGTERM), `prunefusion-client`, `models build`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pico import build_pico_llama
+
+from prunefusion_client import Client, GenerateOptions
+from prunefusion_client.v1 import text_generation_pb2 as pb
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError("server did not become SERVING")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
+    # wider than pico so that a 900-token generation is still running when SIGTERM lands
+    model_dir = build_pico_llama(tmp_path / "slow", context=1024, layers=8, hidden=256)
+    port = free_port()
+    config = tmp_path / "server.yaml"
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60}}\n"
+                      f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1000\n")
+    proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, proc)
+        statuses: list[int] = []
+        watch_channel = grpc.insecure_channel(target)
+        watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest())
+
+        def follow():
+            try:
+                for update in watch:
+                    statuses.append(update.status)
+                    if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        watch.cancel()
+            except grpc.RpcError as err:  # our own cancel, or the server closing the stream when it stops
+                assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+        watcher = threading.Thread(target=follow, daemon=True)
+        watcher.start()
+        with Client(target, max_attempts=1) as client:
+            stream = client.generate_stream("The os module", "slow",
+                                            GenerateOptions(max_new_tokens=900, request_id="in-flight"))
+            chunks = [next(stream)]
+            proc.send_signal(signal.SIGTERM)
+            chunks += list(stream)
+        watcher.join(10)
+        watch_channel.close()
+        assert proc.wait(60) == 0
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert chunks[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.completion_tokens
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    # the request was still running when draining began, and finished normally afterwards
+    assert log.index("draining") < log.index("request in-flight")
+    assert "finish=length" in log or "finish=eos" in log
+
+
+def run_client(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "prunefusion_client.cli", "--target", server.target, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_client_cli_generate_and_models(server, client):
+    expected = client.generate("The os module", "pico", GenerateOptions(max_new_tokens=12)).text
+    out = run_client(server, "generate", "The os module", "--model", "pico", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    assert "finish=" in out.stderr
+    streamed = run_client(server, "generate", "The os module", "--model", "pico", "--max-new-tokens", "12",
+                          "--stream")
+    assert streamed.stdout == expected + "\n"
+    listing = run_client(server, "--json", "models")
+    assert [m["name"] for m in json.loads(listing.stdout)] == ["pico", "pico-one"]
+    bad = run_client(server, "generate", "hi", "--model", "nope")
+    assert bad.returncode == 1
+    assert "NOT_FOUND" in bad.stderr
+
+
+@pytest.mark.slow
+def test_models_build_is_reproducible_and_complete(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "PRUNEFUSION_HOME": str(tmp_path / "home")}
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        done = subprocess.run([PYTHON, "-m", "prunefusion.cli", "models", "build", "--recipe", "pico", "--out",
+                               str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "held-out perplexity" in done.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        digests.append(manifest["weights_digest"])
+    assert digests[0] == digests[1]
+    assert (out / "loss_curve.png").stat().st_size > 10_000
+    assert manifest["corpus"]["held_out_documents"] > 0 and manifest["metrics"]["held_out_perplexity"] > 1
+    assert not (tmp_path / "b.partial").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == manifest["recipe"]["num_layers"]
+    again = subprocess.run([PYTHON, "-m", "prunefusion.cli", "models", "build", "--recipe", "pico", "--out",
+                            str(out)], capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr
