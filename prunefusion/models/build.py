@@ -24,8 +24,9 @@ from prunefusion.models.tokenizer import train_bpe_tokenizer
 def pack_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     """One long stream: BOS doc EOS BOS doc EOS ... -> [N] long."""
     ids: list[int] = []
-    for enc in tokenizer(docs, add_special_tokens=True)["input_ids"]:
-        ids.extend(enc)
+    # the backend tokenizer: whole documents are longer than the context, which is fine for packing
+    for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=True):
+        ids.extend(enc.ids)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -136,7 +137,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % eval_every == 0 or step == recipe.steps:
             eval_points.append((step, math.log(perplexity(model, eval_rows))))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", held_out=f"{eval_points[-1][1]:.3f}")

@@ -253,13 +253,15 @@ class TorchEngine(Engine):
                 out.append((seq, self._finish(seq, reason, seq.text.finish())))
         self._drop_done()
         with torch.inference_mode():
+            # running rows advance first; newcomers are prefilled after, so their first token goes out with
+            # this step's results instead of waiting for another decode step
+            if self._active:
+                out.extend(self._decode())
+                self._drop_done()
             for seq in newcomers:
                 reason = self._stop_reason(seq, now)
                 out.append((seq, self._finish(seq, reason) if reason else self._prefill(seq)))
             self._drop_done()
-            if self._active:
-                out.extend(self._decode())
-                self._drop_done()
         return out
 
     @staticmethod
