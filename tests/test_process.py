@@ -138,3 +138,23 @@ def test_models_build_is_reproducible_and_complete(tmp_path):
     again = subprocess.run([PYTHON, "-m", "prunefusion.cli", "models", "build", "--recipe", "pico", "--out",
                             str(out)], capture_output=True, text=True, env=env, timeout=60)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_serve_builds_a_missing_model_then_serves_it(tmp_path, monkeypatch):
+    from conftest import ServerThread
+
+    from prunefusion.server.config import parse_config
+
+    monkeypatch.setenv("PRUNEFUSION_HOME", str(tmp_path / "home"))
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0},
+                           "models": [{"name": "fresh", "path": "${PRUNEFUSION_HOME}/models/fresh", "build": "pico"}]})
+    server = ServerThread(config).start()
+    try:
+        assert (tmp_path / "home" / "models" / "fresh" / "manifest.json").is_file()
+        with Client(server.target, max_attempts=1) as client:
+            assert client.generate("The os module", "fresh", GenerateOptions(max_new_tokens=4)).usage.completion_tokens
+            [info] = client.list_models()
+            assert info.num_layers == 4 and info.name == "fresh"
+    finally:
+        server.stop()
