@@ -80,9 +80,13 @@ async def serve(config: AppConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain and return (the process exits 0)."""
     server = PrunefusionServer(config)
     loop = asyncio.get_running_loop()
-    stop_task: list[asyncio.Task] = []
+    draining: list[asyncio.Task] = []  # keeps the drain task referenced; a second signal does not start another
+
+    def on_signal() -> None:
+        if not draining:
+            draining.append(asyncio.ensure_future(server.stop()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stop_task.append(asyncio.ensure_future(server.stop())) if not
-                                stop_task else None)
+        loop.add_signal_handler(sig, on_signal)
     await server.start()
     await server.wait_stopped()

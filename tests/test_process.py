@@ -72,6 +72,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
 
         watcher = threading.Thread(target=follow, daemon=True)
         watcher.start()
+        deadline = time.monotonic() + 30
+        while not statuses:  # the watch must be established before the drain refuses new calls
+            assert time.monotonic() < deadline, "health Watch sent nothing"
+            time.sleep(0.01)
         with Client(target, max_attempts=1) as client:
             stream = client.generate_stream("The os module", "slow",
                                             GenerateOptions(max_new_tokens=900, request_id="in-flight"))

@@ -134,7 +134,7 @@ def test_deadline_ends_the_call_and_frees_the_slot(client, server):
     _wait_idle(engine)
     before = engine.finished[FinishReason.DEADLINE]
     with pytest.raises(grpc.RpcError) as err:
-        client.generate("The os module", "pico-one", GenerateOptions(max_new_tokens=200), timeout=0.02)
+        client.generate("The os module", "pico-one", GenerateOptions(max_new_tokens=200), timeout=0.1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_idle(engine)
     assert engine.finished[FinishReason.DEADLINE] == before + 1
@@ -210,3 +210,19 @@ def test_list_models(client, hf, pico_dir):
 def test_empty_model_name_means_the_first_model(client):
     response = client.generate("The os module", "", GenerateOptions(max_new_tokens=3))
     assert response.model == "pico"
+
+
+def test_model_failure_maps_to_internal_and_the_server_keeps_serving(client, server, monkeypatch):
+    model = server.engine("pico")._loaded.model
+    real_forward = model.forward
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("The os module", "pico", GenerateOptions(max_new_tokens=3))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "simulated" not in err.value.details()  # internals stay in the server log
+    monkeypatch.setattr(model, "forward", real_forward)
+    assert client.generate("The os module", "pico", GenerateOptions(max_new_tokens=3)).usage.completion_tokens == 3
