@@ -16,13 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _server import start_server
 
 from prunefusion.home import default_model_dir
 
@@ -94,30 +94,6 @@ async def ttft_pairs(target: str, model_dir: Path, texts: list[str]) -> tuple[li
     return via_grpc, in_process
 
 
-def start_server(model_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp / "bench.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, log_level: WARNING}}\n"
-                      f"models:\n  - name: bench\n    path: {model_dir}\n    max_batch_size: 16\n")
-    proc = subprocess.Popen([sys.executable, "-m", "prunefusion.cli", "serve", "--config", str(config)])
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, target
-            except grpc.RpcError:
-                time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=default_model_dir("tiny-lm"))
@@ -138,7 +114,8 @@ def main() -> None:
     print(f"{'sequential transformers generate':<36} {base_tps:9.1f} tok/s   1.00x")
     results = {"baseline_tokens_per_s": base_tps, "server": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, target = start_server(args.model_dir, Path(tmp))
+        # the cache is off: repeated prompts across concurrency levels must all run the model
+        proc, target = start_server(args.model_dir, Path(tmp), "{enabled: false}")
         try:
             for c in (1, 4, 16):
                 elapsed, responses = asyncio.run(server_run(target, texts, args.max_new_tokens, c))

@@ -10,7 +10,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prunefusion.server.config import AppConfig
+from prunefusion.server.cache.service import CacheSettings, ResponseCache
+from prunefusion.server.config import AppConfig, CacheConfig, expand_path
+from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
 from prunefusion_client.v1 import text_generation_pb2, text_generation_pb2_grpc
@@ -18,6 +20,21 @@ from prunefusion_client.v1 import text_generation_pb2, text_generation_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,)
+
+
+async def open_cache(cfg: CacheConfig) -> ResponseCache:
+    """The response cache of the config; disabled -> a pass-through cache. Starting it never fails the server:
+    an unreachable Redis is handled fail-open per request."""
+    if not cfg.enabled:
+        return ResponseCache(None)
+    from prunefusion.server.cache.backend import connect
+
+    backend = await asyncio.to_thread(
+        connect, cfg.url, expand_path(cfg.data_dir), timeout_s=cfg.timeout_ms / 1000,
+        backoff_initial_s=cfg.backoff_initial_seconds, backoff_max_s=cfg.backoff_max_seconds)
+    settings = CacheSettings(namespace=cfg.namespace, ttl_seconds=cfg.ttl_seconds, ttl_jitter=cfg.ttl_jitter,
+                             max_entry_bytes=cfg.max_entry_bytes, lock_ttl_seconds=cfg.lock_ttl_seconds)
+    return ResponseCache(backend, settings)
 
 
 class PrunefusionServer:
@@ -28,6 +45,9 @@ class PrunefusionServer:
         self.registry = ModelRegistry(config.models)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.cache = ResponseCache(None)
+        self._metrics_http = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -44,8 +64,8 @@ class PrunefusionServer:
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
         ])
-        text_generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(self.registry),
-                                                                      self._server)
+        text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
+            TextGenerationServicer(self.registry, lambda: self.cache), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
@@ -55,6 +75,11 @@ class PrunefusionServer:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         await self._server.start()
         log.info("listening on %s:%d (NOT_SERVING until models are ready)", cfg.host, self.port)
+        if cfg.metrics_port is not None:
+            self._metrics_http, _ = start_metrics_server(cfg.host, cfg.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+            log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
+        self.cache = await open_cache(self.config.cache)
         await self.registry.start()
         await self._set_health(True)
         log.info("SERVING %s", ", ".join(i.name for i in self.registry.infos()))
@@ -69,6 +94,10 @@ class PrunefusionServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.registry.shutdown()
+        await self.cache.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self._stopped.set()
         log.info("stopped")
 

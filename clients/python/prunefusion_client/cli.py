@@ -19,7 +19,7 @@ from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions
 
 def _generate(client: Client, args: argparse.Namespace) -> None:
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+                              top_k=args.top_k, seed=args.seed, stop=args.stop or [], cache_policy=args.cache)
     if args.stream:
         last = None
         for chunk in client.generate_stream(args.prompt, args.model, options):
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--cache", default="default", choices=["default", "bypass", "refresh"],
+                     help="response-cache policy (only deterministic requests are cached)")
     gen.set_defaults(func=_generate)
     models = sub.add_parser("models", help="list the served models")
     models.set_defaults(func=_models)

@@ -31,12 +31,15 @@ class GenerateOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
+    cache_policy: str = "default"  # default | bypass | refresh (see CachePolicy in the proto)
 
     def to_request(self, prompt: str, model: str) -> pb.GenerateRequest:
         optional = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("temperature", self.temperature),
                                       ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed))
                     if v is not None}
-        return pb.GenerateRequest(model=model, prompt=prompt, stop=self.stop, request_id=self.request_id, **optional)
+        policy = pb.CachePolicy.Value(f"CACHE_POLICY_{self.cache_policy.upper()}")
+        return pb.GenerateRequest(model=model, prompt=prompt, stop=self.stop, request_id=self.request_id,
+                                  cache_policy=policy, **optional)
 
 
 def channel_options(max_attempts: int) -> list[tuple[str, object]]:

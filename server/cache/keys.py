@@ -1,0 +1,36 @@
+"""Response-cache keys: sha256 over a canonical serialization of everything that changes the output (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from prunefusion.server.engines.base import ModelInfo, SamplingParams
+
+API_VERSION = "prunefusion.v1"
+KEY_SCHEMA = 1  # bump when the serialization below changes, so old entries are never read
+
+
+def is_deterministic(params: SamplingParams) -> bool:
+    """Only these requests are cached: greedy decoding, or sampling with an explicit seed."""
+    return params.greedy or params.seed is not None
+
+
+def cache_key(kind: str, model: ModelInfo, prompt: str, params: SamplingParams) -> str:
+    """Hex sha256 of the canonical JSON of (schema, API version, request kind, model identity, prompt, parameters).
+
+    The model identity is its name plus the digests of its weights and tokenizer, so a re-pruned or re-healed
+    model never hits the entries of its previous weights. Every sampling parameter is included, the seed too
+    (greedy requests keep it: it cannot change their output, but a client that sends one sees it honoured).
+    """
+    canonical = {
+        "schema": KEY_SCHEMA,
+        "api": API_VERSION,
+        "kind": kind,
+        "model": {"name": model.name, "weights": model.weights_digest, "tokenizer": model.tokenizer_digest},
+        "prompt": prompt,
+        "params": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                   "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed, "stop": list(params.stop)},
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

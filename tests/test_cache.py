@@ -1,0 +1,216 @@
+"""The response cache against a real Redis: hits, keys, policies, TTL, fail-open, single-flight, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import urllib.request
+
+import pytest
+from conftest import ServerThread
+from prometheus_client import REGISTRY
+
+from prunefusion.server.cache.backend import connect
+from prunefusion.server.cache.keys import cache_key, is_deterministic
+from prunefusion.server.cache.service import CachePolicy, CacheSettings, ResponseCache
+from prunefusion.server.config import parse_config
+from prunefusion.server.engines.base import GenerationRequest, ModelInfo, SamplingParams
+from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+from prunefusion_client import Client, GenerateOptions
+
+
+def runs(model: str) -> float:
+    return REGISTRY.get_sample_value("prunefusion_model_runs_total", {"model": model}) or 0.0
+
+
+def cache_config(redis_url: str, **cache) -> dict:
+    return {"enabled": True, "url": redis_url, "timeout_ms": 200, "backoff_initial_seconds": 0.2,
+            "backoff_max_seconds": 0.5, **cache}
+
+
+@pytest.fixture()
+def cached_server(pico_dir, redis_server):
+    config = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+        "cache": cache_config(redis_server.url),
+        "models": [{"name": "cached-pico", "path": str(pico_dir), "max_batch_size": 8}],
+    })
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+# ---- keys (pure) ----------------------------------------------------------------------------------------------
+INFO = ModelInfo(name="m", family="llama", num_layers=2, num_parameters=1, weights_digest="w" * 64, engine="torch",
+                 context_length=256, max_new_tokens_limit=100, default_max_new_tokens=10, path="/m",
+                 tokenizer_digest="t" * 64)
+PARAMS = SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, top_k=5, seed=1, stop=("x",))
+
+
+def test_key_changes_with_every_input_and_only_then():
+    base = cache_key("generate", INFO, "hi", PARAMS)
+    assert base == cache_key("generate", dataclasses.replace(INFO, path="/elsewhere"), "hi", PARAMS)
+    variants = [cache_key("caption", INFO, "hi", PARAMS), cache_key("generate", INFO, "hi!", PARAMS)]
+    variants += [cache_key("generate", dataclasses.replace(INFO, **{f: v}), "hi", PARAMS) for f, v in
+                 (("name", "m2"), ("weights_digest", "v" * 64), ("tokenizer_digest", "u" * 64))]
+    variants += [cache_key("generate", INFO, "hi", dataclasses.replace(PARAMS, **{f: v})) for f, v in
+                 (("max_new_tokens", 11), ("temperature", 0.8), ("top_p", 0.8), ("top_k", 6), ("seed", 2),
+                  ("stop", ("y",)), ("stop", ("x", "y")))]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_only_deterministic_requests_are_cacheable():
+    assert is_deterministic(SamplingParams(5))
+    assert is_deterministic(SamplingParams(5, temperature=1.0, seed=3))
+    assert not is_deterministic(SamplingParams(5, temperature=1.0))
+
+
+# ---- through the server ---------------------------------------------------------------------------------------
+def test_hit_after_miss_and_stream_replay(cached_server):
+    with Client(cached_server.target, max_attempts=1) as client:
+        opts = GenerateOptions(max_new_tokens=30)
+        before = runs("cached-pico")
+        first = client.generate("The os module", "cached-pico", opts)
+        second = client.generate("The os module", "cached-pico", opts)
+        assert (first.cached, second.cached) == (False, True)
+        assert runs("cached-pico") == before + 1
+        assert (second.text, list(second.token_ids), second.usage) == (first.text, list(first.token_ids), first.usage)
+        assert second.finish_reason == first.finish_reason
+        live = list(client.generate_stream("The os module", "cached-pico",
+                                           GenerateOptions(max_new_tokens=30, cache_policy="bypass")))
+        replay = list(client.generate_stream("The os module", "cached-pico", opts))
+        assert all(c.cached for c in replay) and not any(c.cached for c in live)
+        assert [c.text for c in replay] == [c.text for c in live]  # the stored stream, chunk for chunk
+        assert "".join(c.text for c in replay) == first.text
+        assert replay[-1].finish_reason == first.finish_reason
+        # a different parameter is a different entry
+        other = client.generate("The os module", "cached-pico", GenerateOptions(max_new_tokens=29))
+        assert not other.cached
+
+
+def test_sampling_without_seed_is_never_cached(cached_server):
+    with Client(cached_server.target, max_attempts=1) as client:
+        before = runs("cached-pico")
+        for _ in range(2):
+            r = client.generate("x", "cached-pico", GenerateOptions(max_new_tokens=5, temperature=1.0))
+            assert not r.cached
+        assert runs("cached-pico") == before + 2
+        seeded = [client.generate("x", "cached-pico", GenerateOptions(max_new_tokens=5, temperature=1.0, seed=4))
+                  for _ in range(2)]
+        assert [r.cached for r in seeded] == [False, True]
+
+
+def test_policies(cached_server):
+    with Client(cached_server.target, max_attempts=1) as client:
+        def call(policy):
+            return client.generate("Raised when", "cached-pico", GenerateOptions(max_new_tokens=8,
+                                                                                 cache_policy=policy))
+
+        assert not call("bypass").cached
+        assert not call("default").cached  # bypass stored nothing
+        assert call("default").cached
+        before = runs("cached-pico")
+        assert not call("refresh").cached
+        assert runs("cached-pico") == before + 1
+        assert call("default").cached
+
+
+def test_identical_concurrent_requests_run_the_model_once(cached_server):
+    async def burst():
+        from prunefusion_client import AsyncClient
+
+        async with AsyncClient(cached_server.target, max_attempts=1) as client:
+            opts = GenerateOptions(max_new_tokens=60)
+            return await asyncio.gather(*(client.generate("The with statement", "cached-pico", opts)
+                                          for _ in range(20)))
+
+    before = runs("cached-pico")
+    responses = asyncio.run(burst())
+    assert runs("cached-pico") == before + 1
+    assert len({r.text for r in responses}) == 1
+    assert sum(not r.cached for r in responses) == 1
+
+
+def test_redis_down_fails_open_and_hits_resume(cached_server, redis_server):
+    errors = lambda: sum(REGISTRY.get_sample_value("prunefusion_cache_errors_total", {"operation": op}) or 0  # noqa: E731
+                         for op in ("get", "set", "lock", "exists", "unlock"))
+    with Client(cached_server.target, max_attempts=1) as client:
+        opts = GenerateOptions(max_new_tokens=10)
+        first = client.generate("Return a new", "cached-pico", opts)
+        assert client.generate("Return a new", "cached-pico", opts).cached
+        redis_server.kill()
+        errors_before = errors()
+        for _ in range(3):
+            r = client.generate("Return a new", "cached-pico", opts)
+            assert not r.cached and list(r.token_ids) == list(first.token_ids)
+        assert errors() > errors_before
+        redis_server.start()  # same port, empty
+        time.sleep(0.6)  # longer than the maximum back-off
+        deadline = time.monotonic() + 10
+        while not client.generate("Return a new", "cached-pico", opts).cached:
+            assert time.monotonic() < deadline, "cache hits did not resume"
+            time.sleep(0.1)
+
+
+def test_metrics_endpoint_shows_cache_and_engine_metrics(cached_server):
+    with Client(cached_server.target, max_attempts=1) as client:
+        client.generate("A class that", "cached-pico", GenerateOptions(max_new_tokens=5))
+        client.generate("A class that", "cached-pico", GenerateOptions(max_new_tokens=5))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cached_server.server.metrics_port}/metrics").read().decode()
+    for name in ('prunefusion_cache_lookups_total{result="hit"}', 'prunefusion_cache_lookups_total{result="miss"}',
+                 "prunefusion_cache_lookup_seconds_bucket", 'prunefusion_time_to_first_token_seconds_bucket',
+                 "prunefusion_inter_token_latency_seconds_bucket", "prunefusion_e2e_request_latency_seconds_bucket",
+                 "prunefusion_request_queue_time_seconds_bucket", "prunefusion_batch_size_bucket",
+                 'prunefusion_model_runs_total{model="cached-pico"}'):
+        assert name in text, name
+
+
+# ---- the cache in-process, against the same Redis ---------------------------------------------------------------
+@pytest.fixture()
+async def engine(pico_dir):
+    e = TorchEngine("inproc-pico", TorchEngineOptions(path=str(pico_dir)))
+    await e.start()
+    yield e
+    await e.shutdown()
+
+
+async def consume(cache, engine, rid, policy=CachePolicy.DEFAULT, **params):
+    request = GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=8, **params))
+    return [item async for item in cache.generate(engine, request, policy)]
+
+
+async def test_ttl_expiry_and_jitter(engine, redis_server):
+    backend = connect(redis_server.url, None, timeout_s=0.2, backoff_initial_s=0.1, backoff_max_s=0.2)
+    cache = ResponseCache(backend, CacheSettings(namespace="ttl-test", ttl_seconds=0.4, ttl_jitter=0.5))
+    try:
+        assert not (await consume(cache, engine, "a"))[-1][1]
+        assert (await consume(cache, engine, "b"))[-1][1]
+        import redis
+
+        client = redis.Redis.from_url(redis_server.url)
+        [key] = [k for k in client.keys("ttl-test:*") if not k.endswith(b":lock")]
+        assert 0 < client.pttl(key) <= 600  # ttl * (1 + jitter) at most
+        time.sleep(0.65)
+        assert not (await consume(cache, engine, "c"))[-1][1]
+    finally:
+        await cache.close()
+
+
+async def test_oversized_results_are_not_stored(engine, redis_server):
+    backend = connect(redis_server.url, None, timeout_s=0.2, backoff_initial_s=0.1, backoff_max_s=0.2)
+    cache = ResponseCache(backend, CacheSettings(namespace="small", max_entry_bytes=10))
+    try:
+        assert not (await consume(cache, engine, "a"))[-1][1]
+        assert not (await consume(cache, engine, "b"))[-1][1]
+    finally:
+        await cache.close()
+
+
+async def test_embedded_redis_starts_and_stops_with_the_cache(engine, tmp_path):
+    backend = connect(None, tmp_path / "redis", timeout_s=0.5, backoff_initial_s=0.1, backoff_max_s=0.2)
+    cache = ResponseCache(backend, CacheSettings(namespace="embedded"))
+    assert not (await consume(cache, engine, "a"))[-1][1]
+    assert (await consume(cache, engine, "b"))[-1][1]
+    await cache.close()
+    assert not list(tmp_path.glob("redis/*.socket"))
