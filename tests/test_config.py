@@ -2,7 +2,7 @@
 
 import pytest
 
-from prunefusion.server.config import ConfigError, load_config, parse_config
+from prunefusion.server.config import ConfigError, expand_path, load_config, parse_config
 
 
 def test_embedded_default_serves_the_default_lm():
@@ -15,7 +15,14 @@ def test_embedded_default_serves_the_default_lm():
 
 def test_prunefusion_home_expands(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNEFUSION_HOME", str(tmp_path))
-    assert load_config().models[0].resolved_path == tmp_path / "models" / "tiny-lm"
+    config = load_config()
+    assert config.models[0].resolved_path == tmp_path / "models" / "tiny-lm"
+    assert expand_path(config.cache.data_dir) == tmp_path / "cache" / "redis"
+
+
+def test_default_cache_is_embedded_and_on():
+    cache = load_config().cache
+    assert cache.enabled and cache.url is None
 
 
 @pytest.mark.parametrize(("data", "named"), [
@@ -27,6 +34,9 @@ def test_prunefusion_home_expands(monkeypatch, tmp_path):
     ({"models": [{"name": "a"}]}, "models[0].path"),
     ({"models": []}, "models"),
     ({"server": {"prot": 1}, "models": [{"name": "a", "path": "/x"}]}, "server.prot"),
+    ({"cache": {"ttl": 5}, "models": [{"name": "a", "path": "/x"}]}, "cache.ttl"),
+    ({"cache": {"ttl_jitter": 2}, "models": [{"name": "a", "path": "/x"}]}, "cache.ttl_jitter"),
+    ({"cache": {"timeout_ms": 0}, "models": [{"name": "a", "path": "/x"}]}, "cache.timeout_ms"),
     ({"models": [{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}]}, "repeated"),
     ({"models": [{"name": "a", "path": "/x", "default_max_new_tokens": 99, "max_new_tokens_limit": 10}]},
      "default_max_new_tokens"),
