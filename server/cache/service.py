@@ -92,8 +92,11 @@ class ResponseCache:
         self.backend = backend
         self.settings = settings
         self._inflight: dict[str, asyncio.Future[CachedResult | None]] = {}
+        self._background: set[asyncio.Task] = set()  # lock releases in flight (asyncio keeps only weak references)
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self.backend is not None:
             await self.backend.close()
 
@@ -164,7 +167,9 @@ class ResponseCache:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
             if holds_lock:  # released in the background: a cancelled handler must not wait on Redis
-                asyncio.ensure_future(self.backend.release_lock(lock_key, token))
+                task = asyncio.ensure_future(self.backend.release_lock(lock_key, token))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _elect(self, key: str, lock_key: str, token: str) -> tuple[bool, CachedResult | None]:
         """Across processes: (True, None) if we hold the lock and run; (False, result) if another process's run
