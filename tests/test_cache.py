@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 import urllib.request
 
@@ -212,5 +213,15 @@ async def test_embedded_redis_starts_and_stops_with_the_cache(engine, tmp_path):
     cache = ResponseCache(backend, CacheSettings(namespace="embedded"))
     assert not (await consume(cache, engine, "a"))[-1][1]
     assert (await consume(cache, engine, "b"))[-1][1]
+    pid = backend.embedded_pid
+    os.kill(pid, 0)  # running
     await cache.close()
-    assert not list(tmp_path.glob("redis/*.socket"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "embedded redis-server still running after close"
+        await asyncio.sleep(0.05)
+    assert (tmp_path / "redis" / "redis.db").is_file()  # its data stays under the data directory

