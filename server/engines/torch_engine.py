@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import secrets
 import time
@@ -250,7 +251,20 @@ class TorchEngine(Engine):
             return self._finish(seq, FinishReason.LENGTH, delta + seq.text.finish(), (token,))
         return GenerationChunk(seq.request.request_id, delta, (token,))
 
+    def _attention_kernels(self) -> contextlib.AbstractContextManager:
+        """On CUDA, keep SDPA off cuDNN: with the batch cache's growing, padded shapes it rebuilt a kernel plan at
+        every step (measured on an H100, bf16: 46 ms per decode step vs 6.5-8 ms without cuDNN; gpu_check.py)."""
+        if not self.options.device.startswith("cuda"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _step(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk]]:
+        with self._attention_kernels():
+            return self._step_rows(newcomers)
+
+    def _step_rows(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk]]:
         out: list[tuple[_Sequence, GenerationChunk]] = []
         now = time.monotonic()
         for seq in self._active:
@@ -310,7 +324,7 @@ class TorchEngine(Engine):
 
     def _warm_up(self) -> None:
         assert self._loaded is not None
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_kernels():
             ids = torch.tensor([self._tokenize("Hello")], device=self.options.device)
             cache = DynamicCache()
             self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
