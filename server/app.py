@@ -50,6 +50,9 @@ class PrunefusionServer:
         self._metrics_http = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._started = asyncio.Event()  # set when start() has returned or failed
+        self._stopping = False
+        self._health_watch: asyncio.Task | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,6 +60,12 @@ class PrunefusionServer:
             await self.health.set(service, status)
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        finally:
+            self._started.set()
+
+    async def _start(self) -> None:
         cfg = self.config.server
         limit = cfg.max_message_mb * 1024 * 1024
         self._server = grpc.aio.server(options=[
@@ -81,13 +90,33 @@ class PrunefusionServer:
             log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
         self.cache = await open_cache(self.config.cache)
         await self.registry.start()
+        if self._stopped.is_set() or self._stopping:  # SIGTERM arrived while loading
+            return
         await self._set_health(True)
+        self._health_watch = asyncio.create_task(self._watch_health())
         log.info("SERVING %s", ", ".join(i.name for i in self.registry.infos()))
+
+    async def _watch_health(self, every_s: float = 1.0) -> None:
+        """Report NOT_SERVING if an engine stops being healthy (e.g. its loop died), SERVING again if it recovers."""
+        serving = True
+        while True:
+            await asyncio.sleep(every_s)
+            healthy = self.registry.healthy()
+            if healthy != serving:
+                log.warning("health: %s", "SERVING" if healthy else "NOT_SERVING (an engine is unhealthy)")
+                await self._set_health(healthy)
+                serving = healthy
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`, stop engines."""
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._stopping:
             return
+        self._stopping = True
+        if not self._started.is_set():  # a signal during start-up: let loading finish, then drain at once
+            log.info("stop requested while starting; stopping once start-up has finished")
+            await self._started.wait()
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         grace = self.config.server.drain_seconds if grace is None else grace
         log.info("draining (up to %.0f s for in-flight requests)", grace)
         await self._set_health(False)

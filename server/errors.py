@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,8 +50,11 @@ def stream_errors(method: Callable[..., AsyncIterator]) -> Callable[..., AsyncIt
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
-            async for item in method(self, request, context):
-                yield item
+            # aclosing: when the client cancels while a message is being written, close the inner stream now
+            # (its cleanup frees the engine slot) instead of whenever it is garbage collected
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, grpc.aio.AbortError):
                 raise

@@ -38,10 +38,13 @@ def ensure_built(cfg: ModelConfig) -> None:
     path = cfg.resolved_path
     if (path / "config.json").is_file() or cfg.build is None:
         return
+    empty = path.is_dir() and not any(path.iterdir())  # e.g. a freshly mounted volume
+    if path.exists() and not empty:
+        raise FileExistsError(f"model {cfg.name}: {path} exists but holds no config.json; not building over it")
     from prunefusion.models.build import build_model
 
     log.info("model %s: %s is missing; building recipe %r (one-time)", cfg.name, path, cfg.build)
-    build_model(cfg.build, path)
+    build_model(cfg.build, path, force=empty)
 
 
 class ModelRegistry:
@@ -82,6 +85,3 @@ class ModelRegistry:
 
     def healthy(self) -> bool:
         return len(self._engines) == len(self._configs) and all(e.stats().healthy for e in self._engines.values())
-
-    def engines(self) -> list[Engine]:
-        return list(self._engines.values())

@@ -45,7 +45,7 @@ def cached_server(pico_dir, redis_server):
 # ---- keys (pure) ----------------------------------------------------------------------------------------------
 INFO = ModelInfo(name="m", family="llama", num_layers=2, num_parameters=1, weights_digest="w" * 64, engine="torch",
                  context_length=256, max_new_tokens_limit=100, default_max_new_tokens=10, path="/m",
-                 tokenizer_digest="t" * 64)
+                 tokenizer_digest="t" * 64, config_digest="g" * 64, device="cpu", dtype="float32")
 PARAMS = SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, top_k=5, seed=1, stop=("x",))
 
 
@@ -54,7 +54,8 @@ def test_key_changes_with_every_input_and_only_then():
     assert base == cache_key("generate", dataclasses.replace(INFO, path="/elsewhere"), "hi", PARAMS)
     variants = [cache_key("caption", INFO, "hi", PARAMS), cache_key("generate", INFO, "hi!", PARAMS)]
     variants += [cache_key("generate", dataclasses.replace(INFO, **{f: v}), "hi", PARAMS) for f, v in
-                 (("name", "m2"), ("weights_digest", "v" * 64), ("tokenizer_digest", "u" * 64))]
+                 (("name", "m2"), ("weights_digest", "v" * 64), ("tokenizer_digest", "u" * 64),
+                  ("config_digest", "c" * 64), ("engine", "vllm"), ("device", "cuda"), ("dtype", "bfloat16"))]
     variants += [cache_key("generate", INFO, "hi", dataclasses.replace(PARAMS, **{f: v})) for f, v in
                  (("max_new_tokens", 11), ("temperature", 0.8), ("top_p", 0.8), ("top_k", 6), ("seed", 2),
                   ("stop", ("y",)), ("stop", ("x", "y")))]
@@ -135,7 +136,7 @@ def test_identical_concurrent_requests_run_the_model_once(cached_server):
 
 def test_redis_down_fails_open_and_hits_resume(cached_server, redis_server):
     errors = lambda: sum(REGISTRY.get_sample_value("prunefusion_cache_errors_total", {"operation": op}) or 0  # noqa: E731
-                         for op in ("get", "set", "lock", "exists", "unlock"))
+                         for op in ("get", "set", "lock", "unlock"))
     with Client(cached_server.target, max_attempts=1) as client:
         opts = GenerateOptions(max_new_tokens=10)
         first = client.generate("Return a new", "cached-pico", opts)
@@ -155,15 +156,27 @@ def test_redis_down_fails_open_and_hits_resume(cached_server, redis_server):
 
 
 def test_metrics_endpoint_shows_cache_and_engine_metrics(cached_server):
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = [("prunefusion_cache_lookups_total", {"result": "hit"}),
+             ("prunefusion_cache_lookups_total", {"result": "miss"}),
+             ("prunefusion_cache_lookup_seconds_count", {}),
+             ("prunefusion_model_runs_total", {"model": "cached-pico"}),
+             ("prunefusion_time_to_first_token_seconds_count", {"model": "cached-pico"}),
+             ("prunefusion_e2e_request_latency_seconds_count", {"model": "cached-pico"}),
+             ("prunefusion_request_queue_time_seconds_count", {"model": "cached-pico"})]
+    before = [value(n, **labels) for n, labels in names]
     with Client(cached_server.target, max_attempts=1) as client:
         client.generate("A class that", "cached-pico", GenerateOptions(max_new_tokens=5))
         client.generate("A class that", "cached-pico", GenerateOptions(max_new_tokens=5))
+    after = [value(n, **labels) for n, labels in names]
+    # one miss that ran the model (and its latencies), one hit that did not; three Redis GETs: the miss, the
+    # runner's re-check after taking the lock (another process may have just stored it), the hit
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 3, 1, 1, 1, 1]
     text = urllib.request.urlopen(f"http://127.0.0.1:{cached_server.server.metrics_port}/metrics").read().decode()
-    for name in ('prunefusion_cache_lookups_total{result="hit"}', 'prunefusion_cache_lookups_total{result="miss"}',
-                 "prunefusion_cache_lookup_seconds_bucket", 'prunefusion_time_to_first_token_seconds_bucket',
-                 "prunefusion_inter_token_latency_seconds_bucket", "prunefusion_e2e_request_latency_seconds_bucket",
-                 "prunefusion_request_queue_time_seconds_bucket", "prunefusion_batch_size_bucket",
-                 'prunefusion_model_runs_total{model="cached-pico"}'):
+    for name in ('prunefusion_cache_lookups_total{result="hit"}', "prunefusion_inter_token_latency_seconds_bucket",
+                 "prunefusion_batch_size_bucket", 'prunefusion_model_runs_total{model="cached-pico"}'):
         assert name in text, name
 
 
@@ -176,13 +189,13 @@ async def engine(pico_dir):
     await e.shutdown()
 
 
-async def consume(cache, engine, rid, policy=CachePolicy.DEFAULT, **params):
-    request = GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=8, **params))
+async def consume(cache, engine, rid, policy=CachePolicy.DEFAULT, max_new_tokens_override=8, **params):
+    request = GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=max_new_tokens_override, **params))
     return [item async for item in cache.generate(engine, request, policy)]
 
 
 async def test_ttl_expiry_and_jitter(engine, redis_server):
-    backend = connect(redis_server.url, None, timeout_s=0.2, backoff_initial_s=0.1, backoff_max_s=0.2)
+    backend = connect(redis_server.url, None, timeout_s=2.0, backoff_initial_s=0.1, backoff_max_s=0.2)
     cache = ResponseCache(backend, CacheSettings(namespace="ttl-test", ttl_seconds=0.4, ttl_jitter=0.5))
     try:
         assert not (await consume(cache, engine, "a"))[-1][1]
@@ -194,6 +207,12 @@ async def test_ttl_expiry_and_jitter(engine, redis_server):
         assert 0 < client.pttl(key) <= 600  # ttl * (1 + jitter) at most
         time.sleep(0.65)
         assert not (await consume(cache, engine, "c"))[-1][1]
+        # jitter: entries written together expire apart (uniform over 400..600 ms here)
+        for n in range(6):
+            items = await consume(cache, engine, f"j{n}", max_new_tokens_override=n + 1)
+            assert not items[-1][1]  # a miss, now stored
+        ttls = [client.pttl(k) for k in client.keys("ttl-test:*") if not k.endswith(b":lock")]
+        assert len(ttls) >= 6 and max(ttls) - min(ttls) > 30 and max(ttls) <= 600
     finally:
         await cache.close()
 

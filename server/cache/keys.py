@@ -8,7 +8,7 @@ import json
 from prunefusion.server.engines.base import ModelInfo, SamplingParams
 
 API_VERSION = "prunefusion.v1"
-KEY_SCHEMA = 1  # bump when the serialization below changes, so old entries are never read
+KEY_SCHEMA = 2  # bump when the serialization below changes, so old entries are never read
 
 
 def is_deterministic(params: SamplingParams) -> bool:
@@ -19,15 +19,19 @@ def is_deterministic(params: SamplingParams) -> bool:
 def cache_key(kind: str, model: ModelInfo, prompt: str, params: SamplingParams) -> str:
     """Hex sha256 of the canonical JSON of (schema, API version, request kind, model identity, prompt, parameters).
 
-    The model identity is its name plus the digests of its weights and tokenizer, so a re-pruned or re-healed
-    model never hits the entries of its previous weights. Every sampling parameter is included, the seed too
-    (greedy requests keep it: it cannot change their output, but a client that sends one sees it honoured).
+    The model identity is its name plus the digests of its weights, tokenizer and config (EOS ids live there), so a
+    re-pruned or re-healed model never hits the entries of its previous weights; the runtime (engine, device type,
+    dtype) is included because it changes floating-point results, so replicas sharing a Redis on other hardware
+    or dtypes keep separate entries. Every sampling parameter is included, the seed too (greedy requests keep it:
+    it cannot change their output, but a client that sends one sees it honoured).
     """
     canonical = {
         "schema": KEY_SCHEMA,
         "api": API_VERSION,
         "kind": kind,
-        "model": {"name": model.name, "weights": model.weights_digest, "tokenizer": model.tokenizer_digest},
+        "model": {"name": model.name, "weights": model.weights_digest, "tokenizer": model.tokenizer_digest,
+                  "config": model.config_digest},
+        "runtime": {"engine": model.engine, "device": model.device, "dtype": model.dtype},
         "prompt": prompt,
         "params": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                    "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed, "stop": list(params.stop)},

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -25,17 +26,17 @@ from prunefusion.server.engines.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
-    InvalidRequestError,
     Timings,
     Usage,
 )
-from prunefusion.server.engines.validation import check_sampling_params
-from prunefusion.server.metrics import CACHE_LOOKUPS, CACHE_SKIPPED, CACHE_STORES
+from prunefusion.server.engines.validation import check_request
+from prunefusion.server.metrics import CACHE_ERRORS, CACHE_LOOKUPS, CACHE_SKIPPED, CACHE_STORES
 
 log = logging.getLogger(__name__)
 
 CACHEABLE_FINISHES = {FinishReason.LENGTH, FinishReason.STOP, FinishReason.EOS}
 POLL_SECONDS = 0.005
+MAX_POLL_SECONDS = 0.05
 
 
 class CachePolicy:
@@ -112,9 +113,7 @@ class ResponseCache:
             return
         # bad parameters are rejected before any cache work; the prompt's token count needs no check here: an
         # entry exists only for a request that ran, and a miss goes through the engine's full validation
-        if not request.prompt:
-            raise InvalidRequestError("prompt", "must not be empty")
-        check_sampling_params(request.params, engine.info.max_new_tokens_limit)
+        check_request(request, engine.info.max_new_tokens_limit)
         key = f"{self.settings.namespace}:gen:{cache_key('generate', engine.info, request.prompt, request.params)}"
         started = time.monotonic()
         if policy == CachePolicy.DEFAULT:
@@ -127,16 +126,15 @@ class ResponseCache:
                 for chunk in found.replay(request.request_id, started):
                     yield chunk, True
                 return
-        async for item in self._run_as_leader(engine, request, key, policy, started):
-            yield item
+        async with contextlib.aclosing(self._run_as_leader(engine, request, key, policy, started)) as items:
+            async for item in items:
+                yield item
 
     async def _lookup(self, key: str) -> CachedResult | None:
         blob = await self.backend.get(key)
-        if blob is UNAVAILABLE or blob is None:
-            CACHE_LOOKUPS.labels("miss" if blob is None else "unavailable").inc()
-            return None
-        CACHE_LOOKUPS.labels("hit").inc()
-        return CachedResult.from_bytes(blob)
+        found = _decode(blob) if blob else None
+        CACHE_LOOKUPS.labels("hit" if found else "unavailable" if blob is UNAVAILABLE else "miss").inc()
+        return found
 
     async def _run_as_leader(self, engine: Engine, request: GenerationRequest, key: str, policy: str,
                              started: float) -> AsyncIterator[tuple[GenerationChunk, bool]]:
@@ -175,6 +173,7 @@ class ResponseCache:
         """Across processes: (True, None) if we hold the lock and run; (False, result) if another process's run
         produced the entry; (False, None) if Redis is unavailable or the other runner timed out: run uncoordinated."""
         lock_ms = int(self.settings.lock_ttl_seconds * 1000)
+        poll = POLL_SECONDS
         deadline = time.monotonic() + self.settings.lock_ttl_seconds
         while time.monotonic() < deadline:
             acquired = await self.backend.acquire_lock(lock_key, token, lock_ms)
@@ -182,13 +181,14 @@ class ResponseCache:
                 return False, None
             if acquired:
                 blob = await self.backend.get(key)  # the previous holder may have stored it just before releasing
-                return (True, None) if not blob else (True, CachedResult.from_bytes(blob))
+                return True, (_decode(blob) if blob else None)
             blob = await self.backend.get(key)
             if blob is UNAVAILABLE:
                 return False, None
-            if blob is not None:
-                return False, CachedResult.from_bytes(blob)
-            await asyncio.sleep(POLL_SECONDS)
+            if blob is not None and (found := _decode(blob)) is not None:
+                return False, found
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, MAX_POLL_SECONDS)  # the runner may take seconds: do not hammer Redis
         log.warning("cache: waited %.0f s for another process to fill %s; running it here",
                     self.settings.lock_ttl_seconds, key)
         return False, None
@@ -205,10 +205,17 @@ class ResponseCache:
             CACHE_STORES.inc()
 
 
-async def _run(engine: Engine, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-    stream = engine.generate(request)
+def _decode(blob: bytes) -> CachedResult | None:
+    """A stored entry, or None (counted as an error) when it is corrupt or not ours: a bad entry is a miss."""
     try:
+        return CachedResult.from_bytes(blob)
+    except (ValueError, KeyError, TypeError) as err:
+        CACHE_ERRORS.labels("decode").inc()
+        log.warning("cache: unreadable entry ignored (%s: %s)", type(err).__name__, err)
+        return None
+
+
+async def _run(engine: Engine, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async with contextlib.aclosing(engine.generate(request)) as stream:
         async for chunk in stream:
             yield chunk
-    finally:
-        await stream.aclose()

@@ -41,9 +41,12 @@ class EngineUnavailableError(RuntimeError):
     """The engine is not accepting requests (starting, draining or stopped; mapped to UNAVAILABLE)."""
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature == 0 means greedy; top_k == 0 and top_p == 1 disable those filters."""
+    """How to pick tokens. temperature < 1e-5 means greedy; top_k == 0 and top_p == 1 disable those filters."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -54,7 +57,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # as in vLLM: a temperature this small would overflow the scaled logits; it means "take the argmax"
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -135,6 +139,9 @@ class ModelInfo:
     default_max_new_tokens: int
     path: str
     tokenizer_digest: str = ""
+    config_digest: str = ""  # config.json + generation_config.json (EOS ids, ...)
+    device: str = ""  # device type the engine runs on ("cpu", "cuda")
+    dtype: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt")
 
@@ -46,6 +47,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     weights_digest: str
     tokenizer_digest: str
+    config_digest: str
 
 
 def _as_set(value) -> set[int]:
@@ -81,4 +83,5 @@ def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: str = "
         context_length=int(context), eos_token_ids=frozenset(eos),
         weights_digest=digest_files(weights),
         tokenizer_digest=digest_files([model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]),
+        config_digest=digest_files([model_dir / n for n in CONFIG_FILES if (model_dir / n).is_file()]),
     )

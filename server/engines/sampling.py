@@ -22,6 +22,8 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     Returns [B, V] float32 with removed tokens at -inf. The most likely token is never removed.
     """
     scaled = logits.float() / temperature[:, None]
+    if bool((top_k == 0).all()) and bool((top_p >= 1).all()):
+        return scaled  # no filter asked for: skip the vocabulary sort
     sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]  # [1, V]
     k = torch.where(top_k > 0, top_k, scaled.shape[-1])[:, None]

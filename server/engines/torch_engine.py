@@ -2,8 +2,8 @@
 
 One asyncio task schedules; one worker thread runs the model. Between decode steps, finished, cancelled and
 expired rows leave the batch and queued requests join it (each prefilled alone, then merged into the left-padded
-batch KV cache, see kv_batch.py). All scheduling state is touched only inside `_step` (worker thread) or while
-no step is running, so there are no locks.
+batch KV cache, see kv_batch.py). The batch (`_active`, `_kv`) is touched only inside `_step` (worker thread) or
+while no step is running; the admission queue only on the event loop; the finish counters under a small lock.
 
 Determinism: greedy requests, and sampled requests with a seed, draw nothing from shared state: every request owns
 its `torch.Generator` and draws one number per step. What batch partners can change is the padding width of the
@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.sampling import select_tokens
 from prunefusion.server.engines.text import IncrementalText
-from prunefusion.server.engines.validation import check_prompt_length, check_sampling_params
+from prunefusion.server.engines.validation import check_prompt_length, check_request
 from prunefusion.server.metrics import BATCH_SIZE, FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class TorchEngine(Engine):
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # most rows decoded together in one step
         self.finished: collections.Counter[FinishReason] = collections.Counter()
+        self._stats_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,7 +112,8 @@ class TorchEngine(Engine):
         m = self._loaded
         self.info = ModelInfo(
             name=self.name, family=m.family, num_layers=m.num_layers, num_parameters=m.num_parameters,
-            weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, engine=self.kind,
+            weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, config_digest=m.config_digest,
+            device=torch.device(o.device).type, dtype=o.dtype, engine=self.kind,
             context_length=m.context_length, max_new_tokens_limit=o.max_new_tokens_limit,
             default_max_new_tokens=o.default_max_new_tokens, path=str(o.path))
         await loop.run_in_executor(self._executor, self._warm_up)
@@ -140,15 +143,13 @@ class TorchEngine(Engine):
 
     def _validated_prompt_ids(self, request: GenerationRequest) -> list[int]:
         assert self.info is not None
-        if not request.prompt:
-            raise InvalidRequestError("prompt", "must not be empty")
-        check_sampling_params(request.params, self.info.max_new_tokens_limit)
+        check_request(request, self.info.max_new_tokens_limit)
         ids = self._tokenize(request.prompt)
         check_prompt_length(len(ids), request.params.max_new_tokens, self.info.context_length)
         return ids
 
     def _admit(self, request: GenerationRequest) -> _Sequence:
-        if not self._accepting:
+        if not self.stats().healthy:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
         prompt_ids = self._validated_prompt_ids(request)
         if request.request_id in self._by_id:
@@ -205,16 +206,7 @@ class TorchEngine(Engine):
             newcomers = []
             while self._waiting and len(self._active) + len(newcomers) < self.options.max_batch_size:
                 newcomers.append(self._waiting.popleft())
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
-            except Exception as exc:  # a model failure fails the requests in the batch, not the engine
-                log.exception("engine %s: step failed; failing %d requests", self.name,
-                              len(self._active) + len(newcomers))
-                outputs = [(seq, exc) for seq in {*self._active, *newcomers} if not seq.done]
-                for seq, _ in outputs:
-                    seq.done = True
-                    self._by_id.pop(seq.request.request_id, None)
-                self._active, self._kv = [], BatchedKV()
+            outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
             for seq, item in outputs:
                 seq.outbox.put_nowait(item)
             REQUESTS_RUNNING.labels(self.name).set(len(self._active))
@@ -226,7 +218,8 @@ class TorchEngine(Engine):
         now = time.monotonic()
         seq.done = True
         self._by_id.pop(seq.request.request_id, None)
-        self.finished[reason] += 1
+        with self._stats_lock:  # _finish runs on the worker thread and (for queued requests) on the event loop
+            self.finished[reason] += 1
         FINISHED.labels(self.name, reason.value).inc()
         arrival = seq.request.arrival
         started = seq.started if seq.started is not None else now
@@ -260,12 +253,24 @@ class TorchEngine(Engine):
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-    def _step(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk]]:
-        with self._attention_kernels():
-            return self._step_rows(newcomers)
+    def _step(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk | BaseException]]:
+        """One scheduling step. A model failure fails the requests still running, not the engine, and never
+        loses the chunks of requests that finished earlier in the same step."""
+        out: list[tuple[_Sequence, GenerationChunk | BaseException]] = []
+        try:
+            with self._attention_kernels():
+                self._step_rows(newcomers, out)
+        except Exception as exc:
+            failed = [seq for seq in dict.fromkeys([*self._active, *newcomers]) if not seq.done]
+            log.exception("engine %s: step failed; failing %d requests", self.name, len(failed))
+            for seq in failed:
+                seq.done = True
+                self._by_id.pop(seq.request.request_id, None)
+                out.append((seq, exc))
+            self._active, self._kv = [], BatchedKV()
+        return out
 
-    def _step_rows(self, newcomers: list[_Sequence]) -> list[tuple[_Sequence, GenerationChunk]]:
-        out: list[tuple[_Sequence, GenerationChunk]] = []
+    def _step_rows(self, newcomers: list[_Sequence], out: list) -> None:
         now = time.monotonic()
         for seq in self._active:
             if reason := self._stop_reason(seq, now):
@@ -281,7 +286,6 @@ class TorchEngine(Engine):
                 reason = self._stop_reason(seq, now)
                 out.append((seq, self._finish(seq, reason) if reason else self._prefill(seq)))
             self._drop_done()
-        return out
 
     @staticmethod
     def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
@@ -298,9 +302,11 @@ class TorchEngine(Engine):
         ids = torch.tensor([seq.prompt_ids], device=self.options.device)
         logits = self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = select_tokens(logits[:, -1], [seq.request.params], [seq.generator])[0]
-        self._kv.join(cache, len(seq.prompt_ids))
-        self._active.append(seq)
-        return self._accept(seq, token)
+        chunk = self._accept(seq, token)
+        if not seq.done:  # a row that ended on its first token never joins the batch cache
+            self._kv.join(cache, len(seq.prompt_ids))
+            self._active.append(seq)
+        return chunk
 
     def _decode(self) -> list[tuple[_Sequence, GenerationChunk]]:
         assert self._loaded is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from prunefusion.server.engines.base import InvalidRequestError, SamplingParams
+from prunefusion.server.engines.base import GenerationRequest, InvalidRequestError, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -29,9 +29,16 @@ def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> 
             raise InvalidRequestError("stop", f"each sequence must have 1..{MAX_STOP_LENGTH} characters, got {len(s)}")
 
 
+def check_request(request: GenerationRequest, max_new_tokens_limit: int) -> None:
+    """Everything that can be checked without the tokenizer."""
+    if not request.prompt:
+        raise InvalidRequestError("prompt", "must not be empty")
+    check_sampling_params(request.params, max_new_tokens_limit)
+
+
 def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
     if prompt_tokens == 0:
-        raise InvalidRequestError("prompt", "must not be empty")
+        raise InvalidRequestError("prompt", "encodes to no tokens")
     if prompt_tokens >= context_length:
         raise InvalidRequestError("prompt",
                                   f"has {prompt_tokens} tokens; the model's context is {context_length} tokens")

@@ -84,16 +84,17 @@ async def observed(model: str, items: AsyncIterator[tuple[GenerationChunk, bool]
                    ) -> AsyncIterator[tuple[GenerationChunk, bool]]:
     """Record latency metrics of model runs (cache replays are not model latency)."""
     last = None
-    async for chunk, cached in items:
-        now = time.monotonic()
-        if not cached and last is not None:
-            metrics.INTER_TOKEN_LATENCY.labels(model).observe(now - last)
-        last = now
-        if chunk.finished and not cached:
-            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(chunk.timings.time_to_first_token_seconds)
-            metrics.E2E_LATENCY.labels(model).observe(chunk.timings.total_seconds)
-            metrics.QUEUE_TIME.labels(model).observe(chunk.timings.queue_seconds)
-        yield chunk, cached
+    async with contextlib.aclosing(items):
+        async for chunk, cached in items:
+            now = time.monotonic()
+            if not cached and last is not None:
+                metrics.INTER_TOKEN_LATENCY.labels(model).observe(now - last)
+            last = now
+            if chunk.finished and not cached:
+                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(chunk.timings.time_to_first_token_seconds)
+                metrics.E2E_LATENCY.labels(model).observe(chunk.timings.total_seconds)
+                metrics.QUEUE_TIME.labels(model).observe(chunk.timings.queue_seconds)
+            yield chunk, cached
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
