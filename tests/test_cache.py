@@ -244,3 +244,24 @@ async def test_embedded_redis_starts_and_stops_with_the_cache(engine, tmp_path):
         assert time.monotonic() < deadline, "embedded redis-server still running after close"
         await asyncio.sleep(0.05)
     assert (tmp_path / "redis" / "redis.db").is_file()  # its data stays under the data directory
+
+
+def test_slow_redis_is_skipped_within_the_timeout(cached_server, redis_server):
+    import threading
+
+    import redis
+
+    with Client(cached_server.target, max_attempts=1) as client:
+        opts = GenerateOptions(max_new_tokens=6)
+        first = client.generate("Open a file", "cached-pico", opts)
+        # block the Redis server for 2 s (DEBUG SLEEP), far beyond the 200 ms operation timeout
+        sleeper = threading.Thread(target=lambda: redis.Redis.from_url(redis_server.url).execute_command(
+            "DEBUG", "SLEEP", "2"))
+        sleeper.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        response = client.generate("Open a file", "cached-pico", opts)
+        elapsed = time.monotonic() - start
+        sleeper.join()
+    assert not response.cached and list(response.token_ids) == list(first.token_ids)
+    assert elapsed < 1.0  # served by the model after one timed-out lookup, not after Redis woke up
