@@ -78,9 +78,13 @@ class CachedResult:
             return None
         return cls(tuple((c.text, c.token_ids) for c in chunks), last.finish_reason, last.usage)
 
-    def replay(self, request_id: str, started: float) -> list[GenerationChunk]:
+    def replay(self, request_id: str, started: float, whole: bool = False) -> list[GenerationChunk]:
+        """The stored stream, chunk for chunk; `whole`: one final chunk holding it all (for unary calls)."""
         elapsed = time.monotonic() - started
         timings = Timings(queue_seconds=0.0, time_to_first_token_seconds=elapsed, total_seconds=elapsed)
+        if whole:
+            text, ids = "".join(t for t, _ in self.chunks), tuple(i for _, c in self.chunks for i in c)
+            return [GenerationChunk(request_id, text, ids, self.finish_reason, self.usage, timings)]
         *body, (last_text, last_ids) = self.chunks
         return [GenerationChunk(request_id, text, ids) for text, ids in body] + [
             GenerationChunk(request_id, last_text, last_ids, self.finish_reason, self.usage, timings)]
@@ -104,8 +108,9 @@ class ResponseCache:
     def _ttl_ms(self) -> int:
         return int(self.settings.ttl_seconds * (1 + random.uniform(0, self.settings.ttl_jitter)) * 1000)
 
-    async def generate(self, engine: Engine, request: GenerationRequest, policy: str = CachePolicy.DEFAULT
-                       ) -> AsyncIterator[tuple[GenerationChunk, bool]]:
+    async def generate(self, engine: Engine, request: GenerationRequest, policy: str = CachePolicy.DEFAULT,
+                       whole: bool = False) -> AsyncIterator[tuple[GenerationChunk, bool]]:
+        """`whole`: the caller only wants the result (unary), so a hit is replayed as one chunk."""
         if self.backend is None or policy == CachePolicy.BYPASS or not is_deterministic(request.params):
             CACHE_LOOKUPS.labels("bypass" if is_deterministic(request.params) else "uncacheable").inc()
             async for chunk in _run(engine, request):
@@ -123,10 +128,11 @@ class ResponseCache:
                 if found is not None:
                     CACHE_LOOKUPS.labels("shared").inc()
             if found is not None:
-                for chunk in found.replay(request.request_id, started):
+                for chunk in found.replay(request.request_id, started, whole):
                     yield chunk, True
                 return
-        async with contextlib.aclosing(self._run_as_leader(engine, request, key, policy, started)) as items:
+        leader = self._run_as_leader(engine, request, key, policy, started, whole)
+        async with contextlib.aclosing(leader) as items:
             async for item in items:
                 yield item
 
@@ -137,7 +143,7 @@ class ResponseCache:
         return found
 
     async def _run_as_leader(self, engine: Engine, request: GenerationRequest, key: str, policy: str,
-                             started: float) -> AsyncIterator[tuple[GenerationChunk, bool]]:
+                             started: float, whole: bool) -> AsyncIterator[tuple[GenerationChunk, bool]]:
         future: asyncio.Future[CachedResult | None] = asyncio.get_running_loop().create_future()
         self._inflight.setdefault(key, future)
         lock_key, token = f"{key}:lock", uuid.uuid4().hex
@@ -148,7 +154,7 @@ class ResponseCache:
                 if found is not None:  # another process ran it
                     future.set_result(found)
                     CACHE_LOOKUPS.labels("shared").inc()
-                    for chunk in found.replay(request.request_id, started):
+                    for chunk in found.replay(request.request_id, started, whole):
                         yield chunk, True
                     return
             chunks: list[GenerationChunk] = []

@@ -102,12 +102,12 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self._registry = registry
         self._cache = cache  # read per call: the server opens the cache after it starts listening
 
-    def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole: bool):
         engine = self._registry.get(request.model)
         domain = to_domain(request, engine.info.default_max_new_tokens, context)
         if request.cache_policy not in CACHE_POLICIES:
             raise InvalidRequestError("cache_policy", f"unknown value {request.cache_policy}")
-        items = self._cache().generate(engine, domain, CACHE_POLICIES[request.cache_policy])
+        items = self._cache().generate(engine, domain, CACHE_POLICIES[request.cache_policy], whole=whole)
         return engine, domain, contextlib.aclosing(observed(engine.info.name, items))
 
     @staticmethod
@@ -123,7 +123,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     @unary_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        engine, domain, stream = self._start(request, context)
+        engine, domain, stream = self._start(request, context, whole=True)
         cached = False
         async with stream as items:
 
@@ -143,7 +143,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     @stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamChunk]:
-        engine, domain, stream = self._start(request, context)
+        engine, domain, stream = self._start(request, context, whole=False)
         async with stream as items:
             async for chunk, cached in items:
                 if chunk.finished:  # log; a DEADLINE finish ends the call with DEADLINE_EXCEEDED instead
