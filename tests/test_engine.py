@@ -136,3 +136,21 @@ async def test_a_tiny_temperature_is_greedy_and_cannot_break_the_batch(engine):
                                                      SamplingParams(max_new_tokens=20, temperature=1e-40))))
     a, b = await asyncio.gather(greedy, tiny)
     assert a.token_ids == b.token_ids
+
+
+async def test_long_prompts_are_tokenized_off_the_event_loop_with_the_same_result(engine, monkeypatch):
+    import prunefusion.server.engines.torch_engine as torch_engine
+
+    inline = await collect(engine.generate(request("inline", 10)))
+    calls = []
+    real_to_thread = asyncio.to_thread
+
+    async def spy(fn, *args):
+        calls.append(fn.__name__)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(torch_engine, "INLINE_TOKENIZE_CHARS", 4)
+    monkeypatch.setattr(torch_engine.asyncio, "to_thread", spy)
+    threaded = await collect(engine.generate(request("threaded", 10)))
+    assert calls == ["_tokenize"]
+    assert threaded.token_ids == inline.token_ids and threaded.usage == inline.usage

@@ -165,10 +165,6 @@ class Engine(abc.ABC):
         """Stop accepting requests, cancel what is left, release resources."""
 
     @abc.abstractmethod
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise InvalidRequestError naming the field if the engine cannot serve this request."""
-
-    @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Submit and stream. Raises QueueFullError / EngineUnavailableError / InvalidRequestError at the first
         iteration. Closing the iterator early (or cancelling its consumer) aborts the request."""

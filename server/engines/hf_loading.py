@@ -45,6 +45,7 @@ class LoadedModel:
     num_parameters: int
     context_length: int
     eos_token_ids: frozenset[int]
+    max_token_chars: int  # the longest vocabulary entry: no token decodes to more characters
     weights_digest: str
     tokenizer_digest: str
     config_digest: str
@@ -81,6 +82,7 @@ def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: str = "
         num_layers=int(text_config.num_hidden_layers),
         num_parameters=sum(p.numel() for p in model.parameters()),
         context_length=int(context), eos_token_ids=frozenset(eos),
+        max_token_chars=max(map(len, tokenizer.get_vocab()), default=1),
         weights_digest=digest_files(weights),
         tokenizer_digest=digest_files([model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]),
         config_digest=digest_files([model_dir / n for n in CONFIG_FILES if (model_dir / n).is_file()]),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import logging
 import secrets
 import threading
@@ -49,6 +50,8 @@ from prunefusion.server.engines.validation import check_prompt_length, check_req
 from prunefusion.server.metrics import BATCH_SIZE, FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
+
+INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized off the event loop
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class TorchEngine(Engine):
         self.peak_batch = 0  # most rows decoded together in one step
         self.finished: collections.Counter[FinishReason] = collections.Counter()
         self._stats_lock = threading.Lock()
+        self._encoder = None  # a copy of the tokenizer for encoding (see _tokenize)
+        self._encoder_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,6 +115,7 @@ class TorchEngine(Engine):
             o.path, device=o.device, dtype=o.dtype, trust_remote_code=o.trust_remote_code,
             context_length=o.context_length))
         m = self._loaded
+        self._encoder = copy.deepcopy(m.tokenizer)
         self.info = ModelInfo(
             name=self.name, family=m.family, num_layers=m.num_layers, num_parameters=m.num_parameters,
             weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, config_digest=m.config_digest,
@@ -135,23 +141,32 @@ class TorchEngine(Engine):
 
     # ---- requests --------------------------------------------------------------------------------------------
     def _tokenize(self, prompt: str) -> list[int]:
-        assert self._loaded is not None
-        return self._loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        # the encoder is a copy of the tokenizer, under a lock: the worker thread decodes with the original at the
+        # same time, and transformers may change a tokenizer's truncation state on encode
+        assert self._encoder is not None
+        with self._encoder_lock:
+            return self._encoder(prompt, add_special_tokens=True)["input_ids"]
 
-    def validate(self, request: GenerationRequest) -> None:
-        self._validated_prompt_ids(request)
-
-    def _validated_prompt_ids(self, request: GenerationRequest) -> list[int]:
-        assert self.info is not None
+    async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Tokenize without stalling the event loop: a prompt longer than any that could fit the context is refused
+        from its length alone, a long one is tokenized in a thread."""
+        assert self.info is not None and self._loaded is not None
         check_request(request, self.info.max_new_tokens_limit)
-        ids = self._tokenize(request.prompt)
+        chars = len(request.prompt)
+        if chars > self.info.context_length * self._loaded.max_token_chars:
+            raise InvalidRequestError("prompt", f"has {chars} characters, more than {self.info.context_length} "
+                                                "tokens (the model's context) can hold")
+        ids = (self._tokenize(request.prompt) if chars <= INLINE_TOKENIZE_CHARS
+               else await asyncio.to_thread(self._tokenize, request.prompt))
         check_prompt_length(len(ids), request.params.max_new_tokens, self.info.context_length)
         return ids
 
-    def _admit(self, request: GenerationRequest) -> _Sequence:
+    async def _admit(self, request: GenerationRequest) -> _Sequence:
         if not self.stats().healthy:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        prompt_ids = self._validated_prompt_ids(request)
+        prompt_ids = await self._prompt_ids(request)
+        if not self.stats().healthy:  # it may have stopped while a long prompt was tokenized
+            raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
         if request.request_id in self._by_id:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
         free_slots = self.options.max_batch_size - len(self._active)  # a burst may fill free slots first
@@ -169,7 +184,7 @@ class TorchEngine(Engine):
         return seq
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        seq = self._admit(request)
+        seq = await self._admit(request)
         try:
             while True:
                 item = await seq.outbox.get()
