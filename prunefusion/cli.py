@@ -5,6 +5,8 @@
     prunefusion models build               # build the default LM into $PRUNEFUSION_HOME/models/tiny-lm
     prunefusion models build --recipe large --out DIR
     prunefusion models list
+    prunefusion compress measure --model DIR --out runs/measure
+    prunefusion compress prune --model DIR --out DIR --fraction 0.25
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_build)
     listing = msub.add_parser("list", help="list built models under $PRUNEFUSION_HOME")
     listing.set_defaults(func=_list)
+
+    from prunefusion.compression.cli import register
+
+    register(sub)
     return parser
 
 

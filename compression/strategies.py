@@ -1,0 +1,44 @@
+"""Which block to remove: a table of strategies, each (distance table, n, L) -> 0-based start of [start, start + n).
+
+The n-layer block never contains the final layer, so the last candidate start is L - n - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prunefusion.compression.angular import best_block
+from prunefusion.compression.measure import DistanceTable
+
+
+def angular(table: DistanceTable, n: int, num_layers: int) -> int:
+    """Gromov et al.: the block whose input and output are closest in angle (last token)."""
+    return best_block(table.last_token, n)[0]
+
+
+def simple(table: DistanceTable | None, n: int, num_layers: int) -> int:
+    """The n deepest blocks before the final one: [L - n - 1, L - 1). Needs no measurement."""
+    return num_layers - n - 1
+
+
+def block_influence(table: DistanceTable, n: int, num_layers: int) -> int:
+    """ShortGPT's Block Influence, made contiguous: the block with the lowest summed BI (final layer excluded)."""
+    bi = table.block_influence
+    return min(range(num_layers - n), key=lambda s: sum(bi[s:s + n]))
+
+
+STRATEGIES: dict[str, Callable[[DistanceTable | None, int, int], int]] = {
+    "angular": angular,
+    "simple": simple,
+    "block-influence": block_influence,
+}
+NEEDS_TABLE = {"angular", "block-influence"}
+
+
+def block_size(num_layers: int, n: int | None, fraction: float | None) -> int:
+    if (n is None) == (fraction is None):
+        raise ValueError("give exactly one of n or fraction")
+    size = n if n is not None else round(fraction * num_layers)
+    if not 1 <= size <= num_layers - 2:
+        raise ValueError(f"a block of {size} layers cannot be removed from {num_layers} (keep the first and last)")
+    return size
