@@ -197,3 +197,11 @@ def test_measure_and_prune_commands_write_servable_checkpoints(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
     refused = run_cli("prune", "--model", str(source), "--out", str(tmp_path / "x"), "--layers", "4:6")
     assert refused.returncode == 2 and "error: [4, 6) would drop the final layer" in refused.stderr
+
+
+def test_pack_documents_ignores_padding_left_on_the_tokenizer(tokenizer):
+    from prunefusion.models.build import pack_documents
+
+    clean = pack_documents(tokenizer, TEXTS)
+    tokenizer(TEXTS, truncation=True, max_length=4, padding=True)  # leaves truncation/padding on the backend
+    assert torch.equal(pack_documents(tokenizer, TEXTS), clean)

@@ -24,8 +24,12 @@ from prunefusion.models.tokenizer import train_bpe_tokenizer
 def pack_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     """One long stream: BOS doc EOS BOS doc EOS ... -> [N] long."""
     ids: list[int] = []
-    # the backend tokenizer: whole documents are longer than the context, which is fine for packing
-    for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=True):
+    # the backend tokenizer: whole documents are longer than the context, which is fine for packing. An earlier
+    # padded/truncated call through transformers leaves those settings on the backend: clear them first.
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    for enc in backend.encode_batch(docs, add_special_tokens=True):
         ids.extend(enc.ids)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
