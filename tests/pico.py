@@ -26,3 +26,38 @@ def build_pico_llama(out_dir: Path, *, context: int = 256, seed: int = 0, layers
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
     return out_dir
+
+
+# family -> (config class, family-specific settings); sliding windows are small so tests cross them
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=16)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", dict()),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64)),
+}
+
+
+def pico_family_model(family: str, tokenizer, layers: int, seed: int = 0):
+    """A random-weight pico causal LM of a family, with the pico tokenizer's special tokens."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_name, extra = FAMILIES[family]
+    if family == "gemma3_text":  # a sliding/full pattern that pruning must keep attached to the right layers
+        extra = {**extra, "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers]}
+    if family == "gpt2":
+        extra = {**extra, "n_layer": layers}
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,  # wide init: peaked logits, so argmax has no near-ties
+        **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from pico import FAMILIES, pico_family_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunefusion.compression.angular import angular_distance, best_block
@@ -83,30 +84,10 @@ def test_angular_strategy_finds_a_planted_near_identity_block(tokenizer):
     assert all(start + n < 8 for n in range(1, 8) for start, _ in [best_block(table.last_token, n)])
 
 
-PRUNE_FAMILIES = {
-    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
-    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=16)),
-    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=16,
-                                             layer_types=["sliding_attention", "full_attention"] * 2)),
-    "phi3": ("Phi3Config", dict(num_key_value_heads=2)),
-    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
-    "gpt_neox": ("GPTNeoXConfig", dict()),
-    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64)),
-}
-
-
-@pytest.mark.parametrize("family", sorted(PRUNE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_prune_save_reload_equals_in_memory(family, tokenizer, tmp_path):
-    config_name, extra = PRUNE_FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **extra)
-    torch.manual_seed(0)
-    original = AutoModelForCausalLM.from_config(config).eval()
+    original = pico_family_model(family, tokenizer, layers=4)
+    config = original.config
     types_before = list(getattr(original.config.get_text_config(), "layer_types", None) or [])
     pruned, record = prune_layers(original, 1, 3)
     assert record["kept"] == [0, 3]

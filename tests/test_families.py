@@ -6,28 +6,12 @@ import asyncio
 
 import pytest
 import torch
-import transformers
+from pico import FAMILIES, pico_family_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunefusion.server.engines.base import GenerationRequest, SamplingParams, collect
 from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              max_position_embeddings=256)
-# family -> (config class, extra config); sliding windows are small so the tests cross them
-FAMILIES = {
-    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
-    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=16)),
-    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=16,
-                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
-    "phi3": ("Phi3Config", dict(num_key_value_heads=2)),
-    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, n_positions=256)),
-    "gpt_neox": ("GPTNeoXConfig", dict()),
-    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64)),
-}
 PROMPTS = ["The os module", "x", "Lists are mutable sequences, typically used to store collections of items"]
 
 
@@ -38,13 +22,7 @@ def tokenizer(pico_dir):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 async def test_family_batched_greedy_equals_generate(family, tokenizer, tmp_path):
-    config_name, extra = FAMILIES[family]
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), **COMMON, **extra, **special,
-                                                initializer_range=0.2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = pico_family_model(family, tokenizer, layers=3)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
