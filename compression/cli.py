@@ -1,8 +1,9 @@
-"""`prunefusion compress measure | prune`.
+"""`prunefusion compress measure | prune | heal`.
 
     prunefusion compress measure --model DIR --out runs/measure [--data FILES...] [--samples 128 --seq-len 256]
     prunefusion compress prune --model DIR --out DIR --fraction 0.25 [--strategy angular] [--distances FILE]
     prunefusion compress prune --model DIR --out DIR --layers 4:6        # 0-based, half-open
+    prunefusion compress heal --model PRUNED --out runs/heal [--steps 200 --lr 3e-4 --rank 8]
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ def load_model(model_dir: Path):
 
 def load_texts(paths: list[str]) -> list[str]:
     """Plain text (documents split at blank lines), JSONL (a "text" field per line), or a `datasets` directory
-    saved with save_to_disk. No paths: the stdlib corpus the default LM is trained on (offline)."""
+    saved with save_to_disk. No paths: the training split of the stdlib corpus the default LM is trained on."""
     if not paths:
         from prunefusion.models.corpus import stdlib_corpus
 
-        corpus = stdlib_corpus()
-        return corpus.held_out + corpus.train
+        return stdlib_corpus().train  # never the held-out documents: they measure the result
     texts: list[str] = []
     for raw in paths:
         path = Path(raw)
@@ -139,6 +139,22 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heal(args: argparse.Namespace) -> int:
+    from prunefusion.compression.heal import HealConfig, heal
+
+    cfg = HealConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
+                     warmup_steps=args.warmup, rank=args.rank, quantize=not args.no_quantize,
+                     checkpoint_every=args.checkpoint_every, device=args.device,
+                     targets=tuple(args.targets) if args.targets else None)
+    summary = heal(Path(args.model), Path(args.out), load_texts(args.data), cfg)
+    losses = summary["losses"]
+    print(f"healed {args.model} -> {args.out}/merged ({summary['steps_run']} steps this run"
+          f"{', resumed from step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}); "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter max logit difference "
+          f"{summary['merge']['max_logit_difference']:.1e}")
+    return 0
+
+
 def _user_errors(command):
     """Bad input (a block that does not fit, unreadable data, a missing model) -> one line on stderr, exit 2."""
     def run(args: argparse.Namespace) -> int:
@@ -183,3 +199,19 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace --out; allow removing the final layer")
     calibration(p)
     p.set_defaults(func=_user_errors(_prune))
+
+    h = sub.add_parser("heal", help="QLoRA-heal a pruned model, merge into a plain checkpoint (OUT/merged)")
+    h.add_argument("--model", required=True, help="the pruned model directory")
+    h.add_argument("--out", required=True, help="checkpoints/, adapter/, merged/, heal_loss.png; reruns resume")
+    h.add_argument("--data", nargs="*", default=[], help="training text (default: the stdlib corpus)")
+    h.add_argument("--steps", type=int, default=200)
+    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--seq-len", type=int, default=256)
+    h.add_argument("--lr", type=float, default=3e-4)
+    h.add_argument("--warmup", type=int, default=20)
+    h.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
+    h.add_argument("--targets", nargs="*", help="module names for LoRA (default: the family's FFN projections)")
+    h.add_argument("--no-quantize", action="store_true", help="plain LoRA on the unquantized base")
+    h.add_argument("--checkpoint-every", type=int, default=50)
+    h.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
+    h.set_defaults(func=_user_errors(_heal))
