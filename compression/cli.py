@@ -1,9 +1,10 @@
-"""`prunefusion compress measure | prune | heal`.
+"""`prunefusion compress measure | prune | heal | evaluate`.
 
     prunefusion compress measure --model DIR --out runs/measure [--data FILES...] [--samples 128 --seq-len 256]
     prunefusion compress prune --model DIR --out DIR --fraction 0.25 [--strategy angular] [--distances FILE]
     prunefusion compress prune --model DIR --out DIR --layers 4:6        # 0-based, half-open
     prunefusion compress heal --model PRUNED --out runs/heal [--steps 200 --lr 3e-4 --rank 8]
+    prunefusion compress evaluate ORIGINAL PRUNED runs/heal/merged [--task mc.jsonl] [--out runs/eval]
 """
 
 from __future__ import annotations
@@ -155,6 +156,27 @@ def _heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from prunefusion.compression.evaluate import evaluate, load_task, markdown_table, to_json
+
+    if args.data:
+        held_out = load_texts(args.data)
+    else:
+        from prunefusion.models.corpus import stdlib_corpus
+
+        held_out = stdlib_corpus().held_out
+    task = load_task(Path(args.task)) if args.task else None
+    results = [evaluate(Path(m), held_out, task) for m in args.models]
+    table = markdown_table(results)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.md").write_text(table + "\n")
+        (out / "evaluation.json").write_text(json.dumps(to_json(results), indent=1) + "\n")
+    return 0
+
+
 def _user_errors(command):
     """Bad input (a block that does not fit, unreadable data, a missing model) -> one line on stderr, exit 2."""
     def run(args: argparse.Namespace) -> int:
@@ -215,3 +237,10 @@ def register(subparsers) -> None:
     h.add_argument("--checkpoint-every", type=int, default=50)
     h.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
     h.set_defaults(func=_user_errors(_heal))
+
+    e = sub.add_parser("evaluate", help="perplexity, MC accuracy, decode speed, size: one table, first = baseline")
+    e.add_argument("models", nargs="+", help="model directories (e.g. original pruned healed/merged)")
+    e.add_argument("--data", nargs="*", default=[], help="held-out text (default: the stdlib corpus held-out split)")
+    e.add_argument("--task", help='multiple-choice JSONL: {"context", "choices", "answer"} per line')
+    e.add_argument("--out", help="also write evaluation.md and evaluation.json here")
+    e.set_defaults(func=_user_errors(_evaluate))

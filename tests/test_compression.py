@@ -186,3 +186,24 @@ def test_pack_documents_ignores_padding_left_on_the_tokenizer(tokenizer):
     clean = pack_documents(tokenizer, TEXTS)
     tokenizer(TEXTS, truncation=True, max_length=4, padding=True)  # leaves truncation/padding on the backend
     assert torch.equal(pack_documents(tokenizer, TEXTS), clean)
+
+
+def test_choice_logprob_equals_the_masked_loss_reference(tokenizer):
+    from prunefusion.compression.evaluate import choice_logprob, mc_accuracy
+
+    model = llama(tokenizer, layers=2)
+    context, choice = "The os module", " provides functions"
+    context_len = len(tokenizer(context)["input_ids"])
+    ids = torch.tensor([tokenizer(context + choice)["input_ids"]])
+    labels = ids.clone()
+    labels[0, :context_len] = -100  # only the choice's tokens count
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+    n_choice = ids.shape[1] - context_len
+    assert choice_logprob(model, tokenizer, context, choice) == pytest.approx(-float(loss) * n_choice, rel=1e-4)
+    # a task whose answer is whatever choice the model itself scores highest is solved; the opposite is not
+    choices = [" provides functions", " lists", " the end"]
+    scores = [choice_logprob(model, tokenizer, context, c) for c in choices]
+    best = max(range(3), key=scores.__getitem__)
+    assert mc_accuracy(model, tokenizer, [{"context": context, "choices": choices, "answer": best}]) == 1.0
+    assert mc_accuracy(model, tokenizer, [{"context": context, "choices": choices, "answer": (best + 1) % 3}]) == 0.0

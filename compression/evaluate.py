@@ -1,0 +1,101 @@
+"""`prunefusion compress evaluate`: original vs pruned vs healed in one table.
+
+Held-out perplexity; multiple-choice accuracy by log-likelihood over a local JSONL task ({"context", "choices",
+"answer"}: the choice with the highest summed log-probability given the context wins); greedy decode tokens/s;
+parameter count and weight memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Evaluation:
+    model: str
+    num_layers: int
+    parameters: int
+    weight_mib: float
+    held_out_perplexity: float
+    decode_tokens_per_s: float
+    mc_accuracy: float | None = None
+
+
+@torch.no_grad()
+def choice_logprob(model, tokenizer, context: str, choice: str) -> float:
+    """sum_t log p(choice_t | context, choice_<t). The choice's tokens are those the joint text adds."""
+    context_ids = tokenizer(context)["input_ids"]
+    full_ids = tokenizer(context + choice)["input_ids"]
+    if full_ids[: len(context_ids)] != context_ids or len(full_ids) == len(context_ids):
+        raise ValueError(f"choice {choice!r} does not extend the context's tokens; start it with a space")
+    logits = model(input_ids=torch.tensor([full_ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(full_ids[1:])
+    picked = logprobs[torch.arange(len(targets)), targets]
+    return float(picked[len(context_ids) - 1:].sum())
+
+
+def mc_accuracy(model, tokenizer, task: list[dict]) -> float:
+    correct = 0
+    for item in task:
+        scores = [choice_logprob(model, tokenizer, item["context"], c) for c in item["choices"]]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == int(item["answer"]))
+    return correct / len(task)
+
+
+@torch.no_grad()
+def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> float:
+    ids = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+    model.generate(ids[0], max_new_tokens=4, do_sample=False)  # warm-up
+    produced, start = 0, time.perf_counter()
+    for x in ids:
+        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        produced += out.shape[1] - x.shape[1]
+    return produced / (time.perf_counter() - start)
+
+
+def evaluate(model_dir: Path, held_out: list[str], task: list[dict] | None = None) -> Evaluation:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunefusion.compression.layers import find_layers
+    from prunefusion.models.build import pack_documents, perplexity, windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    rows = windows(pack_documents(tokenizer, held_out), 256)
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Evaluation(
+        model=str(model_dir), num_layers=len(find_layers(model)[1]), parameters=params,
+        weight_mib=weight_bytes / 2**20, held_out_perplexity=perplexity(model, rows),
+        decode_tokens_per_s=decode_speed(model, tokenizer, ["The os module", "Lists are", "Raised when"]),
+        mc_accuracy=mc_accuracy(model, tokenizer, task) if task else None)
+
+
+def load_task(path: Path) -> list[dict]:
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for number, item in enumerate(items, 1):
+        if not {"context", "choices", "answer"} <= item.keys():
+            raise ValueError(f"{path}:{number}: needs context, choices and answer")
+    return items
+
+
+def markdown_table(results: list[Evaluation]) -> str:
+    base = results[0]
+    lines = ["| model | layers | parameters | weights MiB | held-out ppl | decode tok/s (vs first) | MC accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        mc = "" if r.mc_accuracy is None else f"{r.mc_accuracy:.3f}"
+        lines.append(f"| {r.model} | {r.num_layers} | {r.parameters:,} | {r.weight_mib:.1f} | "
+                     f"{r.held_out_perplexity:.2f} | {r.decode_tokens_per_s:.1f} "
+                     f"({r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x) | {mc} |")
+    return "\n".join(lines)
+
+
+def to_json(results: list[Evaluation]) -> list[dict]:
+    return [asdict(r) for r in results]
