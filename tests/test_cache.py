@@ -207,12 +207,18 @@ async def test_ttl_expiry_and_jitter(engine, redis_server):
         assert 0 < client.pttl(key) <= 600  # ttl * (1 + jitter) at most
         time.sleep(0.65)
         assert not (await consume(cache, engine, "c"))[-1][1]
-        # jitter: entries written together expire apart (uniform over 400..600 ms here)
+    finally:
+        await cache.close()
+    # jitter: entries written together expire apart (uniform over 60..90 s here; long enough not to expire
+    # while a loaded machine writes them)
+    backend = connect(redis_server.url, None, timeout_s=2.0, backoff_initial_s=0.1, backoff_max_s=0.2)
+    cache = ResponseCache(backend, CacheSettings(namespace="jitter-test", ttl_seconds=60, ttl_jitter=0.5))
+    try:
         for n in range(6):
             items = await consume(cache, engine, f"j{n}", max_new_tokens_override=n + 1)
             assert not items[-1][1]  # a miss, now stored
-        ttls = [client.pttl(k) for k in client.keys("ttl-test:*") if not k.endswith(b":lock")]
-        assert len(ttls) >= 6 and max(ttls) - min(ttls) > 30 and max(ttls) <= 600
+        ttls = [client.pttl(k) for k in client.keys("jitter-test:*") if not k.endswith(b":lock")]
+        assert len(ttls) == 6 and max(ttls) - min(ttls) > 1000 and min(ttls) > 55_000 and max(ttls) <= 90_000
     finally:
         await cache.close()
 
