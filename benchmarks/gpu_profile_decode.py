@@ -40,9 +40,10 @@ def engine_steps(model, batch: int, steps: int) -> float:
             sync()
             start = time.perf_counter()
             for _ in range(3 if warm else steps):
-                model(input_ids=tokens, attention_mask=kv.decode_mask(), position_ids=kv.next_positions(),
+                mask = kv.decode_mask()
+                model(input_ids=tokens, attention_mask=mask, position_ids=kv.next_positions(),
                       past_key_values=kv.cache, use_cache=True)
-                kv.after_decode()
+                kv.after_decode(mask)
             sync()
         return (time.perf_counter() - start) / steps * 1e3
 

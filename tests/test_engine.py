@@ -90,18 +90,23 @@ async def test_shutdown_cancels_in_flight_and_refuses_new(pico_dir):
         await anext(e.generate(request("b")))
 
 
-async def test_a_failing_model_step_fails_its_requests_not_the_engine(engine, monkeypatch):
+def fail_forward_call(monkeypatch, engine, call: int, message: str) -> None:
+    """Make the engine model's `call`-th forward pass (counting from 1) raise RuntimeError(message)."""
     model = engine._loaded.model
     real_forward = model.forward
     calls = {"n": 0}
 
-    def flaky_forward(*args, **kwargs):
+    def forward(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated device failure")
+        if calls["n"] == call:
+            raise RuntimeError(message)
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", flaky_forward)
+    monkeypatch.setattr(model, "forward", forward)
+
+
+async def test_a_failing_model_step_fails_its_requests_not_the_engine(engine, monkeypatch):
+    fail_forward_call(monkeypatch, engine, 1, "simulated device failure")
     with pytest.raises(RuntimeError, match="simulated device failure"):
         await collect(engine.generate(request("doomed", 5)))
     assert engine.stats() == engine.stats().__class__(running=0, waiting=0, healthy=True)
@@ -110,17 +115,7 @@ async def test_a_failing_model_step_fails_its_requests_not_the_engine(engine, mo
 
 
 async def test_a_failure_later_in_a_step_keeps_the_chunks_of_requests_finished_before_it(engine, monkeypatch):
-    model = engine._loaded.model
-    real_forward = model.forward
-    calls = {"n": 0}
-
-    def second_call_fails(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated out of memory")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", second_call_fails)
+    fail_forward_call(monkeypatch, engine, 2, "simulated out of memory")
     # both join in the same step: the first finishes at its prefill (one token), the second's prefill fails
     first = asyncio.create_task(collect(engine.generate(request("one-token", 1))))
     second = asyncio.create_task(collect(engine.generate(request("doomed", 5))))

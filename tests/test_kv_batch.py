@@ -21,9 +21,10 @@ def test_batched_decode_equals_single_row_decode(pico_dir):
             batch.join(cache, len(p))
         assert batch.mask.tolist() == [[1] * 6, [0] * 4 + [1] * 2, [0] * 2 + [1] * 4]
         assert batch.next_positions().flatten().tolist() == [6, 2, 4]
-        logits = model(input_ids=torch.tensor([[n] for n in nxt]), attention_mask=batch.decode_mask(),
+        mask = batch.decode_mask()
+        logits = model(input_ids=torch.tensor([[n] for n in nxt]), attention_mask=mask,
                        position_ids=batch.next_positions(), past_key_values=batch.cache, use_cache=True).logits
-        batch.after_decode()
+        batch.after_decode(mask)
     for row in range(3):
         torch.testing.assert_close(logits[row, -1], singles[row], rtol=1e-4, atol=1e-4)
     # the longest row leaves: the padding column prefix nobody needs is trimmed

@@ -111,8 +111,9 @@ class ResponseCache:
     async def generate(self, engine: Engine, request: GenerationRequest, policy: str = CachePolicy.DEFAULT,
                        whole: bool = False) -> AsyncIterator[tuple[GenerationChunk, bool]]:
         """`whole`: the caller only wants the result (unary), so a hit is replayed as one chunk."""
-        if self.backend is None or policy == CachePolicy.BYPASS or not is_deterministic(request.params):
-            CACHE_LOOKUPS.labels("bypass" if is_deterministic(request.params) else "uncacheable").inc()
+        deterministic = is_deterministic(request.params)
+        if self.backend is None or policy == CachePolicy.BYPASS or not deterministic:
+            CACHE_LOOKUPS.labels("bypass" if deterministic else "uncacheable").inc()
             async for chunk in _run(engine, request):
                 yield chunk, False
             return

@@ -44,9 +44,9 @@ class BatchedKV:
         assert self.mask is not None
         return F.pad(self.mask, (0, 1), value=1)
 
-    def after_decode(self) -> None:
-        """Record the token every row appended in the last decode step."""
-        self.mask = self.decode_mask()
+    def after_decode(self, mask: torch.Tensor) -> None:
+        """Record the token every row appended in the last decode step; `mask` is the decode_mask() it used."""
+        self.mask = mask
 
     def join(self, row_cache: DynamicCache, length: int) -> None:
         """Append one row whose cache holds `length` real tokens and no padding."""

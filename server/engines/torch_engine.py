@@ -327,10 +327,11 @@ class TorchEngine(Engine):
         assert self._loaded is not None
         rows = self._active
         input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.options.device)
-        logits = self._loaded.model(input_ids=input_ids, attention_mask=self._kv.decode_mask(),
+        mask = self._kv.decode_mask()
+        logits = self._loaded.model(input_ids=input_ids, attention_mask=mask,
                                     position_ids=self._kv.next_positions(), past_key_values=self._kv.cache,
                                     use_cache=True).logits[:, -1]  # [B, V]
-        self._kv.after_decode()
+        self._kv.after_decode(mask)
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         BATCH_SIZE.labels(self.name).observe(len(rows))
