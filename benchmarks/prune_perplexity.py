@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from prunefusion.compression.cli import load_model
 from prunefusion.compression.layers import prune_layers
+from prunefusion.compression.loading import load_model
 from prunefusion.compression.measure import measure, tokenized_batches
 from prunefusion.compression.strategies import STRATEGIES, block_size
 from prunefusion.home import default_model_dir

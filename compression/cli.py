@@ -5,77 +5,22 @@
     prunefusion compress prune --model DIR --out DIR --layers 4:6        # 0-based, half-open
     prunefusion compress heal --model PRUNED --out runs/heal [--steps 200 --lr 3e-4 --rank 8]
     prunefusion compress evaluate ORIGINAL PRUNED runs/heal/merged [--task mc.jsonl] [--out runs/eval]
+    prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out runs/tiny-lm-angular-25
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def load_model(model_dir: Path):
-    """A causal LM, or a bare encoder (BERT/MiniLM) when the checkpoint is not one; safetensors only, offline."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
-    loader = AutoModelForCausalLM if causal else AutoModel
-    model = loader.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-
-
-def load_texts(paths: list[str]) -> list[str]:
-    """Plain text (documents split at blank lines), JSONL (a "text" field per line), or a `datasets` directory
-    saved with save_to_disk. No paths: the training split of the stdlib corpus the default LM is trained on."""
-    if not paths:
-        from prunefusion.models.corpus import stdlib_corpus
-
-        return stdlib_corpus().train  # never the held-out documents: they measure the result
-    texts: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            from datasets import load_from_disk
-
-            texts += [t for t in load_from_disk(str(path))["text"] if t and t.strip()]
-        elif path.suffix == ".jsonl":
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError) as err:
-                        raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
-        else:
-            texts += [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
-    if not texts:
-        raise ValueError(f"no text found in {paths}")
-    return texts
-
-
-def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_len: int, batch_size: int):
-    from prunefusion.compression.measure import measure, tokenized_batches
-    from prunefusion.compression.report import plot, write_csv
-    from prunefusion.server.engines.hf_loading import digest_files, weight_files
-
-    model, tokenizer = load_model(model_dir)
-    texts = load_texts(data)[:samples]
-    batches = tokenized_batches(tokenizer, texts, seq_len, batch_size)
-    table = measure(model, batches, total=len(batches))
-    table.meta = {"model": str(model_dir), "weights_digest": digest_files(weight_files(model_dir)),
-                  "calibration": {"sources": data or ["stdlib corpus"], "seq_len": seq_len, "batch_size": batch_size}}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distances.json").write_text(json.dumps(table.to_json(), indent=1) + "\n")
-    write_csv(table, out / "distances.csv")
-    plot(table, out / "distance_heatmap.png", out / "best_blocks.png", f"{model_dir.name}: angular distances")
-    return table
+from prunefusion.compression.loading import load_model, load_texts
 
 
 def _measure(args: argparse.Namespace) -> int:
+    from prunefusion.compression.report import run_measure
+
     table = run_measure(Path(args.model), Path(args.out), args.data, args.samples, args.seq_len, args.batch_size)
     print(f"{table.samples} samples, {table.num_layers} layers -> {args.out}/distances.json, distances.csv, "
           "distance_heatmap.png, best_blocks.png")
@@ -86,11 +31,11 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    import torch
-
-    from prunefusion.compression.layers import find_layers, prune_layers
+    from prunefusion.compression.layers import find_layers
     from prunefusion.compression.measure import DistanceTable
-    from prunefusion.compression.strategies import NEEDS_TABLE, STRATEGIES, block_size
+    from prunefusion.compression.prune import choose_block, write_pruned
+    from prunefusion.compression.report import run_measure
+    from prunefusion.compression.strategies import NEEDS_TABLE
     from prunefusion.server.engines.hf_loading import digest_files, weight_files
 
     model_dir, out = Path(args.model), Path(args.out)
@@ -100,43 +45,16 @@ def _prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_dir)
     total = len(find_layers(model)[1])
     table = None
-    if args.layers:
-        start, end = (int(x) for x in args.layers.split(":"))
-        strategy = "explicit"
-    else:
-        size = block_size(total, args.n, args.fraction)
-        if args.strategy in NEEDS_TABLE:
-            table = (DistanceTable.from_json(json.loads(Path(args.distances).read_text())) if args.distances
-                     else run_measure(model_dir, out.with_name(out.name + ".measure"), args.data, args.samples,
-                                      args.seq_len, args.batch_size))
-            if table.num_layers != total:
-                raise ValueError(f"distances are for {table.num_layers} layers, the model has {total}")
-        start = STRATEGIES[args.strategy](table, size, total)
-        end, strategy = start + size, args.strategy
-    pruned, record = prune_layers(model, start, end, inplace=True, allow_last=args.force)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pruned.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # verify: reloads with no missing/unexpected keys and the same outputs as the in-memory model
-    reloaded, info = type(pruned).from_pretrained(tmp, output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"]:
-        raise RuntimeError(f"pruned checkpoint does not reload cleanly: {info}")
-    ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        a, b = pruned(input_ids=ids)[0], reloaded.eval()(input_ids=ids)[0]
-    if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
-        raise RuntimeError("pruned checkpoint's outputs differ from the in-memory pruned model")
-    manifest = {"kind": "prunefusion.pruned", "source": str(model_dir),
-                "source_weights_digest": digest_files(weight_files(model_dir)), "strategy": strategy,
-                **record, "distance": (table.last_token[end - start][start] if table else None),
-                "weights_digest": digest_files(sorted(tmp.glob("*.safetensors")))}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"pruned {model_dir} -> {out}: removed layers [{start}, {end}) ({strategy}), {total} -> "
-          f"{total - (end - start)} layers; reload verified")
+    if not args.layers and args.strategy in NEEDS_TABLE:
+        table = (DistanceTable.from_json(json.loads(Path(args.distances).read_text())) if args.distances
+                 else run_measure(model_dir, out.with_name(out.name + ".measure"), args.data, args.samples,
+                                  args.seq_len, args.batch_size))
+    block = choose_block(total, strategy=args.strategy, n=args.n, fraction=args.fraction, layers=args.layers,
+                         table=table, seed=args.seed)
+    write_pruned(model, tokenizer, block, out, source=model_dir, source_digest=digest_files(weight_files(model_dir)),
+                 allow_last=args.force)
+    print(f"pruned {model_dir} -> {out}: removed layers [{block.start}, {block.end}) ({block.strategy}), {total} -> "
+          f"{total - (block.end - block.start)} layers; reload verified")
     return 0
 
 
@@ -174,6 +92,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.md").write_text(table + "\n")
         (out / "evaluation.json").write_text(json.dumps(to_json(results), indent=1) + "\n")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunefusion.compression.job import run_job
+
+    manifest = run_job(Path(args.job), Path(args.out), device=args.device, restart=args.restart, force=args.force,
+                       keep_intermediate=args.keep_intermediate)
+    start, end = manifest["removed"]
+    metrics = manifest["metrics"]
+    summary = ", ".join(f"{row['label']} {row['held_out_perplexity']:.2f}" for row in metrics["evaluation"]
+                        if row.get("held_out_perplexity") is not None)
+    print(f"{manifest['name']}: removed [{start}, {end}) ({manifest['strategy']}) -> {args.out} "
+          f"(report.md, manifest.json){'; held-out perplexity ' + summary if summary else ''}")
     return 0
 
 
@@ -218,6 +150,7 @@ def register(subparsers) -> None:
     size.add_argument("--layers", help="explicit 0-based half-open block START:END")
     p.add_argument("--strategy", default="angular", choices=sorted(STRATEGIES))
     p.add_argument("--distances", help="distances.json from `compress measure` (else measured now)")
+    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--force", action="store_true", help="replace --out; allow removing the final layer")
     calibration(p)
     p.set_defaults(func=_user_errors(_prune))
@@ -244,3 +177,15 @@ def register(subparsers) -> None:
     e.add_argument("--task", help='multiple-choice JSONL: {"context", "choices", "answer"} per line')
     e.add_argument("--out", help="also write evaluation.md and evaluation.json here")
     e.set_defaults(func=_user_errors(_evaluate))
+
+    r = sub.add_parser("run", help="the whole job from one YAML: measure, prune, heal, merge, evaluate, report",
+                       description="Runs JOB.yaml (what to build; examples in compression/jobs/) into --out. Work "
+                       "goes to OUT.partial; a rerun resumes it; OUT appears only when the job has finished.")
+    r.add_argument("job", help="the job YAML")
+    r.add_argument("--out", required=True, help="the finished job: an HF checkpoint + manifest.json + report.md")
+    r.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
+    r.add_argument("--restart", action="store_true", help="discard an unfinished OUT.partial instead of resuming")
+    r.add_argument("--force", action="store_true", help="run again over a finished OUT (replaced at the end)")
+    r.add_argument("--keep-intermediate", action="store_true",
+                   help="keep the pruned weights before healing and the healing checkpoints")
+    r.set_defaults(func=_user_errors(_run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from prunefusion.compression.measure import DistanceTable
@@ -57,3 +58,23 @@ def plot(table: DistanceTable, heatmap: Path, best: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(best, dpi=120)
     plt.close(fig)
+
+
+def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_len: int, batch_size: int
+                ) -> DistanceTable:
+    """Measure `model_dir` on calibration text; write distances.json, distances.csv and the two plots into out."""
+    from prunefusion.compression.loading import load_model, load_texts
+    from prunefusion.compression.measure import measure, tokenized_batches
+    from prunefusion.server.engines.hf_loading import digest_files, weight_files
+
+    model, tokenizer = load_model(model_dir)
+    texts = load_texts(data)[:samples]
+    batches = tokenized_batches(tokenizer, texts, seq_len, batch_size)
+    table = measure(model, batches, total=len(batches))
+    table.meta = {"model": str(model_dir), "weights_digest": digest_files(weight_files(model_dir)),
+                  "calibration": {"sources": data or ["stdlib corpus"], "seq_len": seq_len, "batch_size": batch_size}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distances.json").write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    write_csv(table, out / "distances.csv")
+    plot(table, out / "distance_heatmap.png", out / "best_blocks.png", f"{model_dir.name}: angular distances")
+    return table

@@ -1,36 +1,44 @@
-"""Which block to remove: a table of strategies, each (distance table, n, L) -> 0-based start of [start, start + n).
+"""Which block to remove: a table of strategies, each (distance table, n, L, seed) -> 0-based start of
+[start, start + n).
 
 The n-layer block never contains the final layer, so the last candidate start is L - n - 1.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from prunefusion.compression.angular import best_block
 from prunefusion.compression.measure import DistanceTable
 
 
-def angular(table: DistanceTable, n: int, num_layers: int) -> int:
+def angular(table: DistanceTable, n: int, num_layers: int, seed: int = 0) -> int:
     """Gromov et al.: the block whose input and output are closest in angle (last token)."""
     return best_block(table.last_token, n)[0]
 
 
-def simple(table: DistanceTable | None, n: int, num_layers: int) -> int:
+def simple(table: DistanceTable | None, n: int, num_layers: int, seed: int = 0) -> int:
     """The n deepest blocks before the final one: [L - n - 1, L - 1). Needs no measurement."""
     return num_layers - n - 1
 
 
-def block_influence(table: DistanceTable, n: int, num_layers: int) -> int:
+def block_influence(table: DistanceTable, n: int, num_layers: int, seed: int = 0) -> int:
     """ShortGPT's Block Influence, made contiguous: the block with the lowest summed BI (final layer excluded)."""
     bi = table.block_influence
     return min(range(num_layers - n), key=lambda s: sum(bi[s:s + n]))
 
 
-STRATEGIES: dict[str, Callable[[DistanceTable | None, int, int], int]] = {
+def random_block(table: DistanceTable | None, n: int, num_layers: int, seed: int = 0) -> int:
+    """A baseline: a block drawn uniformly (by `seed`) among those that keep the final layer."""
+    return random.Random(seed).randrange(num_layers - n)
+
+
+STRATEGIES: dict[str, Callable[[DistanceTable | None, int, int, int], int]] = {
     "angular": angular,
     "simple": simple,
     "block-influence": block_influence,
+    "random": random_block,
 }
 NEEDS_TABLE = {"angular", "block-influence"}
 

@@ -1,0 +1,260 @@
+"""`prunefusion compress run JOB.yaml --out DIR`: measure -> prune -> heal (+ merge) -> evaluate -> report, one job.
+
+The job file says what to build (source model, calibration, block, healing, evaluation); command-line options say
+how to run it (output, device, restart). Work happens in DIR.partial/: each finished stage leaves
+stages/<stage>.json, so a rerun after a kill skips the finished stages and healing resumes from its last
+checkpoint. Only a finished job is renamed to DIR, so a directory named DIR is always complete. DIR itself is a
+plain Hugging Face checkpoint (the healed model, or the pruned one when `heal: null`) with manifest.json,
+report.md, the job file and the plots beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationSpec(_Strict):
+    data: list[str] = []  # text / .jsonl files or datasets dirs; empty: the stdlib corpus' training split
+    samples: Annotated[int, Field(ge=1)] = 128
+    seq_len: Annotated[int, Field(ge=2)] = 256
+    batch_size: Annotated[int, Field(ge=1)] = 8
+
+
+class PruneSpec(_Strict):
+    strategy: str = "angular"  # angular | simple | block-influence | random
+    n: Annotated[int, Field(ge=1)] | None = None  # layers to remove ...
+    fraction: Annotated[float, Field(gt=0, lt=1)] | None = None  # ... or a fraction of them ...
+    layers: str | None = None  # ... or an explicit 0-based half-open block "START:END"
+    seed: int = 0  # for strategy random
+    allow_last: bool = False
+
+    @model_validator(mode="after")
+    def _one_size(self) -> PruneSpec:
+        from prunefusion.compression.strategies import STRATEGIES
+
+        if sum(x is not None for x in (self.n, self.fraction, self.layers)) != 1:
+            raise ValueError("give exactly one of n, fraction or layers")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        return self
+
+
+class HealSpec(_Strict):
+    """The fields of compression.heal.HealConfig (QLoRA for causal LMs; distillation for encoders)."""
+
+    data: list[str] = []  # training text; empty: the stdlib corpus' training split
+    steps: Annotated[int, Field(ge=1)] = 200
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    seq_len: Annotated[int, Field(ge=2)] = 256
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    rank: Annotated[int, Field(ge=1)] = 8
+    targets: list[str] | None = None  # default: the family's FFN projections
+    quantize: bool = True  # QLoRA (NF4 base); false: plain LoRA
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+    seed: int = 0
+
+
+class EvaluateSpec(_Strict):
+    data: list[str] = []  # held-out text; empty: the stdlib corpus' held-out split
+    task: str | None = None  # multiple-choice JSONL for causal LMs
+
+
+class JobSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    model: str  # the source checkpoint; ${PRUNEFUSION_HOME} and ~ are expanded
+    build: str | None = None  # a `prunefusion models build` recipe that makes `model` when it is missing
+    calibration: CalibrationSpec = CalibrationSpec()
+    prune: PruneSpec
+    heal: HealSpec | None = HealSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @property
+    def model_path(self) -> Path:
+        from prunefusion.server.config import expand_path
+
+        return expand_path(self.model)
+
+
+def load_job(path: Path) -> JobSpec:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return JobSpec.model_validate(raw or {})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{path}: {problems}") from err
+
+
+@dataclass
+class Context:
+    spec: JobSpec
+    work: Path  # DIR.partial
+    device: str
+    results: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.work / "pruned"
+
+    @property
+    def heal_dir(self) -> Path:
+        return self.work / "heal"
+
+
+def _measure(ctx: Context) -> dict:
+    from prunefusion.compression.report import run_measure
+
+    c = ctx.spec.calibration
+    table = run_measure(ctx.spec.model_path, ctx.work / "measure", c.data, c.samples, c.seq_len, c.batch_size)
+    return {"samples": table.samples, "num_layers": table.num_layers, "distances": "measure/distances.json"}
+
+
+def _prune(ctx: Context) -> dict:
+    from prunefusion.compression.layers import find_layers
+    from prunefusion.compression.loading import load_model
+    from prunefusion.compression.measure import DistanceTable
+    from prunefusion.compression.prune import choose_block, write_pruned
+    from prunefusion.server.engines.hf_loading import digest_files, weight_files
+
+    p, source = ctx.spec.prune, ctx.spec.model_path
+    table = DistanceTable.from_json(json.loads((ctx.work / "measure" / "distances.json").read_text()))
+    model, tokenizer = load_model(source)
+    block = choose_block(len(find_layers(model)[1]), strategy=p.strategy, n=p.n, fraction=p.fraction,
+                         layers=p.layers, table=table, seed=p.seed)
+    return write_pruned(model, tokenizer, block, ctx.pruned_dir, source=source,
+                        source_digest=digest_files(weight_files(source)), allow_last=p.allow_last)
+
+
+def _heal(ctx: Context) -> dict:
+    from prunefusion.compression.heal import HealConfig, heal
+    from prunefusion.compression.loading import load_texts
+
+    h = ctx.spec.heal
+    cfg = HealConfig(**{**h.model_dump(exclude={"data", "targets"}), "targets": tuple(h.targets or ()) or None,
+                        "device": ctx.device})
+    summary = heal(ctx.pruned_dir, ctx.heal_dir, load_texts(h.data), cfg)
+    losses = summary.pop("losses")
+    return {**summary, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "loss_curve": "heal/heal_loss.png"}
+
+
+def _evaluate(ctx: Context) -> dict:
+    from prunefusion.compression.evaluate import evaluate, load_task, to_json
+    from prunefusion.compression.loading import load_texts
+    from prunefusion.models.corpus import stdlib_corpus
+
+    e = ctx.spec.evaluate
+    held_out = load_texts(e.data) if e.data else stdlib_corpus().held_out
+    task = load_task(Path(e.task)) if e.task else None
+    models = {"original": ctx.spec.model_path, "pruned": ctx.pruned_dir}
+    if ctx.spec.heal is not None:
+        models["healed"] = ctx.heal_dir / "merged"
+    rows = to_json([evaluate(path, held_out, task) for path in models.values()])
+    return {"rows": [{"label": label, **row} for label, row in zip(models, rows, strict=True)]}
+
+
+STAGES: dict[str, Callable[[Context], dict]] = {
+    "measure": _measure,
+    "prune": _prune,
+    "heal": _heal,
+    "evaluate": _evaluate,
+}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _ensure_source(spec: JobSpec) -> None:
+    path = spec.model_path
+    if (path / "config.json").is_file():
+        return
+    if spec.build is None:
+        raise FileNotFoundError(f"source model {path} not found (and the job names no `build` recipe)")
+    from prunefusion.models.build import build_model
+
+    log.info("source model %s is missing; building recipe %r", path, spec.build)
+    build_model(spec.build, path)
+
+
+def _finalize(ctx: Context, keep_intermediate: bool) -> None:
+    """Move the final checkpoint's files to the top of the work directory; drop what nobody needs afterwards.
+    Idempotent, so a kill in the middle of it is repaired by a rerun."""
+    final = ctx.heal_dir / "merged" if ctx.spec.heal is not None else ctx.pruned_dir
+    if final.is_dir():
+        for item in final.iterdir():
+            os.replace(item, ctx.work / item.name)
+        final.rmdir()
+    if not keep_intermediate:
+        shutil.rmtree(ctx.heal_dir / "checkpoints", ignore_errors=True)
+        for item in ctx.pruned_dir.glob("*.safetensors"):
+            item.unlink()  # the pruned weights before healing: evaluated already; the manifest records them
+
+
+def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = False, force: bool = False,
+            keep_intermediate: bool = False, stop_after: str | None = None) -> dict:
+    """Run (or resume) the job; return its manifest. `stop_after` leaves after that stage, as a kill would."""
+    from prunefusion.compression.job_report import build_manifest, write_report
+
+    job_path, out = Path(job_path), Path(out)
+    spec = load_job(job_path)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} holds a finished job; pass --force to run it again")
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        previous = load_job(work / "job.yaml") if (work / "job.yaml").is_file() else None
+        if restart or previous is None:
+            shutil.rmtree(work)
+        elif previous != spec:
+            raise ValueError(f"{work} holds an unfinished run of a different job; pass --restart to discard it")
+    (work / "stages").mkdir(parents=True, exist_ok=True)
+    if not (work / "job.yaml").is_file() or not (work / "job.yaml").samefile(job_path):
+        shutil.copyfile(job_path, work / "job.yaml")
+    _ensure_source(spec)
+    ctx = Context(spec, work, device)
+    for stage, run in STAGES.items():
+        marker = work / "stages" / f"{stage}.json"
+        if stage == "heal" and spec.heal is None:
+            continue
+        if marker.is_file():
+            ctx.results[stage] = json.loads(marker.read_text())
+            log.info("stage %s: done in an earlier run, skipped", stage)
+        else:
+            log.info("stage %s ...", stage)
+            started = time.perf_counter()
+            result = run(ctx)
+            result["seconds"] = round(time.perf_counter() - started, 2)
+            _write_json(marker, result)
+            ctx.results[stage] = result
+        if stage == stop_after:
+            return {}
+    _finalize(ctx, keep_intermediate)
+    manifest = build_manifest(ctx)
+    _write_json(work / "manifest.json", manifest)
+    write_report(ctx, manifest, work / "report.md")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return manifest

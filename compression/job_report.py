@@ -1,0 +1,119 @@
+"""The finished job's manifest.json (machine-readable record) and report.md (the same, for people, with plots)."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+VERSIONED = ("prunefusion", "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
+             "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def gap_recovered(original: float, pruned: float, healed: float) -> float | None:
+    """The share of the pruning damage healing undid: (pruned - healed) / (pruned - original)."""
+    return (pruned - healed) / (pruned - original) if pruned != original else None
+
+
+def best_blocks(distances: dict) -> list[dict]:
+    return [{"n": int(n), **row} for n, row in distances["best_last_token"].items()]
+
+
+def build_manifest(ctx) -> dict:
+    import json
+
+    from prunefusion.server.engines.hf_loading import digest_files, weight_files
+
+    results = ctx.results
+    pruned = results["prune"]
+    distances = json.loads((ctx.work / "measure" / "distances.json").read_text())
+    rows = {row["label"]: row for row in results["evaluate"]["rows"]}
+    final = rows.get("healed", rows["pruned"])
+    metrics = {"held_out_perplexity": final.get("held_out_perplexity"), "evaluation": results["evaluate"]["rows"]}
+    if "healed" in rows and "held_out_perplexity" in final:
+        metrics["healing_gap_recovered"] = gap_recovered(rows["original"]["held_out_perplexity"],
+                                                         rows["pruned"]["held_out_perplexity"],
+                                                         final["held_out_perplexity"])
+    job_text = (ctx.work / "job.yaml").read_text()
+    return {
+        "kind": "prunefusion.compressed",
+        "name": ctx.spec.name,
+        "job": ctx.spec.model_dump(),
+        "job_sha256": hashlib.sha256(job_text.encode()).hexdigest(),
+        "source": {"path": str(ctx.spec.model_path), "weights_digest": pruned["source_weights_digest"],
+                   "num_layers": pruned["original_num_layers"]},
+        "strategy": pruned["strategy"],
+        "removed": pruned["removed"],
+        "kept": pruned["kept"],
+        "distance": pruned["distance"],
+        "distances": {"file": "measure/distances.json", "samples": distances["samples"],
+                      "best_last_token": best_blocks(distances)},
+        "healing": results.get("heal"),
+        "metrics": metrics,
+        "num_parameters": final["parameters"],
+        "weights_digest": digest_files(weight_files(ctx.work)),
+        "stage_seconds": {stage: r["seconds"] for stage, r in results.items()},
+        "device": ctx.device,
+        "versions": package_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _evaluation_table(rows: list[dict]) -> list[str]:
+    keys = [k for k in ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine",
+                        "decode_tokens_per_s", "mc_accuracy") if any(r.get(k) is not None for r in rows)]
+    lines = ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key)
+            cells.append("" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(ctx, manifest: dict, path: Path) -> None:
+    m = manifest
+    start, end = m["removed"]
+    lines = [
+        f"# Compression job `{m['name']}`", "",
+        f"Source `{m['source']['path']}` ({m['source']['num_layers']} layers, weights "
+        f"`{m['source']['weights_digest'][:16]}`). Removed layers **[{start}, {end})** (0-based, half-open) by "
+        f"the `{m['strategy']}` strategy" + (f", angular distance {m['distance']:.4f}" if m["distance"] else "")
+        + f"; kept {m['kept']}.", "",
+        "Rerun: `prunefusion compress run job.yaml --out DIR` (the job file is beside this report).", "",
+        "## Angular distances", "",
+        f"Measured over {m['distances']['samples']} calibration samples (last token; `measure/distances.csv` has "
+        "every block and the all-token variant).", "",
+        "![d(l, n)](measure/distance_heatmap.png)", "", "![best block per size](measure/best_blocks.png)", "",
+        "| n | best start l*(n) | d*(n) |", "|---|---|---|",
+        *(f"| {b['n']} | {b['start']} | {b['distance']:.4f} |" for b in m["distances"]["best_last_token"]), "",
+    ]
+    heal = m["healing"]
+    if heal:
+        lines += ["## Healing", "",
+                  f"{heal['step']} steps, loss {heal['first_loss']:.3f} -> {heal['final_loss']:.3f} (mean of the "
+                  f"last 10); merged vs adapter max difference {heal['merge']['max_logit_difference']:.1e}.", "",
+                  f"![healing loss]({heal['loss_curve']})", ""]
+    lines += ["## Evaluation", "", *_evaluation_table(m["metrics"]["evaluation"]), ""]
+    if m["metrics"].get("healing_gap_recovered") is not None:
+        lines += [f"Healing recovered **{m['metrics']['healing_gap_recovered']:.0%}** of the perplexity gap "
+                  "between the pruned and the original model.", ""]
+    lines += ["## Run", "", "| stage | seconds |", "|---|---|",
+              *(f"| {s} | {sec:.1f} |" for s, sec in m["stage_seconds"].items()), "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; device {m['device']}.",
+              ""]
+    path.write_text("\n".join(lines))

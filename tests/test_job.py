@@ -1,0 +1,125 @@
+"""`compress run`: one YAML drives measure -> prune -> heal -> merge -> evaluate; resumable and atomic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunefusion.compression.job import load_job, run_job
+
+JOBS_DIR = Path(__file__).resolve().parents[1] / "compression" / "jobs"
+
+
+def write_job(tmp_path: Path, source: Path, texts: Path, **overrides) -> Path:
+    job = {"name": "pico-job", "model": str(source),
+           "calibration": {"data": [str(texts)], "samples": 16, "seq_len": 64, "batch_size": 4},
+           "prune": {"strategy": "angular", "n": 2},
+           "heal": {"data": [str(texts)], "steps": 8, "batch_size": 4, "seq_len": 64, "learning_rate": 1e-2,
+                    "warmup_steps": 1, "checkpoint_every": 4},
+           "evaluate": {"data": [str(texts)]}, **overrides}
+    path = tmp_path / f"{job['name']}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pico import build_pico_llama
+
+    from prunefusion.models.corpus import pydoc_topics
+
+    root = tmp_path_factory.mktemp("job")
+    source = build_pico_llama(root / "src", layers=5)
+    texts = root / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics()[:24]))
+    return root, source, texts
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    root, source, texts = setup
+    out = root / "out"
+    return out, run_job(write_job(root, source, texts), out)
+
+
+@pytest.mark.slow
+def test_a_job_writes_a_servable_checkpoint_with_manifest_and_report(finished, setup):
+    from prunefusion.server.engines.hf_loading import digest_files, load_causal_lm, weight_files
+
+    out, manifest = finished
+    _, source, _ = setup
+    distances = json.loads((out / "measure" / "distances.json").read_text())
+    start = distances["best_last_token"]["2"]["start"]
+    assert manifest["removed"] == [start, start + 2] and manifest["strategy"] == "angular"
+    assert manifest["source"]["weights_digest"] == digest_files(weight_files(source))
+    assert manifest["distance"] == pytest.approx(distances["best_last_token"]["2"]["distance"])
+    labels = [row["label"] for row in manifest["metrics"]["evaluation"]]
+    assert labels == ["original", "pruned", "healed"]
+    healed = manifest["metrics"]["evaluation"][2]
+    assert healed["num_layers"] == 3 and manifest["metrics"]["held_out_perplexity"] == healed["held_out_perplexity"]
+    assert manifest["versions"]["torch"] and manifest["versions"]["peft"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert (out / "job.yaml").read_text().startswith("calibration")  # the job file itself, as given
+    # the directory is the healed model, servable as is; intermediates are gone
+    loaded = load_causal_lm(out)
+    assert loaded.num_layers == 3 and loaded.weights_digest == manifest["weights_digest"]
+    assert not (out / "heal" / "checkpoints").exists() and not list((out / "pruned").glob("*.safetensors"))
+    report = (out / "report.md").read_text()
+    assert f"[{start}, {start + 2})" in report
+    for image in ("measure/distance_heatmap.png", "measure/best_blocks.png", "heal/heal_loss.png"):
+        assert f"]({image})" in report and (out / image).stat().st_size > 0
+    assert not (out.parent / "out.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_and_only_a_finished_one_is_named_out(setup, finished, tmp_path):
+    root, source, texts = setup
+    job, out = write_job(tmp_path, source, texts), tmp_path / "out"
+    assert run_job(job, out, stop_after="heal") == {}  # killed after healing: nothing named out yet
+    assert not out.exists() and (tmp_path / "out.partial" / "stages" / "heal.json").is_file()
+    stamps = {s: (tmp_path / "out.partial" / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("measure", "heal")}
+    manifest = run_job(job, out)
+    for stage, stamp in stamps.items():  # finished stages were not run again
+        assert (out / "stages" / f"{stage}.json").stat().st_mtime_ns == stamp
+    assert manifest["removed"] == finished[1]["removed"]
+    assert manifest["weights_digest"] == finished[1]["weights_digest"]  # same job, same seed: same weights
+    with pytest.raises(FileExistsError, match="finished job"):
+        run_job(job, out)
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_of_another_job_is_not_resumed_by_mistake(setup, tmp_path):
+    root, source, texts = setup
+    out = tmp_path / "out"
+    run_job(write_job(tmp_path, source, texts), out, stop_after="measure")
+    other = write_job(tmp_path, source, texts, prune={"strategy": "simple", "n": 1}, heal=None)
+    with pytest.raises(ValueError, match="different job"):
+        run_job(other, out)
+    manifest = run_job(other, out, restart=True)
+    assert manifest["removed"] == [3, 4] and manifest["healing"] is None
+    assert [row["label"] for row in manifest["metrics"]["evaluation"]] == ["original", "pruned"]
+
+
+def test_bad_jobs_are_refused_with_the_field_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\nprune: {fraction: 0.25, n: 2}\n")
+    with pytest.raises(ValueError, match="exactly one of n, fraction or layers"):
+        load_job(bad)
+    bad.write_text("name: x\nmodel: m\nprune: {n: 2, strategy: best}\n")
+    with pytest.raises(ValueError, match="unknown strategy 'best'"):
+        load_job(bad)
+    bad.write_text("name: x\nmodel: m\nprune: {n: 2}\nheal: {stpes: 3}\n")
+    with pytest.raises(ValueError, match="heal.stpes: Extra inputs are not permitted"):
+        load_job(bad)
+
+
+def test_example_jobs_are_valid():
+    jobs = sorted(JOBS_DIR.glob("*.yaml"))
+    assert jobs
+    for path in jobs:
+        spec = load_job(path)
+        assert "prunefusion compress run" in path.read_text().split("\nname:")[0], f"{path}: no command in header"
+        assert spec.name == path.stem
