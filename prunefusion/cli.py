@@ -2,11 +2,13 @@
 
     prunefusion serve                      # the default LM on :50051 (built on first start)
     prunefusion serve --config my.yaml     # your models (see README, "Config reference")
-    prunefusion models build               # build the default LM into $PRUNEFUSION_HOME/models/tiny-lm
+    prunefusion models build               # the default LM ($PRUNEFUSION_HOME/models/tiny-lm) and its pruned +
+                                           # healed variant (models/tiny-lm-pruned, compression job)
     prunefusion models build --recipe large --out DIR
     prunefusion models list
     prunefusion compress measure --model DIR --out runs/measure
     prunefusion compress prune --model DIR --out DIR --fraction 0.25
+    prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out DIR
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 from pathlib import Path
 
 from prunefusion.home import default_model_dir, prunefusion_home
+
+PRUNED_DEFAULT_JOB, PRUNED_DEFAULT_DIR = "tiny-lm-angular-25", "tiny-lm-pruned"  # as in the default server config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,14 +46,35 @@ def _build(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else default_model_dir("tiny-lm" if args.recipe == "default"
                                                             else f"tiny-lm-{args.recipe}")
+    with_pruned = args.recipe == "default" and not args.out and not args.no_pruned
     try:
         result = build_model(args.recipe, out, steps=args.steps, seed=args.seed, force=args.force)
     except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    m = result.manifest
-    print(f"built {result.path}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
-          f"{m['training']['seconds']:.0f} s, held-out perplexity {m['metrics']['held_out_perplexity']:.2f}")
+        if not with_pruned:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{out} exists; kept (--force rebuilds it)")
+    else:
+        m = result.manifest
+        print(f"built {result.path}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
+              f"{m['training']['seconds']:.0f} s, held-out perplexity {m['metrics']['held_out_perplexity']:.2f}")
+    return _build_pruned(force=args.force) if with_pruned else 0
+
+
+def _build_pruned(force: bool) -> int:
+    """The default LM's pruned + healed variant, through the compression job the default config serves."""
+    from prunefusion.compression.job import run_job
+    from prunefusion.models.builds import packaged_jobs
+
+    out = default_model_dir(PRUNED_DEFAULT_DIR)
+    if out.exists() and not force:
+        print(f"{out} exists; kept (--force rebuilds it)")
+        return 0
+    manifest = run_job(packaged_jobs()[PRUNED_DEFAULT_JOB], out, force=force)
+    rows = {row["label"]: row["held_out_perplexity"] for row in manifest["metrics"]["evaluation"]}
+    start, end = manifest["removed"]
+    print(f"built {out}: layers [{start}, {end}) removed and healed; held-out perplexity original "
+          f"{rows['original']:.2f}, pruned {rows['pruned']:.2f}, healed {rows['healed']:.2f} (report.md there)")
     return 0
 
 
@@ -86,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, help="override the recipe's training steps")
     build.add_argument("--seed", type=int, help="override the recipe's seed")
     build.add_argument("--force", action="store_true", help="replace an existing directory")
+    build.add_argument("--no-pruned", action="store_true", help="default recipe: skip the pruned + healed variant "
+                       f"(compression job {PRUNED_DEFAULT_JOB} into $PRUNEFUSION_HOME/models/{PRUNED_DEFAULT_DIR})")
     build.set_defaults(func=_build)
     listing = msub.add_parser("list", help="list built models under $PRUNEFUSION_HOME")
     listing.set_defaults(func=_list)

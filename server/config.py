@@ -28,7 +28,8 @@ class ModelConfig(_Strict):
     # A local Hugging Face directory (config.json + *.safetensors + tokenizer). `${VAR}` and `~` are expanded;
     # `${PRUNEFUSION_HOME}` defaults to ~/.cache/prunefusion.
     path: str
-    # Build this recipe into `path` when the directory is missing (see `prunefusion models build --help`).
+    # Make `path` when the directory is missing: a recipe (see `prunefusion models build --help`) or a compression
+    # job (a name from compression/jobs/, e.g. tiny-lm-angular-25, or a job YAML path; see `compress run`).
     build: str | None = None
     engine: str = "torch"
     device: str = "cpu"
@@ -51,11 +52,11 @@ class ModelConfig(_Strict):
 
     @field_validator("build")
     @classmethod
-    def _known_recipe(cls, value: str | None) -> str | None:
-        from prunefusion.models.recipes import RECIPES
+    def _known_build(cls, value: str | None) -> str | None:
+        from prunefusion.models.builds import check_build_name
 
-        if value is not None and value not in RECIPES:
-            raise ValueError(f"unknown recipe {value!r}; choose one of {sorted(RECIPES)}")
+        if value is not None:
+            check_build_name(value)
         return value
 
     @model_validator(mode="after")

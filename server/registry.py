@@ -34,17 +34,20 @@ class ModelNotFoundError(LookupError):
 
 
 def ensure_built(cfg: ModelConfig) -> None:
-    """Build the model's recipe into its path if the directory is missing and the config names a recipe."""
+    """Build the model's recipe or compression job into its path if the directory is missing and the config names
+    one."""
     path = cfg.resolved_path
     if (path / "config.json").is_file() or cfg.build is None:
         return
     empty = path.is_dir() and not any(path.iterdir())  # e.g. a freshly mounted volume
     if path.exists() and not empty:
         raise FileExistsError(f"model {cfg.name}: {path} exists but holds no config.json; not building over it")
-    from prunefusion.models.build import build_model
+    from prunefusion.models.builds import build
 
-    log.info("model %s: %s is missing; building recipe %r (one-time)", cfg.name, path, cfg.build)
-    build_model(cfg.build, path, force=empty)
+    log.info("model %s: %s is missing; building %r (one-time)", cfg.name, path, cfg.build)
+    if empty:
+        path.rmdir()  # a job renames its finished directory into place
+    build(cfg.build, path)
 
 
 class ModelRegistry:

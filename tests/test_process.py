@@ -139,21 +139,32 @@ def test_models_build_is_reproducible_and_complete(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_builds_a_missing_model_then_serves_it(tmp_path, monkeypatch):
+def test_serve_builds_missing_models_then_serves_them(tmp_path, monkeypatch):
+    """A recipe, and a compression job over it (which removes 2 of its 4 layers), served side by side."""
     from conftest import ServerThread
 
     from prunefusion.server.config import parse_config
 
     monkeypatch.setenv("PRUNEFUSION_HOME", str(tmp_path / "home"))
+    job = tmp_path / "pico-pruned.yaml"
+    job.write_text("name: pico-pruned\nmodel: ${PRUNEFUSION_HOME}/models/fresh\nbuild: pico\n"
+                   "calibration: {samples: 16, seq_len: 64}\nprune: {n: 2}\n"
+                   "heal: {steps: 4, batch_size: 2, seq_len: 64, warmup_steps: 1}\n")
     config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
-                           "models": [{"name": "fresh", "path": "${PRUNEFUSION_HOME}/models/fresh", "build": "pico"}]})
+                           "models": [{"name": "fresh", "path": "${PRUNEFUSION_HOME}/models/fresh", "build": "pico"},
+                                      {"name": "pruned", "path": "${PRUNEFUSION_HOME}/models/pruned",
+                                       "build": str(job)}]})
     server = ServerThread(config).start()
     try:
         assert (tmp_path / "home" / "models" / "fresh" / "manifest.json").is_file()
+        manifest = json.loads((tmp_path / "home" / "models" / "pruned" / "manifest.json").read_text())
+        assert manifest["kind"] == "prunefusion.compressed" and len(manifest["kept"]) == 2
         with Client(server.target, max_attempts=1) as client:
-            assert client.generate("The os module", "fresh", GenerateOptions(max_new_tokens=4)).usage.completion_tokens
-            [info] = client.list_models()
-            assert info.num_layers == 4 and info.name == "fresh"
+            for name in ("fresh", "pruned"):
+                options = GenerateOptions(max_new_tokens=4)
+                assert client.generate("The os module", name, options).usage.completion_tokens
+            layers = {info.name: info.num_layers for info in client.list_models()}
+            assert layers == {"fresh": 4, "pruned": 2}
     finally:
         server.stop()
 

@@ -1,0 +1,46 @@
+"""What a model config's `build:` names: a recipe (`prunefusion models build`) or a compression job (`compress run`:
+a job packaged in compression/jobs/ by its name, or a path to a job YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def packaged_jobs() -> dict[str, Path]:
+    from prunefusion.compression import job
+
+    jobs_dir = Path(job.__file__).parent / "jobs"  # installed or editable: beside the job module
+    return {p.stem: p for p in sorted(jobs_dir.glob("*.yaml"))}
+
+
+def job_file(name: str) -> Path | None:
+    """The job a build name refers to, or None when it is not a job."""
+    if name in packaged_jobs():
+        return packaged_jobs()[name]
+    path = Path(name).expanduser()
+    return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
+def check_build_name(name: str) -> None:
+    from prunefusion.models.recipes import RECIPES
+
+    if name not in RECIPES and job_file(name) is None:
+        raise ValueError(f"unknown build {name!r}: neither a recipe {sorted(RECIPES)} nor a compression job "
+                         f"{sorted(packaged_jobs())} or job YAML file")
+
+
+def build(name: str, out: Path, *, force: bool = False) -> None:
+    """Make `out` from the recipe or job `name`."""
+    from prunefusion.models.recipes import RECIPES
+
+    check_build_name(name)
+    if name in RECIPES:
+        from prunefusion.models.build import build_model
+
+        build_model(name, out, force=force)
+        return
+    try:
+        from prunefusion.compression.job import run_job
+    except ImportError as err:  # pragma: no cover - the compress extra is missing
+        raise RuntimeError(f"building {name!r} needs the compress extra: pip install 'prunefusion[compress]'") from err
+    run_job(job_file(name), out, force=force)
