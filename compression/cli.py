@@ -6,6 +6,7 @@
     prunefusion compress heal --model PRUNED --out runs/heal [--steps 200 --lr 3e-4 --rank 8]
     prunefusion compress evaluate ORIGINAL PRUNED runs/heal/merged [--task mc.jsonl] [--out runs/eval]
     prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out runs/tiny-lm-angular-25
+    prunefusion compress export-onnx --model DIR --out DIR [--opset 18] [--atol 1e-4] [--force]
 """
 
 from __future__ import annotations
@@ -59,18 +60,33 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _heal(args: argparse.Namespace) -> int:
-    from prunefusion.compression.heal import HealConfig, heal
+    """Causal LMs: QLoRA on next-token loss (heal.py). Encoders: distillation toward --teacher (distill.py)."""
+    from transformers import AutoConfig
 
-    cfg = HealConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
-                     warmup_steps=args.warmup, rank=args.rank, quantize=not args.no_quantize,
-                     checkpoint_every=args.checkpoint_every, device=args.device,
-                     targets=tuple(args.targets) if args.targets else None)
-    summary = heal(Path(args.model), Path(args.out), load_texts(args.data), cfg)
+    from prunefusion.compression.distill import DistillConfig, distill
+    from prunefusion.compression.heal import HealConfig, heal
+    from prunefusion.compression.loading import is_causal
+
+    given = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr)
+    options = dict({k: v for k, v in given.items() if v is not None}, warmup_steps=args.warmup, rank=args.rank,
+                   quantize=not args.no_quantize, checkpoint_every=args.checkpoint_every, device=args.device,
+                   targets=tuple(args.targets) if args.targets else None)
+    model, out, texts = Path(args.model), Path(args.out), load_texts(args.data)
+    if is_causal(AutoConfig.from_pretrained(model, local_files_only=True)):
+        if args.teacher:
+            raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
+        summary, verb, key = heal(model, out, texts, HealConfig(**options)), "healed", "max_logit_difference"
+    else:
+        if not args.teacher:
+            raise ValueError(f"{model} is an encoder: it heals by distillation toward the unpruned model; "
+                             "pass --teacher DIR")
+        summary = distill(model, Path(args.teacher), out, texts, DistillConfig(**options))
+        verb, key = "distilled", "max_hidden_difference"
     losses = summary["losses"]
-    print(f"healed {args.model} -> {args.out}/merged ({summary['steps_run']} steps this run"
+    print(f"{verb} {args.model} -> {args.out}/merged ({summary['steps_run']} steps this run"
           f"{', resumed from step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}); "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter max logit difference "
-          f"{summary['merge']['max_logit_difference']:.1e}")
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter {key.replace('_', ' ')} "
+          f"{summary['merge'][key]:.1e}")
     return 0
 
 
@@ -122,6 +138,7 @@ def _user_errors(command):
 
 
 def register(subparsers) -> None:
+    from prunefusion.compression.onnx_export import add_export_parser
     from prunefusion.compression.strategies import STRATEGIES
 
     compress = subparsers.add_parser("compress", help="layer pruning by angular distance",
@@ -155,14 +172,17 @@ def register(subparsers) -> None:
     calibration(p)
     p.set_defaults(func=_user_errors(_prune))
 
-    h = sub.add_parser("heal", help="QLoRA-heal a pruned model, merge into a plain checkpoint (OUT/merged)")
+    h = sub.add_parser("heal", help="QLoRA-heal a pruned model (an encoder: by distillation toward --teacher), "
+                       "merge into a plain checkpoint (OUT/merged)")
     h.add_argument("--model", required=True, help="the pruned model directory")
+    h.add_argument("--teacher", help="the unpruned model; required for encoders (BERT/MiniLM), which heal by "
+                   "distilling its mean-pooled sentence embeddings")
     h.add_argument("--out", required=True, help="checkpoints/, adapter/, merged/, heal_loss.png; reruns resume")
     h.add_argument("--data", nargs="*", default=[], help="training text (default: the stdlib corpus)")
-    h.add_argument("--steps", type=int, default=200)
-    h.add_argument("--batch-size", type=int, default=8)
-    h.add_argument("--seq-len", type=int, default=256)
-    h.add_argument("--lr", type=float, default=3e-4)
+    h.add_argument("--steps", type=int, help="default: 200 (causal LM), 300 (encoder)")
+    h.add_argument("--batch-size", type=int, help="default: 8 sequences (causal LM), 32 sentences (encoder)")
+    h.add_argument("--seq-len", type=int, help="default: 256 (causal LM), 128 (encoder, truncation)")
+    h.add_argument("--lr", type=float, help="default: 3e-4 (causal LM), 1e-3 (encoder)")
     h.add_argument("--warmup", type=int, default=20)
     h.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     h.add_argument("--targets", nargs="*", help="module names for LoRA (default: the family's FFN projections)")
@@ -189,3 +209,4 @@ def register(subparsers) -> None:
     r.add_argument("--keep-intermediate", action="store_true",
                    help="keep the pruned weights before healing and the healing checkpoints")
     r.set_defaults(func=_user_errors(_run))
+    add_export_parser(sub, _user_errors)
