@@ -63,20 +63,23 @@ def _heal(args: argparse.Namespace) -> int:
     """Causal LMs: QLoRA on next-token loss (heal.py). Encoders: distillation toward --teacher (distill.py)."""
     from transformers import AutoConfig
 
-    from prunefusion.compression.distill import DistillConfig, distill
     from prunefusion.compression.heal import HealConfig, heal
     from prunefusion.compression.loading import is_causal
 
     given = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr)
     options = dict({k: v for k, v in given.items() if v is not None}, warmup_steps=args.warmup, rank=args.rank,
-                   quantize=not args.no_quantize, checkpoint_every=args.checkpoint_every, device=args.device,
+                   checkpoint_every=args.checkpoint_every, device=args.device,
                    targets=tuple(args.targets) if args.targets else None)
+    if args.quantize is not None:
+        options["quantize"] = args.quantize
     model, out, texts = Path(args.model), Path(args.out), load_texts(args.data)
     if is_causal(AutoConfig.from_pretrained(model, local_files_only=True)):
         if args.teacher:
             raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
         summary, verb, key = heal(model, out, texts, HealConfig(**options)), "healed", "max_logit_difference"
     else:
+        from prunefusion.compression.distill import DistillConfig, distill
+
         if not args.teacher:
             raise ValueError(f"{model} is an encoder: it heals by distillation toward the unpruned model; "
                              "pass --teacher DIR")
@@ -182,11 +185,12 @@ def register(subparsers) -> None:
     h.add_argument("--steps", type=int, help="default: 200 (causal LM), 300 (encoder)")
     h.add_argument("--batch-size", type=int, help="default: 8 sequences (causal LM), 32 sentences (encoder)")
     h.add_argument("--seq-len", type=int, help="default: 256 (causal LM), 128 (encoder, truncation)")
-    h.add_argument("--lr", type=float, help="default: 3e-4 (causal LM), 1e-3 (encoder)")
+    h.add_argument("--lr", type=float, help="default: 3e-4 (causal LM), 3e-3 (encoder)")
     h.add_argument("--warmup", type=int, default=20)
     h.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     h.add_argument("--targets", nargs="*", help="module names for LoRA (default: the family's FFN projections)")
-    h.add_argument("--no-quantize", action="store_true", help="plain LoRA on the unquantized base")
+    h.add_argument("--quantize", action=argparse.BooleanOptionalAction, help="NF4 base (QLoRA), or plain LoRA "
+                   "on the unquantized base (--no-quantize); default: QLoRA for causal LMs, plain LoRA for encoders")
     h.add_argument("--checkpoint-every", type=int, default=50)
     h.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
     h.set_defaults(func=_user_errors(_heal))

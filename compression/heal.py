@@ -6,6 +6,9 @@
 - Checkpoints (adapter, optimizer, scheduler, RNG states, step) every N steps; a rerun resumes from the last one.
 - Merge the right way: peft's merge on a 4-bit base would re-quantize it, so the base is reloaded unquantized, the
   adapter attached and merged, and the merged model's logits are checked against the unmerged adapter's.
+
+The loading, LoRA, training loop (`train_lora`), merge and plot are shared with encoder healing by distillation
+(distill.py), which only brings its own batches and loss.
 """
 
 from __future__ import annotations
@@ -13,20 +16,25 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-# FFN projection names per model family (the paper heals the FFN only)
-FFN_TARGETS: dict[str, list[str]] = {
+# FFN projection names per model family (the paper heals the FFN only); a list is matched by name suffix, a str is a
+# regex peft fullmatches against the whole module path
+FFN_TARGETS: dict[str, list[str] | str] = {
     **{f: ["gate_proj", "up_proj", "down_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
                                                           "gemma3_text")},
     "phi3": ["gate_up_proj", "down_proj"],
     "gpt2": ["mlp.c_fc", "mlp.c_proj"],
     "gpt_neox": ["dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["fc1", "fc2"],
+    # BERT-style encoders (MiniLM): layer.N.intermediate.dense and layer.N.output.dense. Not the suffix list
+    # ["intermediate.dense", "output.dense"]: "output.dense" would also match layer.N.attention.output.dense
+    "bert": r".*\.layer\.\d+\.(intermediate|output)\.dense",
 }
 
 
@@ -39,7 +47,7 @@ class HealConfig:
     warmup_steps: int = 20
     rank: int = 8  # higher: more capacity, more memory
     dropout: float = 0.05
-    targets: tuple[str, ...] | None = None  # default: FFN_TARGETS of the family
+    targets: tuple[str, ...] | str | None = None  # default: FFN_TARGETS of the family; a str is a regex
     quantize: bool = True  # QLoRA (NF4 base); False: plain LoRA on the unquantized base
     checkpoint_every: int = 50
     seed: int = 0
@@ -50,28 +58,30 @@ def _dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is ~3.5x slower on these CPUs
 
 
-def load_base(model_dir: Path, cfg: HealConfig):
+def load_base(model_dir: Path, cfg: HealConfig, loader=None):
+    """The base to train: `loader` (default AutoModelForCausalLM; AutoModel for encoders), NF4 when cfg.quantize."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    loader = loader or AutoModelForCausalLM
     kwargs: dict = dict(use_safetensors=True, local_files_only=True, dtype=_dtype(cfg.device))
     if cfg.quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(cfg.device))
         kwargs["device_map"] = cfg.device
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = loader.from_pretrained(model_dir, **kwargs)
     return model if cfg.quantize else model.to(cfg.device)
 
 
-def lora_model(base, cfg: HealConfig):
+def lora_model(base, cfg: HealConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    targets = list(cfg.targets or FFN_TARGETS.get(base.config.model_type, []))
+    targets = cfg.targets or FFN_TARGETS.get(base.config.model_type)
     if not targets:
         raise ValueError(f"no default LoRA targets for model type {base.config.model_type!r}; pass targets")
     if cfg.quantize:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=cfg.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=cfg.dropout,
+                        target_modules=targets if isinstance(targets, str) else list(targets), task_type=task_type)
     return get_peft_model(base, config)
 
 
@@ -88,7 +98,7 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
     `stop_after`: leave after this many steps in this run, as a killed job would (checkpoints stay). Returns a
     summary with `steps_run` (steps done by this call) and, when finished, the merge check.
     """
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from prunefusion.models.build import pack_documents
 
@@ -102,6 +112,32 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
         raise ValueError(f"the healing text has {stream.numel()} tokens; need more than seq_len={cfg.seq_len}")
     torch.manual_seed(cfg.seed)
     model = lora_model(load_base(model_dir, cfg), cfg)
+
+    def next_loss(model, generator: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
+        batch = torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()]).to(cfg.device)
+        return model(input_ids=batch, labels=batch).loss
+
+    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after)
+    if summary["step"] < cfg.steps:
+        return summary
+    model.save_pretrained(out_dir / "adapter")
+    plot_losses(summary["losses"], out_dir / "heal_loss.png")
+    summary["merge"] = merge(model_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device)
+    return summary
+
+
+def train_lora(model, cfg: HealConfig, checkpoints: Path,
+               next_loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor], stop_after: int | None = None,
+               desc: str = "heal") -> dict:
+    """The training loop heal() and distill() share: AdamW, cosine schedule after warm-up, gradients clipped at 1, a
+    checkpoint every cfg.checkpoint_every steps and at the end; resumes from the last complete one in `checkpoints`.
+
+    `next_loss(model, generator)` draws its batch with `generator` (its state is checkpointed) and returns the loss.
+    Returns {"steps_run", "step", "resumed_from", "losses"}.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -122,11 +158,9 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
         step, losses = state["step"], state["losses"]
     start_step = step
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="heal", unit="step")
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step")
     while step < cfg.steps and (stop_after is None or step - start_step < stop_after):
-        starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
-        batch = torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()]).to(cfg.device)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = next_loss(model, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -139,14 +173,7 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(model, optimizer, schedule, generator, step, losses, checkpoints)
     bar.close()
-    summary = {"steps_run": step - start_step, "step": step, "resumed_from": start_step or None,
-               "losses": losses}
-    if step < cfg.steps:
-        return summary
-    model.save_pretrained(out_dir / "adapter")
-    _plot(losses, out_dir / "heal_loss.png")
-    summary["merge"] = merge(model_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device)
-    return summary
+    return {"steps_run": step - start_step, "step": step, "resumed_from": start_step or None, "losses": losses}
 
 
 def _save_checkpoint(model, optimizer, schedule, generator, step, losses, root: Path) -> None:
@@ -162,21 +189,24 @@ def _save_checkpoint(model, optimizer, schedule, generator, step, losses, root: 
 
 
 @torch.no_grad()
-def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: str = "cpu") -> dict:
-    """Unquantized base + adapter -> merge_and_unload -> a plain checkpoint; check merged vs adapter logits."""
+def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: str = "cpu", loader=None) -> dict:
+    """Unquantized base + adapter -> merge_and_unload -> a plain checkpoint; check merged vs adapter outputs (the
+    logits; the last hidden states for an encoder, `loader` = AutoModel)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(device), local_files_only=True)
+    causal = loader is None
+    base = (loader or AutoModelForCausalLM).from_pretrained(model_dir, dtype=_dtype(device), local_files_only=True)
     with_adapter = PeftModel.from_pretrained(base.to(device), adapter_dir).eval()
     ids = tokenizer(["The os module provides a portable way of using operating system functionality."] * 2,
                     return_tensors="pt")["input_ids"].to(device)
-    adapter_logits = with_adapter(input_ids=ids).logits.float()
+    adapter_out = with_adapter(input_ids=ids)[0].float()  # logits / last_hidden_state
     merged = with_adapter.merge_and_unload().eval()
-    merged_logits = merged(input_ids=ids).logits.float()
-    max_diff = float((adapter_logits - merged_logits).abs().max())
-    if not torch.allclose(adapter_logits, merged_logits, atol=1e-3, rtol=1e-3):
-        raise RuntimeError(f"merged logits differ from the adapter's by up to {max_diff:.2e}")
+    merged_out = merged(input_ids=ids)[0].float()
+    max_diff = float((adapter_out - merged_out).abs().max())
+    what = "logits" if causal else "hidden states"
+    if not torch.allclose(adapter_out, merged_out, atol=1e-3, rtol=1e-3):
+        raise RuntimeError(f"merged {what} differ from the adapter's by up to {max_diff:.2e}")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -184,10 +214,13 @@ def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    return {"max_logit_difference": max_diff, "dtype": str(_dtype(device)).removeprefix("torch.")}
+    return {f"max_{'logit' if causal else 'hidden'}_difference": max_diff,
+            "dtype": str(_dtype(device)).removeprefix("torch.")}
 
 
-def _plot(losses: list[float], path: Path) -> None:
+def plot_losses(losses: list[float], path: Path, ylabel: str = "cross-entropy (nats/token)",
+                title: str | None = None) -> None:
+    """Loss per step and its running mean; the default title reports the final perplexity (next-token loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,8 +232,8 @@ def _plot(losses: list[float], path: Path) -> None:
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, lw=0.8, label="loss per step")
     ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"{k}-step mean")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"healing (final {losses[-1]:.3f}, perplexity {math.exp(sum(losses[-k:]) / k):.1f})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"healing (final {losses[-1]:.3f}, perplexity {math.exp(sum(losses[-k:]) / k):.1f})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
