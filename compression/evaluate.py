@@ -1,8 +1,9 @@
 """`prunefusion compress evaluate`: original vs pruned vs healed in one table.
 
-Held-out perplexity; multiple-choice accuracy by log-likelihood over a local JSONL task ({"context", "choices",
-"answer"}: the choice with the highest summed log-probability given the context wins); greedy decode tokens/s;
-parameter count and weight memory.
+Causal LMs: held-out perplexity; multiple-choice accuracy by log-likelihood over a local JSONL task ({"context",
+"choices", "answer"}: the choice with the highest summed log-probability given the context wins); greedy decode
+tokens/s; parameter count and weight memory. Encoders (evaluate_encoders): mean cosine of sentence embeddings to the
+original's, sentences embedded per second, size.
 """
 
 from __future__ import annotations
@@ -75,6 +76,29 @@ def evaluate(model_dir: Path, held_out: list[str], task: list[dict] | None = Non
         weight_mib=weight_bytes / 2**20, held_out_perplexity=perplexity(model, rows),
         decode_tokens_per_s=decode_speed(model, tokenizer, ["The os module", "Lists are", "Raised when"]),
         mc_accuracy=mc_accuracy(model, tokenizer, task) if task else None)
+
+
+def evaluate_encoders(model_dirs: list[Path], held_out: list[str]) -> list[dict]:
+    """Encoders (sentence embeddings by mean pooling): mean cosine of each model's embeddings of the held-out
+    sentences to the first model's (the original), sentences embedded per second, size."""
+    from prunefusion.compression.distill import mean_cosine, mean_pooled_embeddings
+    from prunefusion.compression.layers import find_layers
+    from prunefusion.compression.loading import load_model
+
+    rows, reference = [], None
+    for model_dir in model_dirs:
+        model, tokenizer = load_model(Path(model_dir))
+        mean_pooled_embeddings(model, tokenizer, held_out[:32])  # warm-up
+        start = time.perf_counter()
+        embeddings = mean_pooled_embeddings(model, tokenizer, held_out)
+        seconds = time.perf_counter() - start
+        reference = embeddings if reference is None else reference
+        rows.append({"model": str(model_dir), "num_layers": len(find_layers(model)[1]),
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "weight_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                     "mean_cosine": mean_cosine(embeddings, reference),
+                     "sentences_per_s": len(held_out) / seconds})
+    return rows
 
 
 def load_task(path: Path) -> list[dict]:

@@ -16,7 +16,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
@@ -57,19 +58,35 @@ class PruneSpec(_Strict):
 
 
 class HealSpec(_Strict):
-    """The fields of compression.heal.HealConfig (QLoRA for causal LMs; distillation for encoders)."""
+    """Overrides of the healing config: compression.heal.HealConfig (QLoRA on next-token loss) for causal LMs,
+    compression.distill.DistillConfig (distillation toward the unpruned model) for encoders; unset = its default."""
 
-    data: list[str] = []  # training text; empty: the stdlib corpus' training split
-    steps: Annotated[int, Field(ge=1)] = 200
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    seq_len: Annotated[int, Field(ge=2)] = 256
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
-    warmup_steps: Annotated[int, Field(ge=0)] = 20
-    rank: Annotated[int, Field(ge=1)] = 8
-    targets: list[str] | None = None  # default: the family's FFN projections
-    quantize: bool = True  # QLoRA (NF4 base); false: plain LoRA
-    checkpoint_every: Annotated[int, Field(ge=1)] = 50
-    seed: int = 0
+    data: list[str] = []  # training text; empty: the stdlib corpus (documents; prose sentences for encoders)
+    steps: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    seq_len: Annotated[int, Field(ge=2)] | None = None
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    rank: Annotated[int, Field(ge=1)] | None = None  # alpha = rank
+    targets: list[str] | str | None = None  # module-name suffixes, or one regex; default: the family's FFN
+    quantize: bool | None = None  # NF4 base (QLoRA) or plain LoRA
+    checkpoint_every: Annotated[int, Field(ge=1)] | None = None
+    seed: int | None = None
+    token_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the token states
+
+    def config(self, causal: bool, device: str):
+        from prunefusion.compression.distill import DistillConfig
+        from prunefusion.compression.heal import HealConfig
+
+        kind = HealConfig if causal else DistillConfig
+        values = self.model_dump(exclude={"data"}, exclude_none=True)
+        if isinstance(values.get("targets"), list):
+            values["targets"] = tuple(values["targets"])
+        try:
+            return kind(**values, device=device)
+        except TypeError as err:
+            raise ValueError(f"heal: {err} ({'causal LMs' if causal else 'encoders'} take the fields of "
+                             f"{kind.__name__})") from err
 
 
 class EvaluateSpec(_Strict):
@@ -83,7 +100,7 @@ class JobSpec(_Strict):
     build: str | None = None  # a `prunefusion models build` recipe that makes `model` when it is missing
     calibration: CalibrationSpec = CalibrationSpec()
     prune: PruneSpec
-    heal: HealSpec | None = HealSpec()
+    heal: HealSpec | None = HealSpec()  # null: no healing, the pruned model is the result
     evaluate: EvaluateSpec = EvaluateSpec()
 
     @property
@@ -111,6 +128,28 @@ class Context:
     work: Path  # DIR.partial
     device: str
     results: dict[str, dict] = field(default_factory=dict)
+
+    @cached_property
+    def causal(self) -> bool:
+        """A causal LM (perplexity, QLoRA on next-token loss), else an encoder (embeddings, distillation)."""
+        from transformers import AutoConfig
+
+        from prunefusion.compression.loading import is_causal
+
+        return is_causal(AutoConfig.from_pretrained(self.spec.model_path, local_files_only=True))
+
+    def texts(self, paths: list[str], split: str) -> list[str]:
+        """Given files, else the stdlib corpus split: documents for LMs, prose sentences for encoders."""
+        from prunefusion.compression.loading import load_texts
+        from prunefusion.models.corpus import sentence_splits, stdlib_corpus
+
+        if paths:
+            return load_texts(paths)
+        if self.causal:
+            corpus = stdlib_corpus()
+            return corpus.train if split == "train" else corpus.held_out
+        train, held_out = sentence_splits()
+        return train if split == "train" else held_out
 
     @property
     def pruned_dir(self) -> Path:
@@ -146,30 +185,34 @@ def _prune(ctx: Context) -> dict:
 
 
 def _heal(ctx: Context) -> dict:
-    from prunefusion.compression.heal import HealConfig, heal
-    from prunefusion.compression.loading import load_texts
+    from prunefusion.compression.distill import distill
+    from prunefusion.compression.heal import heal
 
-    h = ctx.spec.heal
-    cfg = HealConfig(**{**h.model_dump(exclude={"data", "targets"}), "targets": tuple(h.targets or ()) or None,
-                        "device": ctx.device})
-    summary = heal(ctx.pruned_dir, ctx.heal_dir, load_texts(h.data), cfg)
+    cfg = ctx.spec.heal.config(ctx.causal, ctx.device)
+    texts = ctx.texts(ctx.spec.heal.data, "train")
+    if ctx.causal:
+        summary = heal(ctx.pruned_dir, ctx.heal_dir, texts, cfg)
+    else:
+        summary = distill(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
     losses = summary.pop("losses")
-    return {**summary, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+    return {**summary, "method": "qlora" if cfg.quantize else "lora", "distilled": not ctx.causal,
+            "config": asdict(cfg), "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "loss_curve": "heal/heal_loss.png"}
 
 
 def _evaluate(ctx: Context) -> dict:
-    from prunefusion.compression.evaluate import evaluate, load_task, to_json
-    from prunefusion.compression.loading import load_texts
-    from prunefusion.models.corpus import stdlib_corpus
+    from prunefusion.compression.evaluate import evaluate, evaluate_encoders, load_task, to_json
 
     e = ctx.spec.evaluate
-    held_out = load_texts(e.data) if e.data else stdlib_corpus().held_out
-    task = load_task(Path(e.task)) if e.task else None
+    held_out = ctx.texts(e.data, "held_out")
     models = {"original": ctx.spec.model_path, "pruned": ctx.pruned_dir}
     if ctx.spec.heal is not None:
         models["healed"] = ctx.heal_dir / "merged"
-    rows = to_json([evaluate(path, held_out, task) for path in models.values()])
+    if ctx.causal:
+        task = load_task(Path(e.task)) if e.task else None
+        rows = to_json([evaluate(path, held_out, task) for path in models.values()])
+    else:
+        rows = evaluate_encoders(list(models.values()), held_out)
     return {"rows": [{"label": label, **row} for label, row in zip(models, rows, strict=True)]}
 
 

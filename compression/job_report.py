@@ -41,8 +41,9 @@ def build_manifest(ctx) -> dict:
     distances = json.loads((ctx.work / "measure" / "distances.json").read_text())
     rows = {row["label"]: row for row in results["evaluate"]["rows"]}
     final = rows.get("healed", rows["pruned"])
-    metrics = {"held_out_perplexity": final.get("held_out_perplexity"), "evaluation": results["evaluate"]["rows"]}
-    if "healed" in rows and "held_out_perplexity" in final:
+    metrics = {"held_out_perplexity": final.get("held_out_perplexity"), "mean_cosine": final.get("mean_cosine"),
+               "evaluation": results["evaluate"]["rows"]}
+    if "healed" in rows and final.get("held_out_perplexity") is not None:
         metrics["healing_gap_recovered"] = gap_recovered(rows["original"]["held_out_perplexity"],
                                                          rows["pruned"]["held_out_perplexity"],
                                                          final["held_out_perplexity"])
@@ -72,8 +73,9 @@ def build_manifest(ctx) -> dict:
 
 
 def _evaluation_table(rows: list[dict]) -> list[str]:
-    keys = [k for k in ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine",
-                        "decode_tokens_per_s", "mc_accuracy") if any(r.get(k) is not None for r in rows)]
+    columns = ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine", "decode_tokens_per_s",
+               "sentences_per_s", "mc_accuracy")
+    keys = [k for k in columns if any(r.get(k) is not None for r in rows)]
     lines = ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
     for row in rows:
@@ -104,9 +106,13 @@ def write_report(ctx, manifest: dict, path: Path) -> None:
     ]
     heal = m["healing"]
     if heal:
+        how = ("distillation toward the original's embeddings" if heal["distilled"] else "next-token loss")
+        merged = next(v for k, v in heal["merge"].items() if k.startswith("max_"))
         lines += ["## Healing", "",
-                  f"{heal['step']} steps, loss {heal['first_loss']:.3f} -> {heal['final_loss']:.3f} (mean of the "
-                  f"last 10); merged vs adapter max difference {heal['merge']['max_logit_difference']:.1e}.", "",
+                  f"{heal['method'].upper()} ({how}), rank {heal['config']['rank']}, {heal['step']} steps of "
+                  f"{heal['config']['batch_size']}, learning rate {heal['config']['learning_rate']:g}; loss "
+                  f"{heal['first_loss']:.3f} -> {heal['final_loss']:.3f} (mean of the last 10); merged vs adapter "
+                  f"max difference {merged:.1e}.", "",
                   f"![healing loss]({heal['loss_curve']})", ""]
     lines += ["## Evaluation", "", *_evaluation_table(m["metrics"]["evaluation"]), ""]
     if m["metrics"].get("healing_gap_recovered") is not None:

@@ -18,6 +18,12 @@ def angular(table: DistanceTable, n: int, num_layers: int, seed: int = 0) -> int
     return best_block(table.last_token, n)[0]
 
 
+def angular_all_tokens(table: DistanceTable, n: int, num_layers: int, seed: int = 0) -> int:
+    """The same, with the distance averaged over every real token: for encoders, whose last token is a [SEP]
+    marker rather than the summary of the text (for all-MiniLM-L6-v2 the last-token choice is the worst block)."""
+    return best_block(table.all_tokens, n)[0]
+
+
 def simple(table: DistanceTable | None, n: int, num_layers: int, seed: int = 0) -> int:
     """The n deepest blocks before the final one: [L - n - 1, L - 1). Needs no measurement."""
     return num_layers - n - 1
@@ -36,11 +42,12 @@ def random_block(table: DistanceTable | None, n: int, num_layers: int, seed: int
 
 STRATEGIES: dict[str, Callable[[DistanceTable | None, int, int, int], int]] = {
     "angular": angular,
+    "angular-all-tokens": angular_all_tokens,
     "simple": simple,
     "block-influence": block_influence,
     "random": random_block,
 }
-NEEDS_TABLE = {"angular", "block-influence"}
+NEEDS_TABLE = {"angular", "angular-all-tokens", "block-influence"}
 
 
 def block_size(num_layers: int, n: int | None, fraction: float | None) -> int:

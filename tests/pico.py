@@ -61,3 +61,23 @@ def pico_family_model(family: str, tokenizer, layers: int, seed: int = 0):
         **extra)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def build_pico_bert(out_dir: Path, sentences: list[str], *, layers: int = 4, seed: int = 0) -> Path:
+    """A random BERT encoder (wide init: every layer matters) with a word-level WordPiece vocabulary of the
+    sentences, saved as an ordinary HF directory (BertModel + tokenizer)."""
+    import re
+
+    import transformers
+
+    words = sorted({w for s in sentences for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(specials + words)})
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                     initializer_range=0.2)
+    torch.manual_seed(seed)
+    transformers.BertModel(config).eval().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+

@@ -51,17 +51,11 @@ def data():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, data):
     """A 4-layer random BERT teacher (wide init: every layer matters) and the student: layers [1, 3) removed."""
+    from pico import build_pico_bert
+
     root = tmp_path_factory.mktemp("distill")
-    words = sorted({w for s in data[0] + data[1] for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(specials + words)})
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                                     initializer_range=0.2)
-    torch.manual_seed(0)
-    teacher = transformers.BertModel(config).eval()
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
+    build_pico_bert(root / "teacher", data[0] + data[1])
+    teacher, tokenizer = AutoModel.from_pretrained(root / "teacher"), AutoTokenizer.from_pretrained(root / "teacher")
     student, _ = prune_layers(teacher, 1, 3)
     student.save_pretrained(root / "student")
     tokenizer.save_pretrained(root / "student")

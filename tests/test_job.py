@@ -123,3 +123,33 @@ def test_example_jobs_are_valid():
         spec = load_job(path)
         assert "prunefusion compress run" in path.read_text().split("\nname:")[0], f"{path}: no command in header"
         assert spec.name == path.stem
+
+
+@pytest.mark.slow
+def test_an_encoder_job_heals_by_distillation_and_reports_cosine(tmp_path):
+    from pico import build_pico_bert
+
+    from prunefusion.models.corpus import sentence_splits
+
+    train, held = sentence_splits()
+    train, held = train[:300], held[:60]
+    source = build_pico_bert(tmp_path / "bert", train + held)
+    texts, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+    job = write_job(tmp_path, source, texts, name="pico-bert", prune={"strategy": "angular-all-tokens", "n": 2},
+                    heal={"data": [str(texts)], "steps": 30, "batch_size": 16, "seq_len": 32, "learning_rate": 1e-2,
+                          "warmup_steps": 2, "checkpoint_every": 10},
+                    evaluate={"data": [str(held_file)]})
+    manifest = run_job(job, tmp_path / "out")
+    rows = {row["label"]: row for row in manifest["metrics"]["evaluation"]}
+    assert rows["original"]["mean_cosine"] == pytest.approx(1.0)
+    assert rows["pruned"]["mean_cosine"] < rows["healed"]["mean_cosine"] < 1.0  # distillation closed part of the gap
+    assert manifest["metrics"]["mean_cosine"] == rows["healed"]["mean_cosine"]
+    assert manifest["healing"]["distilled"] and manifest["healing"]["method"] == "lora"  # encoders: plain LoRA
+    assert rows["healed"]["num_layers"] == 2 and "mean cosine" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="token_weight"):
+        bad = write_job(tmp_path, source, texts, name="lm-heal", heal={"token_weight": 1.0})
+        from prunefusion.compression.job import load_job
+
+        load_job(bad).heal.config(causal=True, device="cpu")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -64,3 +65,28 @@ def stdlib_corpus(held_out_every: int = 20) -> Corpus:
     version = ".".join(map(str, sys.version_info[:3]))
     return Corpus(train, held, f"Python {version} stdlib: pydoc_data topics + module/class/function docstrings "
                                f"(>= {MIN_DOC_CHARS} chars), 1 in {held_out_every} documents held out by sha256")
+
+
+def prose_sentences(documents: list[str], min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Prose sentences of the documents (for sentence encoders): paragraphs without code or markup, split after
+    . ! ? before a capital; deduplicated, in order."""
+    out: list[str] = []
+    for doc in documents:
+        for para in re.split(r"\n\s*\n", doc):
+            if ">>>" in para or "::" in para or para.lstrip().startswith(("*", "-", "|", "+", "=")):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
+                prose = sum(ch.isalpha() or ch == " " for ch in s) >= 0.85 * len(s)
+                if min_chars <= len(s) <= max_chars and prose and s[-1] in ".!?":
+                    out.append(s)
+    return list(dict.fromkeys(out))
+
+
+def sentence_splits(held_out_every: int = 20) -> tuple[list[str], list[str]]:
+    """(train, held-out) prose sentences of the stdlib corpus; held-out ones that also occur in a training document
+    are dropped, so the two never share a sentence."""
+    corpus = stdlib_corpus(held_out_every)
+    train = prose_sentences(corpus.train)
+    seen = set(train)
+    return train, [s for s in prose_sentences(corpus.held_out) if s not in seen]
+
