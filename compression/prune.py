@@ -54,7 +54,8 @@ def choose_block(num_layers: int, *, strategy: str = "angular", n: int | None = 
                 raise ValueError(f"distances are for {table.num_layers} layers, the model has {num_layers}")
         start = STRATEGIES[strategy](table, size, num_layers, seed)
         end = start + size
-    distance = table.last_token[end - start][start] if table and end - start in table.last_token else None
+    distances = table.all_tokens if strategy == "angular-all-tokens" else table.last_token if table else None
+    distance = distances[end - start][start] if distances and end - start in distances else None
     return Block(start, end, strategy, distance)
 
 

@@ -60,15 +60,16 @@ def plot(table: DistanceTable, heatmap: Path, best: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_len: int, batch_size: int
-                ) -> DistanceTable:
-    """Measure `model_dir` on calibration text; write distances.json, distances.csv and the two plots into out."""
+def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_len: int, batch_size: int,
+                texts: list[str] | None = None) -> DistanceTable:
+    """Measure `model_dir` on calibration text (`texts`, else read from `data`); write distances.json,
+    distances.csv and the two plots into out."""
     from prunefusion.compression.loading import load_model, load_texts
     from prunefusion.compression.measure import measure, tokenized_batches
     from prunefusion.server.engines.hf_loading import digest_files, weight_files
 
     model, tokenizer = load_model(model_dir)
-    texts = load_texts(data)[:samples]
+    texts = (texts if texts is not None else load_texts(data))[:samples]
     batches = tokenized_batches(tokenizer, texts, seq_len, batch_size)
     table = measure(model, batches, total=len(batches))
     table.meta = {"model": str(model_dir), "weights_digest": digest_files(weight_files(model_dir)),

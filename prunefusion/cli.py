@@ -83,8 +83,8 @@ def _list(args: argparse.Namespace) -> int:
     rows = []
     for manifest in sorted(root.glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
-        rows.append((manifest.parent.name, m.get("num_parameters", 0),
-                     m.get("metrics", {}).get("held_out_perplexity", float("nan")), str(manifest.parent)))
+        rows.append((manifest.parent.name, m.get("num_parameters") or 0,
+                     m.get("metrics", {}).get("held_out_perplexity") or float("nan"), str(manifest.parent)))
     if not rows:
         print(f"no built models under {root}; run: prunefusion models build")
     for name, params, ppl, path in rows:
