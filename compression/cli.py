@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from prunefusion.compression.loading import load_model, load_texts
+from prunefusion.compression.loading import default_texts, load_model, load_texts
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -72,8 +72,10 @@ def _heal(args: argparse.Namespace) -> int:
                    targets=tuple(args.targets) if args.targets else None)
     if args.quantize is not None:
         options["quantize"] = args.quantize
-    model, out, texts = Path(args.model), Path(args.out), load_texts(args.data)
-    if is_causal(AutoConfig.from_pretrained(model, local_files_only=True)):
+    model, out = Path(args.model), Path(args.out)
+    causal = is_causal(AutoConfig.from_pretrained(model, local_files_only=True))
+    texts = load_texts(args.data) if args.data else default_texts(causal, "train")
+    if causal:
         if args.teacher:
             raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
         summary, verb, key = heal(model, out, texts, HealConfig(**options)), "healed", "max_logit_difference"
@@ -94,23 +96,26 @@ def _heal(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from prunefusion.compression.evaluate import evaluate, load_task, markdown_table, to_json
+    from transformers import AutoConfig
 
-    if args.data:
-        held_out = load_texts(args.data)
+    from prunefusion.compression.evaluate import evaluate, evaluate_encoders, load_task, rows_table, to_json
+    from prunefusion.compression.loading import is_causal
+
+    causal = is_causal(AutoConfig.from_pretrained(args.models[0], local_files_only=True))
+    held_out = load_texts(args.data) if args.data else default_texts(causal, "held_out")
+    if causal:
+        task = load_task(Path(args.task)) if args.task else None
+        rows = to_json([evaluate(Path(m), held_out, task) for m in args.models])
     else:
-        from prunefusion.models.corpus import stdlib_corpus
-
-        held_out = stdlib_corpus().held_out
-    task = load_task(Path(args.task)) if args.task else None
-    results = [evaluate(Path(m), held_out, task) for m in args.models]
-    table = markdown_table(results)
+        rows = evaluate_encoders([Path(m) for m in args.models], held_out)
+    rows = [{"label": row.pop("model"), **row} for row in rows]
+    table = rows_table(rows)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.md").write_text(table + "\n")
-        (out / "evaluation.json").write_text(json.dumps(to_json(results), indent=1) + "\n")
+        (out / "evaluation.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

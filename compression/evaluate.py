@@ -109,15 +109,24 @@ def load_task(path: Path) -> list[dict]:
     return items
 
 
-def markdown_table(results: list[Evaluation]) -> str:
-    base = results[0]
-    lines = ["| model | layers | parameters | weights MiB | held-out ppl | decode tok/s (vs first) | MC accuracy |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        mc = "" if r.mc_accuracy is None else f"{r.mc_accuracy:.3f}"
-        lines.append(f"| {r.model} | {r.num_layers} | {r.parameters:,} | {r.weight_mib:.1f} | "
-                     f"{r.held_out_perplexity:.2f} | {r.decode_tokens_per_s:.1f} "
-                     f"({r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x) | {mc} |")
+SPEEDS = ("decode_tokens_per_s", "sentences_per_s")  # shown with their ratio to the first row
+
+
+def rows_table(rows: list[dict]) -> str:
+    """Evaluation rows (dicts with a "label") -> a markdown table of the columns any row has."""
+    columns = ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine", "decode_tokens_per_s",
+               "sentences_per_s", "mc_accuracy")
+    keys = [k for k in columns if any(r.get(k) is not None for r in rows)]
+    lines = ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key)
+            cells.append("" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+            if key in SPEEDS and value is not None and rows[0].get(key):
+                cells[-1] += f" ({value / rows[0][key]:.2f}x)"
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -149,16 +149,9 @@ class Context:
 
     def texts(self, paths: list[str], split: str) -> list[str]:
         """Given files, else the stdlib corpus split: documents for LMs, prose sentences for encoders."""
-        from prunefusion.compression.loading import load_texts
-        from prunefusion.models.corpus import sentence_splits, stdlib_corpus
+        from prunefusion.compression.loading import default_texts, load_texts
 
-        if paths:
-            return load_texts(paths)
-        if self.causal:
-            corpus = stdlib_corpus()
-            return corpus.train if split == "train" else corpus.held_out
-        train, held_out = sentence_splits()
-        return train if split == "train" else held_out
+        return load_texts(paths) if paths else default_texts(self.causal, split)
 
     @property
     def pruned_dir(self) -> Path:

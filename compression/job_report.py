@@ -8,6 +8,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from prunefusion.compression.evaluate import rows_table
+
 VERSIONED = ("prunefusion", "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
              "safetensors")
 
@@ -72,21 +74,6 @@ def build_manifest(ctx) -> dict:
     }
 
 
-def _evaluation_table(rows: list[dict]) -> list[str]:
-    columns = ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine", "decode_tokens_per_s",
-               "sentences_per_s", "mc_accuracy")
-    keys = [k for k in columns if any(r.get(k) is not None for r in rows)]
-    lines = ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
-    for row in rows:
-        cells = []
-        for key in keys:
-            value = row.get(key)
-            cells.append("" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def write_report(ctx, manifest: dict, path: Path) -> None:
     m = manifest
     start, end = m["removed"]
@@ -114,7 +101,7 @@ def write_report(ctx, manifest: dict, path: Path) -> None:
                   f"{heal['first_loss']:.3f} -> {heal['final_loss']:.3f} (mean of the last 10); merged vs adapter "
                   f"max difference {merged:.1e}.", "",
                   f"![healing loss]({heal['loss_curve']})", ""]
-    lines += ["## Evaluation", "", *_evaluation_table(m["metrics"]["evaluation"]), ""]
+    lines += ["## Evaluation", "", *rows_table(m["metrics"]["evaluation"]).splitlines(), ""]
     if m["metrics"].get("healing_gap_recovered") is not None:
         lines += [f"Healing recovered **{m['metrics']['healing_gap_recovered']:.0%}** of the perplexity gap "
                   "between the pruned and the original model.", ""]

@@ -48,3 +48,17 @@ def load_texts(paths: list[str]) -> list[str]:
     if not texts:
         raise ValueError(f"no text found in {paths}")
     return texts
+
+
+def default_texts(causal: bool, split: str) -> list[str]:
+    """Text when none is given: the stdlib corpus' `split` ("train" or "held_out"), as documents for causal LMs
+    and as prose sentences for encoders (held-out sentences never occur in training)."""
+    from prunefusion.models.corpus import sentence_splits, stdlib_corpus
+
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split is train or held_out, not {split!r}")
+    if causal:
+        return getattr(stdlib_corpus(), split)
+    train, held_out = sentence_splits()
+    return train if split == "train" else held_out
+

@@ -153,3 +153,27 @@ def test_an_encoder_job_heals_by_distillation_and_reports_cosine(tmp_path):
         from prunefusion.compression.job import load_job
 
         load_job(bad).heal.config(causal=True, device="cpu")
+
+
+def test_compress_evaluate_prints_one_table_for_lms_and_encoders(tmp_path, capsys, pico_dir):
+    from pico import build_pico_bert
+
+    from prunefusion.cli import main
+    from prunefusion.models.corpus import sentence_splits
+
+    train, held = sentence_splits()
+    held_file = tmp_path / "held.jsonl"
+    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held[:24]))
+    bert = build_pico_bert(tmp_path / "bert", train[:100] + held[:24])
+    cases = {"lm": ([str(pico_dir), str(pico_dir)], "held out perplexity", "decode tokens per s"),
+             "encoder": ([str(bert), str(bert)], "mean cosine", "sentences per s")}
+    for name, (models, quality, speed) in cases.items():
+        assert main(["compress", "evaluate", *models, "--data", str(held_file), "--out", str(tmp_path / name)]) == 0
+        table = capsys.readouterr().out
+        assert quality in table and speed in table and "x) |" in table  # speed with its ratio to the first model
+        rows = json.loads((tmp_path / name / "evaluation.json").read_text())
+        assert [r["label"] for r in rows] == models
+        if name == "encoder":
+            assert [r["mean_cosine"] for r in rows] == pytest.approx([1.0, 1.0])
+        else:
+            assert rows[0]["held_out_perplexity"] == pytest.approx(rows[1]["held_out_perplexity"])
