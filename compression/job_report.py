@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
 from importlib import metadata
@@ -34,8 +35,6 @@ def best_blocks(distances: dict) -> list[dict]:
 
 
 def build_manifest(ctx) -> dict:
-    import json
-
     from prunefusion.server.engines.hf_loading import digest_files, weight_files
 
     results = ctx.results

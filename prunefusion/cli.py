@@ -63,14 +63,13 @@ def _build(args: argparse.Namespace) -> int:
 
 def _build_pruned(force: bool) -> int:
     """The default LM's pruned + healed variant, through the compression job the default config serves."""
-    from prunefusion.compression.job import run_job
-    from prunefusion.models.builds import packaged_jobs
+    from prunefusion.models.builds import build
 
     out = default_model_dir(PRUNED_DEFAULT_DIR)
     if out.exists() and not force:
         print(f"{out} exists; kept (--force rebuilds it)")
         return 0
-    manifest = run_job(packaged_jobs()[PRUNED_DEFAULT_JOB], out, force=force)
+    manifest = build(PRUNED_DEFAULT_JOB, out, force=force)
     rows = {row["label"]: row["held_out_perplexity"] for row in manifest["metrics"]["evaluation"]}
     start, end = manifest["removed"]
     print(f"built {out}: layers [{start}, {end}) removed and healed; held-out perplexity original "

@@ -29,18 +29,17 @@ def check_build_name(name: str) -> None:
                          f"{sorted(packaged_jobs())} or job YAML file")
 
 
-def build(name: str, out: Path, *, force: bool = False) -> None:
-    """Make `out` from the recipe or job `name`."""
+def build(name: str, out: Path, *, force: bool = False) -> dict:
+    """Make `out` from the recipe or job `name`; return its manifest."""
     from prunefusion.models.recipes import RECIPES
 
     check_build_name(name)
     if name in RECIPES:
         from prunefusion.models.build import build_model
 
-        build_model(name, out, force=force)
-        return
+        return build_model(name, out, force=force).manifest
     try:
         from prunefusion.compression.job import run_job
     except ImportError as err:  # pragma: no cover - the compress extra is missing
         raise RuntimeError(f"building {name!r} needs the compress extra: pip install 'prunefusion[compress]'") from err
-    run_job(job_file(name), out, force=force)
+    return run_job(job_file(name), out, force=force)
