@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=_list)
 
     from prunefusion.compression.cli import register
+    from prunefusion.loadtest.run import register as register_loadtest
 
     register(sub)
+    register_loadtest(sub)
     return parser
 
 
