@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from prunefusion.compression.loading import default_texts, load_model, load_texts
+from prunefusion.compression.loading import is_causal_checkpoint, load_model, texts_or_default
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -61,10 +61,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _heal(args: argparse.Namespace) -> int:
     """Causal LMs: QLoRA on next-token loss (heal.py). Encoders: distillation toward --teacher (distill.py)."""
-    from transformers import AutoConfig
-
     from prunefusion.compression.heal import HealConfig, heal
-    from prunefusion.compression.loading import is_causal
 
     given = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr)
     options = dict({k: v for k, v in given.items() if v is not None}, warmup_steps=args.warmup, rank=args.rank,
@@ -73,8 +70,8 @@ def _heal(args: argparse.Namespace) -> int:
     if args.quantize is not None:
         options["quantize"] = args.quantize
     model, out = Path(args.model), Path(args.out)
-    causal = is_causal(AutoConfig.from_pretrained(model, local_files_only=True))
-    texts = load_texts(args.data) if args.data else default_texts(causal, "train")
+    causal = is_causal_checkpoint(model)
+    texts = texts_or_default(args.data, causal, "train")
     if causal:
         if args.teacher:
             raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
@@ -96,13 +93,10 @@ def _heal(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from prunefusion.compression.evaluate import evaluate, evaluate_encoders, load_task, rows_table, to_json
-    from prunefusion.compression.loading import is_causal
 
-    causal = is_causal(AutoConfig.from_pretrained(args.models[0], local_files_only=True))
-    held_out = load_texts(args.data) if args.data else default_texts(causal, "held_out")
+    causal = is_causal_checkpoint(args.models[0])
+    held_out = texts_or_default(args.data, causal, "held_out")
     if causal:
         task = load_task(Path(args.task)) if args.task else None
         rows = to_json([evaluate(Path(m), held_out, task) for m in args.models])

@@ -141,17 +141,15 @@ class Context:
     @cached_property
     def causal(self) -> bool:
         """A causal LM (perplexity, QLoRA on next-token loss), else an encoder (embeddings, distillation)."""
-        from transformers import AutoConfig
+        from prunefusion.compression.loading import is_causal_checkpoint
 
-        from prunefusion.compression.loading import is_causal
-
-        return is_causal(AutoConfig.from_pretrained(self.spec.model_path, local_files_only=True))
+        return is_causal_checkpoint(self.spec.model_path)
 
     def texts(self, paths: list[str], split: str) -> list[str]:
         """Given files, else the stdlib corpus split: documents for LMs, prose sentences for encoders."""
-        from prunefusion.compression.loading import default_texts, load_texts
+        from prunefusion.compression.loading import texts_or_default
 
-        return load_texts(paths) if paths else default_texts(self.causal, split)
+        return texts_or_default(paths, self.causal, split)
 
     @property
     def pruned_dir(self) -> Path:
@@ -176,15 +174,14 @@ def _prune(ctx: Context) -> dict:
     from prunefusion.compression.loading import load_model
     from prunefusion.compression.measure import DistanceTable
     from prunefusion.compression.prune import choose_block, write_pruned
-    from prunefusion.server.engines.hf_loading import digest_files, weight_files
-
     p, source = ctx.spec.prune, ctx.spec.model_path
-    table = DistanceTable.from_json(json.loads((ctx.work / "measure" / "distances.json").read_text()))
+    measured = json.loads((ctx.work / "measure" / "distances.json").read_text())
     model, tokenizer = load_model(source)
     block = choose_block(len(find_layers(model)[1]), strategy=p.strategy, n=p.n, fraction=p.fraction,
-                         layers=p.layers, table=table, seed=p.seed)
+                         layers=p.layers, table=DistanceTable.from_json(measured), seed=p.seed)
+    # the measure stage hashed the source weights already: no second pass over them
     return write_pruned(model, tokenizer, block, ctx.pruned_dir, source=source,
-                        source_digest=digest_files(weight_files(source)), allow_last=p.allow_last)
+                        source_digest=measured["weights_digest"], allow_last=p.allow_last)
 
 
 def _heal(ctx: Context) -> dict:
@@ -234,15 +231,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _ensure_source(spec: JobSpec) -> None:
-    path = spec.model_path
-    if (path / "config.json").is_file():
-        return
-    if spec.build is None:
-        raise FileNotFoundError(f"source model {path} not found (and the job names no `build` recipe)")
-    from prunefusion.models.build import build_model
+    from prunefusion.models.builds import build_if_missing
 
-    log.info("source model %s is missing; building recipe %r", path, spec.build)
-    build_model(spec.build, path)
+    path = spec.model_path
+    if spec.build is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"source model {path} not found (and the job names no `build` recipe)")
+    build_if_missing(path, spec.build, "source model")
 
 
 def _finalize(ctx: Context, keep_intermediate: bool) -> None:

@@ -12,12 +12,17 @@ def is_causal(config) -> bool:
     return any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
 
 
+def is_causal_checkpoint(model_dir: Path) -> bool:
+    from transformers import AutoConfig
+
+    return is_causal(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+
+
 def load_model(model_dir: Path):
     """A causal LM, or a bare encoder (BERT/MiniLM) when the checkpoint is not one; safetensors only, offline."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    loader = AutoModelForCausalLM if is_causal(config) else AutoModel
+    loader = AutoModelForCausalLM if is_causal_checkpoint(model_dir) else AutoModel
     model = loader.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
     return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
@@ -50,9 +55,11 @@ def load_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def default_texts(causal: bool, split: str) -> list[str]:
-    """Text when none is given: the stdlib corpus' `split` ("train" or "held_out"), as documents for causal LMs
-    and as prose sentences for encoders (held-out sentences never occur in training)."""
+def texts_or_default(paths: list[str], causal: bool, split: str) -> list[str]:
+    """The text in `paths`; none given: the stdlib corpus' `split` ("train" or "held_out"), as documents for causal
+    LMs and as prose sentences for encoders (held-out sentences never occur in training)."""
+    if paths:
+        return load_texts(paths)
     from prunefusion.models.corpus import sentence_splits, stdlib_corpus
 
     if split not in ("train", "held_out"):

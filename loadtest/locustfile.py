@@ -75,7 +75,7 @@ class PrunefusionUser(User):
     def on_stop(self) -> None:
         self.api.close()
 
-    def _options(self) -> GenerateOptions:
+    def _request_options(self) -> GenerateOptions:
         # greedy: identical prompts give identical lengths; a request may end before max_new_tokens at EOS
         return GenerateOptions(max_new_tokens=self.opts.pf_max_new_tokens, cache_policy=self.opts.pf_cache,
                                temperature=0.0)
@@ -97,7 +97,7 @@ class PrunefusionUser(User):
         ttft, tokens, gaps, last, status, error = None, 0, [], None, "OK", None
         try:
             if stream:
-                for chunk in self.api.generate_stream(prompt, o.pf_model, self._options()):
+                for chunk in self.api.generate_stream(prompt, o.pf_model, self._request_options()):
                     now = time.perf_counter()
                     if chunk.token_ids:
                         if ttft is None:
@@ -109,7 +109,7 @@ class PrunefusionUser(User):
                         last = now
                         tokens += len(chunk.token_ids)
             else:
-                reply = self.api.generate(prompt, o.pf_model, self._options())
+                reply = self.api.generate(prompt, o.pf_model, self._request_options())
                 tokens = reply.usage.completion_tokens
         except grpc.RpcError as err:
             status, error = err.code().name, err

@@ -36,18 +36,9 @@ class ModelNotFoundError(LookupError):
 def ensure_built(cfg: ModelConfig) -> None:
     """Build the model's recipe or compression job into its path if the directory is missing and the config names
     one."""
-    path = cfg.resolved_path
-    if (path / "config.json").is_file() or cfg.build is None:
-        return
-    empty = path.is_dir() and not any(path.iterdir())  # e.g. a freshly mounted volume
-    if path.exists() and not empty:
-        raise FileExistsError(f"model {cfg.name}: {path} exists but holds no config.json; not building over it")
-    from prunefusion.models.builds import build
+    from prunefusion.models.builds import build_if_missing
 
-    log.info("model %s: %s is missing; building %r (one-time)", cfg.name, path, cfg.build)
-    if empty:
-        path.rmdir()  # a job renames its finished directory into place
-    build(cfg.build, path)
+    build_if_missing(cfg.resolved_path, cfg.build, f"model {cfg.name}")
 
 
 class ModelRegistry:

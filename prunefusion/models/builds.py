@@ -3,7 +3,10 @@ a job packaged in compression/jobs/ by its name, or a path to a job YAML)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def packaged_jobs() -> dict[str, Path]:
@@ -27,6 +30,20 @@ def check_build_name(name: str) -> None:
     if name not in RECIPES and job_file(name) is None:
         raise ValueError(f"unknown build {name!r}: neither a recipe {sorted(RECIPES)} nor a compression job "
                          f"{sorted(packaged_jobs())} or job YAML file")
+
+
+def build_if_missing(path: Path, name: str | None, what: str) -> None:
+    """Build `name` into `path` unless it already holds a checkpoint (config.json). An empty directory (e.g. a
+    freshly mounted volume) is built into; any other existing directory is refused, never built over."""
+    if (path / "config.json").is_file() or name is None:
+        return
+    empty = path.is_dir() and not any(path.iterdir())
+    if path.exists() and not empty:
+        raise FileExistsError(f"{what}: {path} exists but holds no config.json; not building over it")
+    log.info("%s: %s is missing; building %r (one-time)", what, path, name)
+    if empty:
+        path.rmdir()  # builds rename their finished directory into place
+    build(name, path)
 
 
 def build(name: str, out: Path, *, force: bool = False) -> dict:
