@@ -5,6 +5,7 @@
     prunefusion models build               # the default LM ($PRUNEFUSION_HOME/models/tiny-lm) and its pruned +
                                            # healed variant (models/tiny-lm-pruned, compression job)
     prunefusion models build --recipe large --out DIR
+    prunefusion models build transfusion   # the shapes-world Transfusion model ($PRUNEFUSION_HOME/models/transfusion)
     prunefusion models list
     prunefusion compress measure --model DIR --out runs/measure
     prunefusion compress prune --model DIR --out DIR --fraction 0.25
@@ -42,7 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.what == "transfusion":
+        return _build_transfusion(args)
     from prunefusion.models.build import build_model
+    from prunefusion.models.recipes import RECIPES
+
+    if args.recipe not in RECIPES:
+        print(f"error: unknown LM recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
+        return 2
 
     out = Path(args.out) if args.out else default_model_dir("tiny-lm" if args.recipe == "default"
                                                             else f"tiny-lm-{args.recipe}")
@@ -59,6 +67,30 @@ def _build(args: argparse.Namespace) -> int:
         print(f"built {result.path}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
               f"{m['training']['seconds']:.0f} s, held-out perplexity {m['metrics']['held_out_perplexity']:.2f}")
     return _build_pruned(force=args.force) if with_pruned else 0
+
+
+def _build_transfusion(args: argparse.Namespace) -> int:
+    from prunefusion.transfusion.build import RECIPES, build_transfusion
+
+    if args.recipe not in RECIPES:
+        print(f"error: unknown Transfusion recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_model_dir(
+        "transfusion" if args.recipe == "default" else f"transfusion-{args.recipe}")
+    try:
+        m = build_transfusion(args.recipe, out, steps=args.steps, seed=args.seed, device=args.device,
+                              dtype=args.dtype, force=args.force)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"built {out}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
+          f"{m['training']['seconds'] / 60:.1f} min (report.md there)")
+    if "evaluation" in m:
+        from prunefusion.transfusion.evaluate import goals_table
+
+        for metric, seen, held, goal in goals_table(m["evaluation"]):
+            print(f"  {metric:<24} seen {seen:>7}  held-out {held:>7}  {goal}")
+    return 0
 
 
 def _build_pruned(force: bool) -> int:
@@ -93,6 +125,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from prunefusion.models.recipes import RECIPES
+    from prunefusion.transfusion.build import RECIPES as TRANSFUSION_RECIPES
 
     parser = argparse.ArgumentParser(prog="prunefusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,9 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="build and list the project's own models")
     msub = models.add_subparsers(dest="models_command", required=True)
-    build = msub.add_parser("build", help="train a language model on the stdlib corpus")
-    build.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="default: %(default)s")
-    build.add_argument("--out", help="output directory (default: $PRUNEFUSION_HOME/models/tiny-lm[-RECIPE])")
+    build = msub.add_parser("build", help="train the LM on the stdlib corpus, or the Transfusion model on the "
+                            "shapes world")
+    build.add_argument("what", nargs="?", default="lm", choices=["lm", "transfusion"], help="default: %(default)s")
+    build.add_argument("--recipe", default="default", help=f"LM: {sorted(RECIPES)}; transfusion: "
+                       f"{sorted(TRANSFUSION_RECIPES)} (default: %(default)s)")
+    build.add_argument("--out", help="output directory (default: $PRUNEFUSION_HOME/models/tiny-lm[-RECIPE] or "
+                       "transfusion[-RECIPE])")
+    build.add_argument("--device", default="cpu", help="transfusion: torch device, e.g. cuda (default: cpu)")
+    build.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="transfusion: autocast dtype for training (default: float32)")
     build.add_argument("--steps", type=int, help="override the recipe's training steps")
     build.add_argument("--seed", type=int, help="override the recipe's seed")
     build.add_argument("--force", action="store_true", help="replace an existing directory")

@@ -24,12 +24,20 @@ def job_file(name: str) -> Path | None:
     return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
 
 
+def transfusion_builds() -> dict[str, str]:
+    """Build names of the Transfusion recipes: `transfusion` (the default recipe), `transfusion-RECIPE`."""
+    from prunefusion.transfusion.build import RECIPES
+
+    return {("transfusion" if r == "default" else f"transfusion-{r}"): r for r in RECIPES}
+
+
 def check_build_name(name: str) -> None:
     from prunefusion.models.recipes import RECIPES
 
-    if name not in RECIPES and job_file(name) is None:
-        raise ValueError(f"unknown build {name!r}: neither a recipe {sorted(RECIPES)} nor a compression job "
-                         f"{sorted(packaged_jobs())} or job YAML file")
+    if name not in RECIPES and name not in transfusion_builds() and job_file(name) is None:
+        raise ValueError(f"unknown build {name!r}: neither an LM recipe {sorted(RECIPES)}, a Transfusion build "
+                         f"{sorted(transfusion_builds())}, a compression job {sorted(packaged_jobs())} nor a job "
+                         "YAML file")
 
 
 def build_if_missing(path: Path, name: str | None, what: str) -> None:
@@ -51,6 +59,10 @@ def build(name: str, out: Path, *, force: bool = False) -> dict:
     from prunefusion.models.recipes import RECIPES
 
     check_build_name(name)
+    if name in transfusion_builds():
+        from prunefusion.transfusion.build import build_transfusion
+
+        return build_transfusion(transfusion_builds()[name], out, force=force)
     if name in RECIPES:
         from prunefusion.models.build import build_model
 

@@ -1,0 +1,48 @@
+"""`prunefusion models build transfusion`: the directory it writes, and resuming a killed training run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from prunefusion.cli import main as cli_main
+from prunefusion.transfusion.build import RECIPES, train
+from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    recipe = replace(RECIPES["pico"], steps=30, checkpoint_seconds=0.0)  # a checkpoint at every loss flush (25)
+    straight, _, history = train(recipe, tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 25  # the run left a checkpoint behind, as a killed run would
+    resumed, _, resumed_history = train(recipe, tmp_path, progress=False)  # picks it up: steps 26..30 only
+    assert resumed_history["step"] == history["step"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    other = replace(recipe, seed=1)  # a different recipe does not resume from this checkpoint
+    _, _, fresh = train(other, tmp_path, progress=False)
+    assert fresh["lm"][0] != history["lm"][0]
+
+
+@pytest.mark.slow
+def test_cli_builds_a_servable_directory_with_report(tmp_path, capsys):
+    out = tmp_path / "tf"
+    assert cli_main(["models", "build", "transfusion", "--recipe", "pico", "--out", str(out)]) == 0
+    assert "caption exact match" in capsys.readouterr().out
+    for name in ("config.json", "model.safetensors", "vocab.json", "scheduler/scheduler_config.json",
+                 "manifest.json", "report.md", "loss_curve.png", "samples.png", "history.json"):
+        assert (out / name).is_file(), name
+    assert not (tmp_path / "tf.partial").exists() and not (out / "checkpoint.pt").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "prunefusion.transfusion" and manifest["training"]["steps"] == 20
+    assert set(manifest["evaluation"]["splits"]) == {"seen", "held_out"}
+    assert len(manifest["data"]["held_out_scenes"]) == 16
+    sampler = TransfusionSampler.load(out)
+    (image,) = sampler.generate_images([ImageRequest("a red circle on the left", steps=2)])
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert cli_main(["models", "build", "transfusion", "--recipe", "pico", "--out", str(out)]) == 1  # exists
+    assert cli_main(["models", "build", "transfusion", "--recipe", "large"]) == 2  # an LM recipe, not Transfusion
