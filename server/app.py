@@ -14,12 +14,14 @@ from prunefusion.server.cache.service import CacheSettings, ResponseCache
 from prunefusion.server.config import AppConfig, CacheConfig, expand_path
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
+from prunefusion.server.servicers.multimodal import MultimodalServicer
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
-from prunefusion_client.v1 import text_generation_pb2, text_generation_pb2_grpc
+from prunefusion_client.v1 import multimodal_pb2, multimodal_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,)
+SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
+                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name)
 
 
 async def open_cache(cfg: CacheConfig) -> ResponseCache:
@@ -75,6 +77,7 @@ class PrunefusionServer:
         ])
         text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
             TextGenerationServicer(self.registry, lambda: self.cache), self._server)
+        multimodal_pb2_grpc.add_MultimodalServicer_to_server(MultimodalServicer(self.registry), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
@@ -94,7 +97,7 @@ class PrunefusionServer:
             return
         await self._set_health(True)
         self._health_watch = asyncio.create_task(self._watch_health())
-        log.info("SERVING %s", ", ".join(i.name for i in self.registry.infos()))
+        log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))
 
     async def _watch_health(self, every_s: float = 1.0) -> None:
         """Report NOT_SERVING if an engine stops being healthy (e.g. its loop died), SERVING again if it recovers."""

@@ -21,6 +21,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ImageOptions(_Strict):
+    """Transfusion models (engine: transfusion) only."""
+
+    max_wait_ms: Annotated[float, Field(ge=0)] = 10.0  # how long a request waits for others to batch with
+    max_steps: Annotated[int, Field(ge=1, le=1000)] = 100
+    default_steps: Annotated[int, Field(ge=1)] = 20
+    default_guidance_scale: Annotated[float, Field(ge=0)] = 3.0
+    max_size: Annotated[int, Field(ge=1, le=4096)] = 256  # largest output size and largest accepted input image
+    max_caption_tokens: Annotated[int, Field(ge=1)] = 24
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ImageOptions:
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        return self
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -40,6 +57,7 @@ class ModelConfig(_Strict):
     default_max_new_tokens: Annotated[int, Field(ge=1)] = 64
     trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
     context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
+    images: ImageOptions = ImageOptions()
 
     @field_validator("engine")
     @classmethod

@@ -22,11 +22,25 @@ def _torch_engine(cfg: ModelConfig) -> Engine:
         context_length=cfg.context_length))
 
 
-# Engine kinds, looked up by the `engine` key of a model's config. Modules are imported only when used, so a CPU
-# host never imports vLLM unless a model asks for it.
+def _transfusion_engine(cfg: ModelConfig):
+    from prunefusion.server.engines.transfusion_engine import TransfusionEngine, TransfusionEngineOptions
+
+    i = cfg.images
+    return TransfusionEngine(cfg.name, TransfusionEngineOptions(
+        path=str(cfg.resolved_path), device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size,
+        max_queue=cfg.max_queue, max_wait_s=i.max_wait_ms / 1000, max_steps=i.max_steps,
+        default_steps=i.default_steps, default_guidance_scale=i.default_guidance_scale, max_size=i.max_size,
+        max_caption_tokens=min(cfg.max_new_tokens_limit, i.max_caption_tokens)))
+
+
+# Engine kinds, looked up by the `engine` key of a model's config, and the service each kind's models belong to.
+# Modules are imported only when used, so a CPU host never imports vLLM unless a model asks for it.
 ENGINE_FACTORIES: dict[str, Callable[[ModelConfig], Engine]] = {
     "torch": _torch_engine,
+    "transfusion": _transfusion_engine,
 }
+ENGINE_TASKS: dict[str, str] = {"torch": "text", "transfusion": "multimodal"}
+SERVICE_OF_TASK = {"text": "TextGeneration", "multimodal": "Multimodal"}
 
 
 class ModelNotFoundError(LookupError):
@@ -46,9 +60,8 @@ class ModelRegistry:
         self._configs = list(configs)
         self._engines: dict[str, Engine] = {}
 
-    @property
-    def default_name(self) -> str:
-        return self._configs[0].name
+    def _configs_for(self, task: str) -> list[ModelConfig]:
+        return [c for c in self._configs if ENGINE_TASKS[c.engine] == task]
 
     async def start(self) -> None:
         """Build missing default models, then load and warm up every engine (one at a time: memory)."""
@@ -64,18 +77,30 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         await asyncio.gather(*(engine.shutdown() for engine in self._engines.values()))
 
-    def get(self, name: str) -> Engine:
-        """The engine for `name` ('' = the first configured model)."""
-        name = name or self.default_name
-        if name not in {c.name for c in self._configs}:
-            raise ModelNotFoundError(f"model {name!r} is not served here; available: {[c.name for c in self._configs]}")
+    def get(self, name: str, task: str = "text"):
+        """The engine for `name` ('' = the first configured model of that task)."""
+        configs = self._configs_for(task)
+        if not name:
+            if not configs:
+                raise ModelNotFoundError(f"no {SERVICE_OF_TASK[task]} model is served here")
+            name = configs[0].name
+        if name not in {c.name for c in configs}:
+            other = next((c for c in self._configs if c.name == name), None)
+            if other is not None:
+                service = SERVICE_OF_TASK[ENGINE_TASKS[other.engine]]
+                raise ModelNotFoundError(f"model {name!r} is served by the {service} service, not "
+                                         f"{SERVICE_OF_TASK[task]}")
+            raise ModelNotFoundError(f"model {name!r} is not served here; available: {[c.name for c in configs]}")
         engine = self._engines.get(name)
         if engine is None:
             raise EngineUnavailableError(f"model {name!r} is still loading")
         return engine
 
-    def infos(self) -> list[ModelInfo]:
-        return [self._engines[c.name].info for c in self._configs if c.name in self._engines]
+    def engines(self, task: str) -> list:
+        return [self._engines[c.name] for c in self._configs_for(task) if c.name in self._engines]
+
+    def infos(self, task: str = "text") -> list[ModelInfo]:
+        return [engine.info for engine in self.engines(task)]
 
     def healthy(self) -> bool:
         return len(self._engines) == len(self._configs) and all(e.stats().healthy for e in self._engines.values())

@@ -5,13 +5,14 @@ import pytest
 from prunefusion.server.config import ConfigError, expand_path, load_config, parse_config
 
 
-def test_embedded_default_serves_the_default_lm_and_its_pruned_variant():
+def test_embedded_default_serves_the_default_lm_its_pruned_variant_and_transfusion():
     from prunefusion.models.builds import job_file, packaged_jobs
 
     config = load_config()
     assert config.server.port == 50051
-    assert [m.name for m in config.models] == ["tiny-lm", "tiny-lm-pruned"]
-    assert [m.build for m in config.models] == ["default", "tiny-lm-angular-25"]
+    assert [m.name for m in config.models] == ["tiny-lm", "tiny-lm-pruned", "transfusion"]
+    assert [m.build for m in config.models] == ["default", "tiny-lm-angular-25", "transfusion"]
+    assert [m.engine for m in config.models] == ["torch", "torch", "transfusion"]
     assert config.models[0].resolved_path.parts[-2:] == ("models", "tiny-lm")
     assert config.models[1].resolved_path.parts[-2:] == ("models", "tiny-lm-pruned")
     assert job_file("tiny-lm-angular-25") == packaged_jobs()["tiny-lm-angular-25"]
@@ -24,6 +25,7 @@ def test_build_names_a_recipe_or_a_compression_job(tmp_path):
     job = tmp_path / "my-job.yaml"
     job.write_text("name: my-job\nmodel: x\nprune: {n: 1}\n")
     assert parse_config({"models": [{**model, "build": str(job)}]}).models[0].build == str(job)
+    assert parse_config({"models": [{**model, "build": "transfusion-pico"}]}).models[0].build == "transfusion-pico"
 
 
 def test_prunefusion_home_expands(monkeypatch, tmp_path):

@@ -3,6 +3,8 @@
     prunefusion-client generate "def fibonacci(n):" --stream
     prunefusion-client generate "The os module" --model tiny-lm --seed 7 --temperature 0.8
     prunefusion-client models
+    prunefusion-client image "a red circle on the left" -o out.png --seed 3
+    prunefusion-client caption out.png
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions
+from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions, ImageOptions
 
 
 def _generate(client: Client, args: argparse.Namespace) -> None:
@@ -62,6 +64,26 @@ def _models(client: Client, args: argparse.Namespace) -> None:
               f"{m.context_length:>7}  {m.weights_digest[:12]}")
 
 
+def _image(client: Client, args: argparse.Namespace) -> None:
+    options = ImageOptions(steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, size=args.size)
+    response = client.generate_image(args.prompt, args.model, options)
+    with open(args.output, "wb") as f:
+        f.write(response.png)
+    if args.json:
+        print(json.dumps({k: v for k, v in MessageToDict(response).items() if k != "png"}, indent=2))
+    else:
+        t = response.timings
+        print(f"wrote {args.output} ({response.width}x{response.height}) model={response.model} steps={response.steps} "
+              f"guidance={response.guidance_scale:g} seed={response.seed} batch={t.batch_size} "
+              f"total={t.total_seconds * 1000:.0f}ms", file=sys.stderr)
+
+
+def _caption(client: Client, args: argparse.Namespace) -> None:
+    with open(args.image, "rb") as f:
+        response = client.caption(f.read(), args.model, max_tokens=args.max_tokens)
+    print(json.dumps(MessageToDict(response), indent=2) if args.json else response.text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunefusion-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", default="default", choices=["default", "bypass", "refresh"],
                      help="response-cache policy (only deterministic requests are cached)")
     gen.set_defaults(func=_generate)
+    image = sub.add_parser("image", help="generate an image with a Transfusion model")
+    image.add_argument("prompt")
+    image.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")
+    image.add_argument("--model", default="", help="model name (default: the server's first Transfusion model)")
+    image.add_argument("--steps", type=int)
+    image.add_argument("--guidance-scale", type=float)
+    image.add_argument("--seed", type=int)
+    image.add_argument("--size", type=int, help="output size: a multiple of the model's native size")
+    image.set_defaults(func=_image)
+    caption = sub.add_parser("caption", help="caption an image (PNG or JPEG) with a Transfusion model")
+    caption.add_argument("image")
+    caption.add_argument("--model", default="")
+    caption.add_argument("--max-tokens", type=int)
+    caption.set_defaults(func=_caption)
     models = sub.add_parser("models", help="list the served models")
     models.set_defaults(func=_models)
     return parser

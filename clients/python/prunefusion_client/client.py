@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from prunefusion_client.v1 import multimodal_pb2 as mm
+from prunefusion_client.v1 import multimodal_pb2_grpc as mm_grpc
 from prunefusion_client.v1 import text_generation_pb2 as pb
 from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
 
@@ -42,9 +44,38 @@ class GenerateOptions:
                                   cache_policy=policy, **optional)
 
 
+@dataclass
+class ImageOptions:
+    """GenerateImage / GenerateInterleaved parameters; None leaves the server default (proto/.../multimodal.proto)."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    size: int | None = None  # GenerateImage only
+    request_id: str = ""
+
+    def to_request(self, prompt: str, model: str) -> mm.GenerateImageRequest:
+        return mm.GenerateImageRequest(model=model, prompt=prompt, request_id=self.request_id, **self._optional())
+
+    def to_interleaved(self, prompt: str, model: str, max_tokens: int | None,
+                       max_images: int | None) -> mm.GenerateInterleavedRequest:
+        extra = {k: v for k, v in (("max_tokens", max_tokens), ("max_images", max_images)) if v is not None}
+        optional = {k: v for k, v in self._optional().items() if k != "size"}
+        return mm.GenerateInterleavedRequest(model=model, prompt=prompt, request_id=self.request_id, **optional,
+                                             **extra)
+
+    def _optional(self) -> dict:
+        return {k: v for k, v in (("steps", self.steps), ("guidance_scale", self.guidance_scale),
+                                  ("seed", self.seed), ("size", self.size)) if v is not None}
+
+
+def _caption_request(image: bytes, model: str, max_tokens: int | None) -> mm.CaptionRequest:
+    return mm.CaptionRequest(model=model, image=image, **({"max_tokens": max_tokens} if max_tokens else {}))
+
+
 def channel_options(max_attempts: int) -> list[tuple[str, object]]:
     retry = {"methodConfig": [{
-        "name": [{"service": "prunefusion.v1.TextGeneration"}],
+        "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"}],
         "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]}
@@ -64,6 +95,7 @@ class Client:
         self._channel = (grpc.secure_channel(target, credentials, opts) if credentials
                          else grpc.insecure_channel(target, opts))
         self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self._images = mm_grpc.MultimodalStub(self._channel)
         self.timeout = timeout
 
     def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
@@ -84,6 +116,30 @@ class Client:
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout).models)
 
+    def generate_image(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
+                       timeout: float | None = None) -> mm.GenerateImageResponse:
+        """An image for the prompt: the response's `png` holds PNG bytes; steps, guidance and seed used are echoed."""
+        request = (options or ImageOptions()).to_request(prompt, model)
+        return self._images.GenerateImage(request, timeout=timeout or self.timeout)
+
+    def caption(self, image: bytes, model: str = "", *, max_tokens: int | None = None,
+                timeout: float | None = None) -> mm.CaptionResponse:
+        """Caption PNG or JPEG bytes."""
+        return self._images.Caption(_caption_request(image, model, max_tokens), timeout=timeout or self.timeout)
+
+    def generate_interleaved(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
+                             max_tokens: int | None = None, max_images: int | None = None,
+                             timeout: float | None = None) -> Iterator[mm.InterleavedPart]:
+        request = (options or ImageOptions()).to_interleaved(prompt, model, max_tokens, max_images)
+        call = self._images.GenerateInterleaved(request, timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def list_image_models(self, *, timeout: float | None = None) -> list[mm.ImageModelInfo]:
+        return list(self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout).models)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -103,6 +159,7 @@ class AsyncClient:
         self._channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
                          else grpc.aio.insecure_channel(target, opts))
         self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self._images = mm_grpc.MultimodalStub(self._channel)
         self.timeout = timeout
 
     async def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
@@ -123,6 +180,15 @@ class AsyncClient:
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
         return list(response.models)
+
+    async def generate_image(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
+                             timeout: float | None = None) -> mm.GenerateImageResponse:
+        request = (options or ImageOptions()).to_request(prompt, model)
+        return await self._images.GenerateImage(request, timeout=timeout or self.timeout)
+
+    async def caption(self, image: bytes, model: str = "", *, max_tokens: int | None = None,
+                      timeout: float | None = None) -> mm.CaptionResponse:
+        return await self._images.Caption(_caption_request(image, model, max_tokens), timeout=timeout or self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,0 +1,215 @@
+"""The Transfusion engine: a micro-batcher in front of the samplers.
+
+Requests wait in one queue. The batcher takes the oldest request, waits up to `max_wait` for more requests of the
+same kind (images with the same number of steps; captions), and runs up to `max_batch_size` of them in one sampler
+call on the model's own thread. Each image request keeps its own seed and its own scheduler (see sampling.py), so
+an image does not depend on what it was batched with. A request cancelled or past its deadline while waiting is
+dropped before it costs a forward pass; one already in a batch finishes with its batch and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prunefusion.server.engines.base import (
+    EngineStats,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelInfo,
+    QueueFullError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransfusionEngineOptions:
+    path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_wait_s: float = 0.01
+    max_steps: int = 100
+    default_steps: int = 20
+    default_guidance_scale: float = 3.0
+    max_size: int = 256
+    max_caption_tokens: int = 24
+
+
+@dataclass
+class _Job:
+    kind: str  # "image" | "caption"
+    key: tuple  # batch compatibility
+    payload: object  # ImageRequest | uint8 image
+    future: asyncio.Future
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    value: object
+    queue_seconds: float
+    batch_size: int
+
+
+class TransfusionEngine:
+    def __init__(self, name: str, options: TransfusionEngineOptions) -> None:
+        self.name, self.options = name, options
+        self.sampler = None
+        self.info: ModelInfo | None = None
+        self._pending: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{name}")
+        self._batcher: asyncio.Task | None = None
+        self._running = 0
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        import torch
+
+        from prunefusion.server.engines.hf_loading import digest_files
+        from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
+
+        path = Path(self.options.path)
+        loop = asyncio.get_running_loop()
+        self.sampler = await loop.run_in_executor(self._executor, lambda: TransfusionSampler.load(
+            path, device=self.options.device, dtype=getattr(torch, self.options.dtype)))
+        c = self.sampler.config
+        await loop.run_in_executor(self._executor, lambda: self.sampler.generate_images([ImageRequest("", 1, 1.0)]))
+        self.info = ModelInfo(
+            name=self.name, family="transfusion", num_layers=c.n_layers,
+            num_parameters=sum(p.numel() for p in self.sampler.model.parameters()),
+            weights_digest=digest_files([path / "model.safetensors"]), engine="transfusion",
+            context_length=c.max_text_positions, max_new_tokens_limit=self.options.max_caption_tokens,
+            default_max_new_tokens=self.options.max_caption_tokens, path=str(path), device=self.options.device,
+            dtype=self.options.dtype)
+        self._batcher = asyncio.create_task(self._batch_loop(), name=f"transfusion-batcher-{self.name}")
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(EngineUnavailableError(f"model {self.name!r} is shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stats(self) -> EngineStats:
+        healthy = self._batcher is not None and not self._batcher.done()
+        return EngineStats(running=self._running, waiting=len(self._pending), healthy=healthy)
+
+    @property
+    def image_size(self) -> int:
+        return self.sampler.config.image_size
+
+    # ---- requests --------------------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str, field_name: str = "prompt") -> None:
+        if not prompt.strip():
+            raise InvalidRequestError(field_name, "must not be empty")
+        unknown = self.sampler.tokenizer.unknown_words(prompt)
+        if unknown:
+            raise InvalidRequestError(field_name, f"words unknown to model {self.name!r}: {sorted(set(unknown))}")
+        if len(self.sampler.tokenizer.encode(prompt)) + 2 > self.sampler.config.max_text_positions:
+            raise InvalidRequestError(field_name, "is too long for the model")
+
+    async def generate_image(self, request, deadline: float | None) -> BatchResult:
+        """request: prunefusion.transfusion.sampling.ImageRequest (validated) -> BatchResult(uint8 [H, W, 3])."""
+        return await self._submit("image", ("image", request.steps), request, deadline)
+
+    async def caption(self, image: np.ndarray, max_tokens: int, deadline: float | None) -> BatchResult:
+        result = await self._submit("caption", ("caption",), image, deadline)
+        words = result.value.split()[:max_tokens]  # captions are word tokens: a shorter limit is a prefix
+        return BatchResult(" ".join(words), result.queue_seconds, result.batch_size)
+
+    async def interleaved(self, prompt: str, *, max_tokens: int, max_images: int, steps: int, guidance_scale: float,
+                          seed: int) -> AsyncIterator[tuple[str, object]]:
+        """Parts from the sampler's interleaved generator, each step run on the model thread (between batches)."""
+        if self._closed:
+            raise EngineUnavailableError(f"model {self.name!r} is shutting down")
+        loop = asyncio.get_running_loop()
+        parts = self.sampler.interleaved(prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
+                                         guidance_scale=guidance_scale, seed=seed)
+        done = object()
+        try:
+            while True:
+                part = await loop.run_in_executor(self._executor, next, parts, done)
+                if part is done:
+                    return
+                yield part
+        finally:
+            await loop.run_in_executor(self._executor, parts.close)
+
+    async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> BatchResult:
+        if self._closed:
+            raise EngineUnavailableError(f"model {self.name!r} is shutting down")
+        if len(self._pending) >= self.options.max_queue:
+            raise QueueFullError(f"model {self.name!r}: {len(self._pending)} requests waiting", retry_after_s=0.5)
+        job = _Job(kind, key, payload, asyncio.get_running_loop().create_future(), deadline=deadline)
+        self._pending.append(job)
+        self._wake.set()
+        return await job.future  # cancelling this await cancels the job's future: the batcher skips it
+
+    # ---- the batcher -----------------------------------------------------------------------------------------------
+    def _live(self) -> list[_Job]:
+        now = time.monotonic()
+        for job in self._pending:
+            if not job.future.done() and job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(TimeoutError("deadline passed while waiting for the model"))
+        self._pending = [j for j in self._pending if not j.future.done()]
+        return self._pending
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._live():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            first = self._pending[0]
+            window_end = first.arrival + self.options.max_wait_s
+            while (len([j for j in self._live() if j.key == first.key]) < self.options.max_batch_size
+                   and time.monotonic() < window_end and not first.future.done()):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
+            batch = [j for j in self._live() if j.key == first.key][: self.options.max_batch_size]
+            if not batch:
+                continue
+            self._pending = [j for j in self._pending if j not in batch]
+            started = time.monotonic()
+            self._running = len(batch)
+            try:
+                values = await loop.run_in_executor(self._executor, self._run, batch)
+            except Exception as err:  # noqa: BLE001 - the batch's callers get the error, the loop lives on
+                log.exception("transfusion batch failed")
+                values = [err] * len(batch)
+            finally:
+                self._running = 0
+            for job, value in zip(batch, values, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(value, Exception):
+                    job.future.set_exception(value)
+                else:
+                    job.future.set_result(BatchResult(value, started - job.arrival, len(batch)))
+
+    def _run(self, batch: list[_Job]) -> list:
+        if batch[0].kind == "image":
+            return self.sampler.generate_images([job.payload for job in batch])
+        images = np.stack([job.payload for job in batch])
+        return self.sampler.caption(images, max_tokens=self.options.max_caption_tokens)

@@ -1,0 +1,185 @@
+"""The Multimodal gRPC service end to end: a pico Transfusion model (random weights) behind a real server."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import ServerThread
+from PIL import Image
+
+from prunefusion.server.config import parse_config
+from prunefusion.transfusion import shapes
+from prunefusion.transfusion.build import save_model
+from prunefusion.transfusion.model import Transfusion, TransfusionConfig
+from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
+from prunefusion.transfusion.tokenizer import WordTokenizer
+from prunefusion_client import Client, ImageOptions
+from prunefusion_client.cli import main as client_main
+
+
+@pytest.fixture(scope="module")
+def transfusion_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = WordTokenizer(shapes.caption_words())
+    model = Transfusion(TransfusionConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, patch_size=8))
+    path = tmp_path_factory.mktemp("tf") / "pico-transfusion"
+    save_model(model.eval(), tok, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mm_server(transfusion_dir, pico_dir):
+    config = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+        "cache": {"enabled": False},
+        "models": [
+            {"name": "pico-lm", "path": str(pico_dir), "max_batch_size": 2},
+            # a long batch window so that concurrent test requests reliably share a batch
+            {"name": "pico-tf", "path": str(transfusion_dir), "engine": "transfusion", "max_batch_size": 4,
+             "max_queue": 8, "images": {"max_wait_ms": 300, "default_steps": 4, "max_steps": 50, "max_size": 128}},
+        ],
+    })
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def mm_client(mm_server):
+    with Client(mm_server.target, timeout=60, max_attempts=1) as c:
+        yield c
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_generate_image_is_reproducible_and_sized(mm_client, transfusion_dir):
+    options = ImageOptions(steps=3, guidance_scale=2.0, seed=11)
+    a = mm_client.generate_image("a red circle on the left", options=options)
+    b = mm_client.generate_image("a red circle on the left", options=options)
+    assert (a.width, a.height, a.steps, a.seed, a.model) == (32, 32, 3, 11, "pico-tf")
+    assert a.png == b.png
+    # the server's image is the sampler's image for the same request
+    sampler = TransfusionSampler.load(transfusion_dir)
+    expected = sampler.generate_images([ImageRequest("a red circle on the left", 3, 2.0, 11)])[0]
+    assert np.abs(png_pixels(a.png).astype(int) - expected).max() <= 1
+    big = mm_client.generate_image("a red circle on the left", options=ImageOptions(steps=3, seed=11, size=96))
+    assert png_pixels(big.png).shape == (96, 96, 3)
+
+
+def test_concurrent_requests_are_batched_and_keep_their_seeds(mm_client, transfusion_dir):
+    prompts = ["a red circle on the left", "a blue square in the center", "a green triangle at the top",
+               "a cyan circle at the bottom right"]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: mm_client.generate_image(
+            prompts[i], options=ImageOptions(steps=3, guidance_scale=3.0, seed=100 + i)), range(4)))
+    assert max(r.timings.batch_size for r in responses) >= 2, [r.timings.batch_size for r in responses]
+    sampler = TransfusionSampler.load(transfusion_dir)
+    for i, response in enumerate(responses):
+        alone = sampler.generate_images([ImageRequest(prompts[i], 3, 3.0, 100 + i)])[0]
+        assert np.abs(png_pixels(response.png).astype(int) - alone).max() <= 1, i
+
+
+def test_caption_accepts_png_and_jpeg_and_large_multiples(mm_client):
+    pixels = shapes.render(shapes.Scene("square", "red", "center"))
+    image = Image.fromarray(pixels)
+    text = mm_client.caption(encoded(image)).text
+    assert isinstance(text, str)
+    assert mm_client.caption(encoded(image.resize((96, 96), Image.Resampling.NEAREST))).text == text
+    mm_client.caption(encoded(image, "JPEG"))
+    mm_client.caption(encoded(image.convert("L")))  # grayscale is converted
+    limited = mm_client.caption(encoded(image), max_tokens=1).text
+    assert len(limited.split()) <= 1
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (b"not an image at all", "not a PNG or JPEG"),
+    (encoded(Image.new("RGB", (256, 256))), "too large"),
+    (encoded(Image.new("RGB", (32, 48))), "square"),
+    (encoded(Image.new("RGB", (16, 16))), "too small"),
+    (encoded(Image.new("CMYK", (32, 32)), "JPEG"), "mode CMYK"),
+    (encoded(Image.new("I;16", (32, 32))), "mode I;16"),
+    (encoded(Image.new("RGB", (32, 32)), "BMP"), "format BMP"),
+    (b"", "empty"),
+])
+def test_bad_images_are_invalid_argument(mm_client, data, needle):
+    with pytest.raises(grpc.RpcError) as err:
+        mm_client.caption(data)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+
+
+@pytest.mark.parametrize(("prompt", "options", "needle"), [
+    ("a red hexagon", ImageOptions(), "hexagon"),
+    ("", ImageOptions(), "prompt"),
+    ("a red circle", ImageOptions(steps=0), "steps"),
+    ("a red circle", ImageOptions(steps=51), "steps"),
+    ("a red circle", ImageOptions(guidance_scale=-1), "guidance_scale"),
+    ("a red circle", ImageOptions(size=40), "size"),
+    ("a red circle", ImageOptions(size=256), "size"),
+])
+def test_bad_image_requests_are_invalid_argument(mm_client, prompt, options, needle):
+    with pytest.raises(grpc.RpcError) as err:
+        mm_client.generate_image(prompt, options=options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+
+
+def test_models_are_routed_to_their_own_service(mm_client):
+    with pytest.raises(grpc.RpcError) as err:
+        mm_client.generate_image("a red circle", "pico-lm")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "TextGeneration" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        mm_client.generate("hello", "pico-tf")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "Multimodal" in err.value.details()
+    assert [m.name for m in mm_client.list_models()] == ["pico-lm"]
+    (info,) = mm_client.list_image_models()
+    assert (info.name, info.image_size, info.max_steps, info.max_batch_size) == ("pico-tf", 32, 50, 4)
+
+
+def test_a_request_past_its_deadline_is_dropped_before_its_batch_runs(mm_client):
+    import time
+
+    def expiring():
+        with pytest.raises(grpc.RpcError) as err:
+            mm_client.generate_image("a red circle", options=ImageOptions(steps=3), timeout=0.05)  # < batch window
+        return err.value.code()
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(expiring)
+        time.sleep(0.1)  # inside the first request's 300 ms batch window, after its deadline
+        second = pool.submit(mm_client.generate_image, "a blue circle", options=ImageOptions(steps=3, seed=1))
+        assert first.result() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert second.result().timings.batch_size == 1  # the expired request did not take a batch slot
+
+
+def test_interleaved_streams_text_and_image_parts(mm_client):
+    parts = list(mm_client.generate_interleaved("a red circle", options=ImageOptions(steps=2, seed=1),
+                                                max_tokens=6, max_images=1))
+    assert 1 <= len(parts) <= 7
+    for part in parts:
+        assert part.WhichOneof("part") in ("text", "image")
+        if part.WhichOneof("part") == "image":
+            assert png_pixels(part.image.png).shape == (32, 32, 3)
+
+
+def test_client_cli_image_and_caption(mm_server, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert client_main(["--target", mm_server.target, "image", "a red circle on the left", "-o", str(out),
+                        "--steps", "2", "--seed", "3"]) == 0
+    assert png_pixels(out.read_bytes()).shape == (32, 32, 3)
+    assert client_main(["--target", mm_server.target, "caption", str(out)]) == 0
+    assert client_main(["--target", mm_server.target, "image", "a red blob", "-o", str(tmp_path / "x.png")]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
