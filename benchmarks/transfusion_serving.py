@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,27 +32,39 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def start_server(model: Path, max_batch: int, wait_ms: float):
-    from prunefusion.server.app import PrunefusionServer
-    from prunefusion.server.config import parse_config
+def start_server(model: Path, max_batch: int, wait_ms: float, workdir: Path):
+    """`prunefusion serve` in its own process (as in production: the client's threads do not share its GIL)."""
+    import socket
+    import subprocess
 
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
-                           "cache": {"enabled": False},
-                           "models": [{"name": "tf", "path": str(model), "engine": "transfusion",
-                                       "max_batch_size": max_batch, "images": {"max_wait_ms": wait_ms}}]})
-    server = PrunefusionServer(config)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
+    import grpc
+    import yaml
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    def run():
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_until_complete(server.wait_stopped())
-
-    threading.Thread(target=run, daemon=True).start()
-    ready.wait(300)
-    return server, loop
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = {"server": {"host": "127.0.0.1", "port": port, "metrics_port": None, "log_level": "WARNING"},
+              "cache": {"enabled": False},
+              "models": [{"name": "tf", "path": str(model), "engine": "transfusion", "max_batch_size": max_batch,
+                          "images": {"max_wait_ms": wait_ms}}]}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "prunefusion.cli", "serve", "--config", str(workdir / "serve.yaml")])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, port
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited while starting")
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("the server did not become SERVING in 300 s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance-scale", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--wait-ms", type=float, default=20.0, help="the server's batch window")
+    ap.add_argument("--wait-ms", type=float, default=10.0, help="the server's batch window (default config: 10)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -84,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         recomputed = timed(lambda k=k: sampler.generate_images(reqs[:k], use_cache=False), args.repeats)
         rows[f"sampler: {k} image(s), recomputed prompt vs KV-cached prompt"] = (k / recomputed, k / cached)
 
-    server, loop = start_server(args.model, max_batch=8, wait_ms=args.wait_ms)
+    import tempfile
+
+    proc, port = start_server(args.model, max_batch=8, wait_ms=args.wait_ms, workdir=Path(tempfile.mkdtemp()))
     try:
-        with Client(f"127.0.0.1:{server.port}", timeout=600, max_attempts=1) as client:
+        with Client(f"127.0.0.1:{port}", timeout=600, max_attempts=1) as client:
             def one(i: int):
                 return client.generate_image(PROMPTS[i], options=ImageOptions(steps=args.steps,
                                                                               guidance_scale=args.guidance_scale,
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 concurrent_rpc = timed(concurrent, args.repeats)
             rows["gRPC: 4 concurrent requests vs 4 serial"] = (n / serial_rpc, n / concurrent_rpc)
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(grace=1), loop).result(60)
+        proc.terminate()
+        proc.wait(60)
 
     print(f"model {args.model} ({sum(p.numel() for p in sampler.model.parameters()):,} parameters), "
           f"{args.steps} steps, guidance {args.guidance_scale}, torch threads {torch.get_num_threads()}")

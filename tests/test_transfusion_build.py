@@ -44,5 +44,13 @@ def test_cli_builds_a_servable_directory_with_report(tmp_path, capsys):
     sampler = TransfusionSampler.load(out)
     (image,) = sampler.generate_images([ImageRequest("a red circle on the left", steps=2)])
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert cli_main(["transfusion", "evaluate", "--model", str(out), "--out", str(tmp_path / "ev"), "--steps", "2",
+                     "--max-seen-scenes", "4"]) == 0
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert evaluation["splits"]["seen"]["scenes"] == 4 and evaluation["splits"]["held_out"]["scenes"] == 16
+    assert (tmp_path / "ev" / "samples.png").is_file()
+    assert cli_main(["transfusion", "sample", "a red circle on the left", "--model", str(out), "-o",
+                     str(tmp_path / "s.png"), "--steps", "2"]) == 0
+    assert cli_main(["transfusion", "sample", "a red blob", "--model", str(out), "-o", str(tmp_path / "t.png")]) == 2
     assert cli_main(["models", "build", "transfusion", "--recipe", "pico", "--out", str(out)]) == 1  # exists
     assert cli_main(["models", "build", "transfusion", "--recipe", "large"]) == 2  # an LM recipe, not Transfusion

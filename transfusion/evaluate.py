@@ -38,8 +38,10 @@ def text_to_image_accuracy(sampler: TransfusionSampler, scenes: list[shapes.Scen
 
 
 def caption_accuracy(sampler: TransfusionSampler, scenes: list[shapes.Scene], settings: EvalSettings):
-    """Caption jittered renders -> exact-match rate, word accuracy (position by position) and the captions."""
+    """Caption jittered renders (images_per_scene per scene) -> exact-match rate, word accuracy (position by
+    position) and the captions."""
     rng = np.random.default_rng(settings.seed)
+    scenes = [s for s in scenes for _ in range(settings.images_per_scene)]  # a fresh jittered render each
     pixels = np.stack([shapes.render(s, sampler.config.image_size, rng) for s in scenes])
     captions: list[str] = []
     for k in range(0, len(scenes), settings.batch_size):
@@ -67,7 +69,9 @@ def evaluate(sampler: TransfusionSampler, train: list[shapes.Scene], held_out: l
         result["splits"][name] = {"scenes": len(scenes), "text_to_image": t2i, "caption": i2t,
                                   "examples": [{"prompt": s.caption(), "read_back": r.caption() if r else None,
                                                 "caption_of_render": c}
-                                               for s, r, c in list(zip(scenes, reads, captions, strict=False))[:8]]}
+                                               for s, r, c in list(zip(scenes, reads[::settings.images_per_scene],
+                                                                       captions[::settings.images_per_scene],
+                                                                       strict=False))[:8]]}
         step = settings.images_per_scene
         grid_images += images[::step][:16]
         grid_labels += [("" if r and r == s else "x ") + s.caption().replace("a ", "", 1)

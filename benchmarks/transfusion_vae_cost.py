@@ -1,0 +1,99 @@
+"""Pixels or a VAE for the shapes world? What a small diffusers AutoencoderKL would cost here, beside the pixel
+model's own training step, measured in one run.
+
+At 32x32, pixel patches of 8 give 16 tokens per image; a VAE with 4x downsampling (32x32x3 -> 8x8x4) at patch 2
+also gives 16 tokens, so the transformer's cost is the same either way. The VAE adds: its own training (before
+Transfusion training can start), an encode per training image (unless latents are cached), and a decode per
+generated image. This prints those costs as multiples of one Transfusion training step.
+
+    python benchmarks/transfusion_vae_cost.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    from diffusers import AutoencoderKL
+
+    from prunefusion.transfusion import shapes
+    from prunefusion.transfusion.build import RECIPES, model_config
+    from prunefusion.transfusion.model import Transfusion, images_to_tensor
+    from prunefusion.transfusion.tokenizer import WordTokenizer
+    from prunefusion.transfusion.training import RenderBank, make_scheduler, training_batch, transfusion_loss
+
+    torch.manual_seed(0)
+    batch = 32
+    tok = WordTokenizer(shapes.caption_words())
+    recipe = RECIPES["default"]
+    model = Transfusion(model_config(recipe, tok))
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    train, _ = shapes.split_scenes()
+    bank = RenderBank(train, 4, shapes.IMAGE_SIZE, 0)
+    rng, gen, scheduler = np.random.default_rng(0), torch.Generator().manual_seed(0), make_scheduler()
+
+    def transfusion_step():
+        lay, images, max_sigma = training_batch(bank, batch, tok, rng, caption_first_fraction=0.5,
+                                                caption_dropout=0.1, image_first_max_sigma=0.5,
+                                                num_patches=model.config.num_patches)
+        loss = transfusion_loss(model, lay, images, scheduler, diffusion_weight=5.0, max_sigma=max_sigma,
+                                generator=gen)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32)
+    vae_optimizer = torch.optim.AdamW(vae.parameters(), 1e-3)
+    pixels = images_to_tensor(bank.sample(batch, rng)[1])
+
+    def vae_train_step():
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        vae_optimizer.step()
+        vae_optimizer.zero_grad()
+
+    with torch.no_grad():
+        latent_shape = tuple(vae.encode(pixels[:1]).latent_dist.mode().shape[1:])
+
+    @torch.no_grad()
+    def encode():
+        return vae.encode(pixels).latent_dist.mode()
+
+    @torch.no_grad()
+    def decode4():
+        return vae.decode(torch.randn(4, *latent_shape)).sample
+
+    step = median_seconds(transfusion_step)
+    rows = {"Transfusion training step (batch 32, the baseline)": step,
+            "VAE training step (batch 32)": median_seconds(vae_train_step),
+            "VAE encode (batch 32, per Transfusion step without cached latents)": median_seconds(encode),
+            "VAE decode (4 generated images)": median_seconds(decode4)}
+    print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, 32x32x3 -> {latent_shape}; "
+          f"Transfusion: {sum(p.numel() for p in model.parameters()):,} parameters; torch threads "
+          f"{torch.get_num_threads()}")
+    for name, seconds in rows.items():
+        print(f"{name:<72} {seconds * 1000:8.1f} ms  {seconds / step:5.2f}x the Transfusion step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
