@@ -41,6 +41,9 @@ def test_cli_builds_a_servable_directory_with_report(tmp_path, capsys):
     assert manifest["kind"] == "prunefusion.transfusion" and manifest["training"]["steps"] == 20
     assert set(manifest["evaluation"]["splits"]) == {"seen", "held_out"}
     assert len(manifest["data"]["held_out_scenes"]) == 16
+    history = json.loads((out / "history.json").read_text())
+    assert [e["step"] for e in history["evals"]] == [10, 20]  # the learning curve's accuracy checks
+    assert "| 20 |" in (out / "report.md").read_text()
     sampler = TransfusionSampler.load(out)
     (image,) = sampler.generate_images([ImageRequest("a red circle on the left", steps=2)])
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8

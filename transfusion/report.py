@@ -15,7 +15,8 @@ def plot_learning_curves(history: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    evals = history.get("evals") or []
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 3.8))
     steps = np.asarray(history["step"])
     for ax, key, label in ((axes[0], "lm", "text next-token loss (nats)"),
                            (axes[1], "diffusion", "image diffusion loss (MSE)")):
@@ -31,10 +32,36 @@ def plot_learning_curves(history: dict, path: Path, title: str) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    if evals:
+        ax = axes[2]
+        at = [e["step"] for e in evals]
+        for split, style in (("seen", "-"), ("held_out", "--")):
+            ax.plot(at, [100 * e[split]["text_to_image_all"] for e in evals], "o" + style, color="C0",
+                    label=f"text->image all attributes, {split}")
+            ax.plot(at, [100 * e[split]["caption_exact"] for e in evals], "s" + style, color="C1",
+                    label=f"caption exact, {split}")
+        ax.set_ylim(0, 102)
+        ax.set_xlabel(f"step (minutes of training at the last: {evals[-1]['minutes']:.1f})")
+        ax.set_title("accuracy (quick check: 10 steps, 16 seen + held-out)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _evals_table(evals: list[dict]) -> list[str]:
+    if not evals:
+        return []
+    lines = ["Learning curve (quick check during training: 10 Euler steps, 16 seen scenes and the held-out ones):", "",
+             "| step | minutes | text->image seen | text->image held-out | caption seen | caption held-out |",
+             "|---|---|---|---|---|---|"]
+    for e in evals:
+        s, h = e["seen"], e["held_out"]
+        lines.append(f"| {e['step']} | {e['minutes']:.1f} | {s['text_to_image_all']:.0%} | "
+                     f"{h['text_to_image_all']:.0%} | {s['caption_exact']:.0%} | {h['caption_exact']:.0%} |")
+    return [*lines, ""]
 
 
 def write_report(directory: Path, manifest: dict, history: dict, result: dict) -> None:
@@ -60,6 +87,7 @@ def write_report(directory: Path, manifest: dict, history: dict, result: dict) -
         "| metric | seen | held-out | goal |", "|---|---|---|---|",
         *[f"| {m} | {s} | {h} | {g} |" for m, s, h, g in goals_table(result)], "",
         "![learning curves](loss_curve.png)", "",
+        *_evals_table(history.get("evals") or []),
         "![text -> image samples (x = checker disagrees)](samples.png)", "",
     ]
     (directory / "report.md").write_text("\n".join(lines))
