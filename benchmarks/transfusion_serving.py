@@ -32,41 +32,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def start_server(model: Path, max_batch: int, wait_ms: float, workdir: Path):
-    """`prunefusion serve` in its own process (as in production: the client's threads do not share its GIL)."""
-    import socket
-    import subprocess
-
-    import grpc
-    import yaml
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = {"server": {"host": "127.0.0.1", "port": port, "metrics_port": None, "log_level": "WARNING"},
-              "cache": {"enabled": False},
-              "models": [{"name": "tf", "path": str(model), "engine": "transfusion", "max_batch_size": max_batch,
-                          "images": {"max_wait_ms": wait_ms}}]}
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "prunefusion.cli", "serve", "--config", str(workdir / "serve.yaml")])
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError("the server exited while starting")
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("the server did not become SERVING in 300 s")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="a Transfusion model directory")
@@ -96,24 +61,32 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    proc, port = start_server(args.model, max_batch=8, wait_ms=args.wait_ms, workdir=Path(tempfile.mkdtemp()))
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=600, max_attempts=1) as client:
-            def one(i: int):
-                return client.generate_image(PROMPTS[i], options=ImageOptions(steps=args.steps,
-                                                                              guidance_scale=args.guidance_scale,
-                                                                              seed=i))
-            serial_rpc = timed(lambda: [one(i) for i in range(n)], args.repeats)
-            with ThreadPoolExecutor(n) as pool:
-                batch_sizes: list[int] = []
+    import yaml
 
-                def concurrent():
-                    batch_sizes.extend(r.timings.batch_size for r in pool.map(one, range(n)))
-                concurrent_rpc = timed(concurrent, args.repeats)
-            rows["gRPC: 4 concurrent requests vs 4 serial"] = (n / serial_rpc, n / concurrent_rpc)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    from prunefusion.loadtest.server_process import ServerProcess
+
+    config = Path(tempfile.mkdtemp()) / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "log_level": "WARNING"},
+        "cache": {"enabled": False},
+        "models": [{"name": "tf", "path": str(args.model), "engine": "transfusion", "max_batch_size": 8,
+                    "images": {"max_wait_ms": args.wait_ms}}]}))
+    with ServerProcess(config, startup_timeout_s=300) as server, \
+            Client(server.target, timeout=600, max_attempts=1) as client:
+
+        def one(i: int):
+            options = ImageOptions(steps=args.steps, guidance_scale=args.guidance_scale, seed=i)
+            return client.generate_image(PROMPTS[i], options=options)
+
+        serial_rpc = timed(lambda: [one(i) for i in range(n)], args.repeats)
+        batch_sizes: list[int] = []
+        with ThreadPoolExecutor(n) as pool:
+
+            def concurrent():
+                batch_sizes.extend(r.timings.batch_size for r in pool.map(one, range(n)))
+
+            concurrent_rpc = timed(concurrent, args.repeats)
+        rows["gRPC: 4 concurrent requests vs 4 serial"] = (n / serial_rpc, n / concurrent_rpc)
 
     print(f"model {args.model} ({sum(p.numel() for p in sampler.model.parameters()):,} parameters), "
           f"{args.steps} steps, guidance {args.guidance_scale}, torch threads {torch.get_num_threads()}")

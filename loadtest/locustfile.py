@@ -2,10 +2,16 @@
 
     locust -f loadtest/locustfile.py --headless -u 4 -r 4 -t 30s --host localhost:50051 --pf-model tiny-lm
 
-Imports only grpc, the stubs and the client: never torch or transformers (they break locust's gevent ssl patching).
-Each call fires a locust request event (`Generate`, `GenerateStream`) and, on a stream's first non-empty chunk, a
-separate `TTFT` event. With --pf-records, every request also appends one JSON line (wall-clock start, TTFT, e2e,
-token count, inter-chunk gaps, status code) so percentiles are computed exactly, with warm-up excluded, afterwards.
+Imports only grpc, the stubs, the client, and numpy + PIL for the shapes-world images: never torch or transformers
+(they break locust's gevent ssl patching). Each call fires a locust request event named after its RPC
+(`Generate`, `GenerateStream`, `GenerateImage`, `Caption`; mixed by the --pf-*-weight options) and, on a stream's
+first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends one JSON line
+(wall-clock start, TTFT, e2e, token count, inter-chunk gaps, status code) so percentiles are computed exactly, with
+warm-up excluded, afterwards.
+
+Two user classes: `PrunefusionUser` (closed loop: the next request as soon as the previous one ends; -u N users)
+and `PoissonArrivals` (open loop: one user starts requests at exponential intervals of mean 1/--pf-rate seconds,
+whether or not earlier ones have finished).
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import json  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 
+import gevent.pool  # noqa: E402
 import grpc  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
-from prunefusion_client import Client, GenerateOptions  # noqa: E402
+from prunefusion_client import Client, GenerateOptions, ImageOptions  # noqa: E402
 
 # a fixed vocabulary: seeded prompts of a controlled length, never served from the cache by accident (bypass)
 WORDS = ("the", "module", "function", "returns", "value", "list", "object", "string", "file", "path", "error", "class",
@@ -39,6 +46,11 @@ def _options(parser) -> None:
     parser.add_argument("--pf-max-new-tokens", type=int, default=32, help="output tokens per request")
     parser.add_argument("--pf-stream-weight", type=int, default=1, help="relative weight of GenerateStream calls")
     parser.add_argument("--pf-unary-weight", type=int, default=0, help="relative weight of Generate calls")
+    parser.add_argument("--pf-image-weight", type=int, default=0, help="relative weight of GenerateImage calls")
+    parser.add_argument("--pf-caption-weight", type=int, default=0, help="relative weight of Caption calls")
+    parser.add_argument("--pf-image-model", default="", help="Transfusion model (default: the server's first)")
+    parser.add_argument("--pf-image-steps", type=int, default=20, help="denoising steps per GenerateImage")
+    parser.add_argument("--pf-rate", type=float, default=1.0, help="PoissonArrivals: requests per second")
     parser.add_argument("--pf-cache", default="bypass", choices=["default", "bypass", "refresh"])
     parser.add_argument("--pf-seed", type=int, default=0)
     parser.add_argument("--pf-records", default="", help="append one JSON line per request to this file")
@@ -61,9 +73,31 @@ def synthetic_prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize()
 
 
-class PrunefusionUser(User):
-    """One closed-loop user: sends the next request as soon as the previous one ends."""
+def shapes_png(rng: random.Random) -> bytes:
+    """A rendered shapes-world scene as PNG bytes (what a Caption client sends)."""
+    import io
 
+    import numpy as np
+    from PIL import Image
+
+    from prunefusion.transfusion import shapes
+
+    scene = rng.choice(shapes.all_scenes())
+    buffer = io.BytesIO()
+    Image.fromarray(shapes.render(scene, rng=np.random.default_rng(rng.getrandbits(32)))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shapes_prompt(rng: random.Random) -> str:
+    from prunefusion.transfusion import shapes
+
+    return rng.choice(shapes.all_scenes()).caption()
+
+
+class _Calls(User):
+    """The RPCs and the per-request record; subclasses decide when requests start."""
+
+    abstract = True
     wait_time = constant(0)
 
     def on_start(self) -> None:
@@ -71,6 +105,10 @@ class PrunefusionUser(User):
         self.opts = o
         self.rng = random.Random(o.pf_seed * 1_000_003 + next(_user_ids))
         self.api = Client(self.host, max_attempts=1, timeout=300)  # no retries: a load test counts failures
+        self.weights = {"GenerateStream": o.pf_stream_weight, "Generate": o.pf_unary_weight,
+                        "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight}
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("every --pf-*-weight is 0: nothing to send")
 
     def on_stop(self) -> None:
         self.api.close()
@@ -85,33 +123,81 @@ class PrunefusionUser(User):
         events.request.fire(request_type="grpc", name=rpc, response_time=e2e * 1000, response_length=tokens,
                             exception=error, context={"status": status})
         if _records is not None:
-            _records.write(json.dumps({"rpc": rpc, "model": self.opts.pf_model, "start": started, "e2e": e2e,
-                                       "ttft": ttft, "tokens": tokens, "itl": gaps, "status": status}) + "\n")
+            model = self.opts.pf_image_model if rpc in ("GenerateImage", "Caption") else self.opts.pf_model
+            _records.write(json.dumps({"rpc": rpc, "model": model, "start": started, "e2e": e2e, "ttft": ttft,
+                                       "tokens": tokens, "itl": gaps, "status": status}) + "\n")
 
-    @task
-    def generate(self) -> None:
-        o = self.opts
-        stream = self.rng.random() * (o.pf_stream_weight + o.pf_unary_weight) < o.pf_stream_weight
-        prompt = synthetic_prompt(self.rng, o.pf_prompt_words)
+    def one_request(self) -> None:
+        names = list(self.weights)
+        rpc = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
+        call = {"GenerateStream": self._stream, "Generate": self._unary, "GenerateImage": self._image,
+                "Caption": self._caption}[rpc]
+        inputs = self._inputs(rpc)  # made before the clock starts
         started, t0 = time.time(), time.perf_counter()
-        ttft, tokens, gaps, last, status, error = None, 0, [], None, "OK", None
+        ttft, tokens, gaps, status, error = None, 0, [], "OK", None
         try:
-            if stream:
-                for chunk in self.api.generate_stream(prompt, o.pf_model, self._request_options()):
-                    now = time.perf_counter()
-                    if chunk.token_ids:
-                        if ttft is None:
-                            ttft = now - t0
-                            events.request.fire(request_type="grpc", name="TTFT", response_time=ttft * 1000,
-                                                response_length=0, exception=None, context={})
-                        else:
-                            gaps.append(now - last)
-                        last = now
-                        tokens += len(chunk.token_ids)
-            else:
-                reply = self.api.generate(prompt, o.pf_model, self._request_options())
-                tokens = reply.usage.completion_tokens
+            ttft, tokens, gaps = call(inputs, t0)
         except grpc.RpcError as err:
             status, error = err.code().name, err
-        self._record("GenerateStream" if stream else "Generate", started, time.perf_counter() - t0, ttft, tokens,
-                     gaps, status, error)
+        self._record(rpc, started, time.perf_counter() - t0, ttft, tokens, gaps, status, error)
+
+    def _inputs(self, rpc: str):
+        if rpc == "Caption":
+            return shapes_png(self.rng)
+        if rpc == "GenerateImage":
+            return shapes_prompt(self.rng)
+        return synthetic_prompt(self.rng, self.opts.pf_prompt_words)
+
+    def _stream(self, prompt: str, t0: float):
+        ttft, tokens, gaps, last = None, 0, [], None
+        for chunk in self.api.generate_stream(prompt, self.opts.pf_model, self._request_options()):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                if ttft is None:
+                    ttft = now - t0
+                    events.request.fire(request_type="grpc", name="TTFT", response_time=ttft * 1000,
+                                        response_length=0, exception=None, context={})
+                else:
+                    gaps.append(now - last)
+                last = now
+                tokens += len(chunk.token_ids)
+        return ttft, tokens, gaps
+
+    def _unary(self, prompt: str, t0: float):
+        return None, self.api.generate(prompt, self.opts.pf_model, self._request_options()).usage.completion_tokens, []
+
+    def _image(self, prompt: str, t0: float):
+        options = ImageOptions(steps=self.opts.pf_image_steps, seed=self.rng.getrandbits(32))
+        self.api.generate_image(prompt, self.opts.pf_image_model, options)
+        return None, 0, []
+
+    def _caption(self, png: bytes, t0: float):
+        reply = self.api.caption(png, self.opts.pf_image_model)
+        return None, len(reply.text.split()), []
+
+
+class PrunefusionUser(_Calls):
+    """One closed-loop user: sends the next request as soon as the previous one ends."""
+
+    @task
+    def request(self) -> None:
+        self.one_request()
+
+
+class PoissonArrivals(_Calls):
+    """Open loop: requests start at Poisson times (rate --pf-rate per second), each in its own greenlet."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.in_flight = gevent.pool.Group()
+
+    def on_stop(self) -> None:
+        self.in_flight.join(timeout=60)  # let started requests finish and be recorded
+        super().on_stop()
+
+    def wait_time(self) -> float:  # locust waits this long after each task: exponential gaps = Poisson arrivals
+        return self.rng.expovariate(self.opts.pf_rate)
+
+    @task
+    def arrival(self) -> None:
+        self.in_flight.spawn(self.one_request)  # returns at once: the request runs while the next one is awaited

@@ -1,10 +1,18 @@
-"""`prunefusion loadtest`: locust, headless and in its own process, for each model at each concurrency; a report.
+"""`prunefusion loadtest`: locust, headless and in its own process, for each model at each load; a report.
 
     prunefusion loadtest --target localhost:50051 --models tiny-lm tiny-lm-pruned --concurrency 1 4 16 --out runs/lt
+    prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned --rates 1 2 4 --slo-ttft-ms 500 --out runs/lt
+    prunefusion loadtest --serve --models transfusion --concurrency 1 4 --caption-weight 1 --out runs/lt-images
+
+Loads: closed loop at each --concurrency (N users, each sending its next request when the last one ends) and open
+loop at each --rates (Poisson arrivals, requests/s, regardless of how many are in flight). --serve starts
+`prunefusion serve` (the embedded default config, or the config file given) in its own process and stops it at the
+end. Text models get GenerateStream/Generate calls, Transfusion models GenerateImage/Caption calls.
 
 Writes results.json, results.csv, report.md, latency_cdf.png and scaling.png into --out; the per-request records
 locust wrote stay in --out/records/. The first model is the baseline of the ratio columns; "ideal" is L / L', the
-layer ratio the pruned model's speed-up would reach if decoding time were all in the blocks.
+layer ratio the pruned model's speed-up would reach if decoding time were all in the blocks. Goodput: requests/s that
+succeeded within every --slo-* bound given.
 """
 
 from __future__ import annotations
@@ -21,31 +29,49 @@ from prunefusion.loadtest.stats import run_stats
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
-def run_locust(target: str, model: str, users: int, args: argparse.Namespace, records: Path) -> str:
-    """One headless locust run; returns its output (for diagnostics)."""
+def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.Namespace, records: Path,
+               image_model: bool) -> str:
+    """One headless locust run at ("closed", users) or ("open", requests/s); returns its output (diagnostics)."""
     records.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+    mode, level = load
+    users, user_class = (int(level), "PrunefusionUser") if mode == "closed" else (1, "PoissonArrivals")
+    weights = (["--pf-stream-weight", "0", "--pf-unary-weight", "0", "--pf-image-weight", str(args.image_weight),
+                "--pf-caption-weight", str(args.caption_weight), "--pf-image-model", model]
+               if image_model else
+               ["--pf-stream-weight", str(args.stream_weight), "--pf-unary-weight", str(args.unary_weight),
+                "--pf-model", model])
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user_class, "--headless", "--only-summary",
                "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "60",
-               "--host", target, "--pf-model", model, "--pf-prompt-words", str(args.prompt_words),
-               "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-stream-weight", str(args.stream_weight),
-               "--pf-unary-weight", str(args.unary_weight), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
-               "--pf-records", str(records)]
+               "--host", target, "--pf-prompt-words", str(args.prompt_words),
+               "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
+               "--pf-image-steps", str(args.image_steps), "--pf-rate", str(level if mode == "open" else 1.0),
+               "--pf-records", str(records), *weights]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180)
     if not records.is_file():
         raise RuntimeError(f"locust wrote no records (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return done.stderr
 
 
-def layer_counts(target: str) -> dict[str, int]:
+def served_models(target: str) -> tuple[dict[str, int], set[str]]:
+    """(text model -> layer count, Transfusion model names) of the server at `target`."""
     from prunefusion_client import Client
 
     with Client(target, max_attempts=1) as client:
-        return {info.name: info.num_layers for info in client.list_models()}
+        return ({info.name: info.num_layers for info in client.list_models()},
+                {info.name for info in client.list_image_models()})
 
 
-def _row(model: str, users: int, stats: dict) -> dict:
-    flat = {"model": model, "concurrency": users, "requests": stats["requests"], "ok": stats.get("ok", 0),
-            "errors": sum(stats["errors"].values()), "requests_per_s": stats.get("requests_per_s"),
+def load_label(mode: str, level: float) -> str:
+    return f"c={int(level)}" if mode == "closed" else f"{level:g}/s"
+
+
+def _row(model: str, load: tuple[str, float], stats: dict) -> dict:
+    mode, level = load
+    flat = {"model": model, "mode": mode, "load": load_label(mode, level),
+            "concurrency": int(level) if mode == "closed" else None, "offered_rate": level if mode == "open" else None,
+            "requests": stats["requests"], "ok": stats.get("ok", 0),
+            "errors": sum(stats["errors"].values()), "errors_by_status": stats["errors"],
+            "requests_per_s": stats.get("requests_per_s"), "goodput_per_s": stats.get("goodput_per_s"),
             "output_tokens_per_s": stats.get("output_tokens_per_s")}
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         for key, value in stats.get(metric, {}).items():
@@ -55,23 +81,26 @@ def _row(model: str, users: int, stats: dict) -> dict:
 
 def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> list[str]:
     base = models[0]
-    lines = ["| model | c | requests | errors | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 ms | ITL p99 ms | "
-             "e2e p50 / p99 ms | speed vs first (ideal L/L') |", "|---" * 11 + "|"]
-    by_key = {(r["model"], r["concurrency"]): r for r in rows}
+    lines = ["| model | load | requests | errors | req/s | goodput/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 ms | "
+             "ITL p99 ms | e2e p50 / p99 ms | speed vs first (ideal L/L') |", "|---" * 12 + "|"]
+    by_key = {(r["model"], r["load"]): r for r in rows}
     for r in rows:
-        first = by_key.get((base, r["concurrency"]))
+        first = by_key.get((base, r["load"]))
         speed = ""
-        if first and first["output_tokens_per_s"] and r["output_tokens_per_s"]:
-            ideal = layers.get(base, 0) / layers[r["model"]] if layers.get(r["model"]) else float("nan")
-            speed = f"{r['output_tokens_per_s'] / first['output_tokens_per_s']:.2f}x ({ideal:.2f}x)"
+        same_kind = (r["model"] in layers) == (base in layers)  # text vs text, or images vs images
+        key = "output_tokens_per_s" if r["model"] in layers else "requests_per_s"
+        if same_kind and first and first[key] and r[key]:
+            ideal = layers[base] / layers[r["model"]] if r["model"] in layers and base in layers else float("nan")
+            speed = f"{r[key] / first[key]:.2f}x ({ideal:.2f}x)"
 
         def ms(key: str, r: dict = r) -> str:
             return "" if r.get(key) is None else f"{r[key]:.1f}"
 
-        lines.append(f"| {r['model']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-                     f"{r['requests_per_s'] or 0:.2f} | {r['output_tokens_per_s'] or 0:.1f} | "
-                     f"{ms('ttft_p50_ms')} / {ms('ttft_p99_ms')} | {ms('tpot_p50_ms')} | {ms('itl_p99_ms')} | "
-                     f"{ms('e2e_p50_ms')} / {ms('e2e_p99_ms')} | {speed} |")
+        errors = ", ".join(f"{n} {code}" for code, n in r["errors_by_status"].items()) or "0"
+        goodput = "" if r["goodput_per_s"] is None else f"{r['goodput_per_s']:.2f}"
+        lines.append(f"| {r['model']} | {r['load']} | {r['requests']} | {errors} | {r['requests_per_s'] or 0:.2f} | "
+                     f"{goodput} | {r['output_tokens_per_s'] or 0:.1f} | {ms('ttft_p50_ms')} / {ms('ttft_p99_ms')} | "
+                     f"{ms('tpot_p50_ms')} | {ms('itl_p99_ms')} | {ms('e2e_p50_ms')} / {ms('e2e_p99_ms')} | {speed} |")
     return lines
 
 
@@ -83,10 +112,10 @@ def _plots(records: dict[tuple[str, int], list[dict]], rows: list[dict], out: Pa
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (model, users), recs in records.items():
+    for (model, load), recs in records.items():
         e2e = np.sort([r["e2e"] * 1000 for r in recs if r["status"] == "OK"])
         if len(e2e):
-            ax.plot(e2e, np.arange(1, len(e2e) + 1) / len(e2e), label=f"{model}, c={users}")
+            ax.plot(e2e, np.arange(1, len(e2e) + 1) / len(e2e), label=f"{model}, {load}")
     ax.set_xlabel("end-to-end latency (ms)")
     ax.set_ylabel("fraction of requests")
     ax.grid(alpha=0.3)
@@ -95,56 +124,84 @@ def _plots(records: dict[tuple[str, int], list[dict]], rows: list[dict], out: Pa
     fig.savefig(out / "latency_cdf.png", dpi=120)
     plt.close(fig)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        left.plot([r["concurrency"] for r in mine], [r["output_tokens_per_s"] or 0 for r in mine], "o-", label=model)
-        right.plot([r["concurrency"] for r in mine], [r["e2e_p99_ms"] or 0 for r in mine], "o-", label=model)
-    left.set_ylabel("output tokens/s")
-    right.set_ylabel("e2e p99 (ms)")
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency (closed-loop users)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    modes = [m for m in ("closed", "open") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(10, 4 * len(modes)), squeeze=False)
+    for (left, right), mode in zip(axes, modes, strict=True):
+        x_key = "concurrency" if mode == "closed" else "offered_rate"
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
+            y_key = "output_tokens_per_s" if any(r["output_tokens_per_s"] for r in mine) else "requests_per_s"
+            left.plot([r[x_key] for r in mine], [r[y_key] or 0 for r in mine], "o-", label=model)
+            left.set_ylabel(y_key.replace("_per_s", "/s").replace("_", " "))
+            right.plot([r[x_key] for r in mine], [r["e2e_p99_ms"] or 0 for r in mine], "o-", label=model)
+        right.set_ylabel("e2e p99 (ms)")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency (closed-loop users)" if mode == "closed" else "offered rate (requests/s)")
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)
     plt.close(fig)
 
 
+def _slo(args: argparse.Namespace) -> dict[str, float]:
+    bounds = {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2e": args.slo_e2e_ms}
+    return {k: v / 1000 for k, v in bounds.items() if v is not None}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.serve is None:
+        return run_against(args.target, args)
+    from prunefusion.loadtest.server_process import ServerProcess
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = None if args.serve == "default" else Path(args.serve)
+    print(f"starting prunefusion serve ({args.serve} config; log: {out / 'server.log'})", flush=True)
+    with ServerProcess(config, log=out / "server.log") as server:
+        return run_against(server.target, args)
+
+
+def run_against(target: str, args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
-    layers = layer_counts(args.target)
-    unknown = [m for m in args.models if m not in layers]
+    layers, image_models = served_models(target)
+    unknown = [m for m in args.models if m not in layers and m not in image_models]
     if unknown:
-        raise ValueError(f"the server at {args.target} does not serve {unknown}; it serves {sorted(layers)}")
+        raise ValueError(f"the server at {target} does not serve {unknown}; it serves "
+                         f"{sorted(layers) + sorted(image_models)}")
+    loads = [("closed", float(c)) for c in args.concurrency] + [("open", float(r)) for r in args.rates]
+    slo = _slo(args)
     rows, records = [], {}
-    for users in args.concurrency:
+    for load in loads:
         for model in args.models:
-            path = out / "records" / f"{model}-c{users}.jsonl"
-            run_locust(args.target, model, users, args, path)
+            label = load_label(*load)
+            path = out / "records" / f"{model}-{label.replace('=', '').replace('/s', 'rps')}.jsonl"
+            run_locust(target, model, load, args, path, image_model=model in image_models)
             recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            stats = run_stats(recs, args.warmup)
-            records[(model, users)] = recs
-            rows.append(_row(model, users, stats))
-            print(f"{model} c={users}: {stats['requests']} requests after warm-up, errors {stats['errors'] or 0}, "
-                  f"{stats.get('output_tokens_per_s') or 0:.1f} output tok/s", flush=True)
-    rows.sort(key=lambda r: (r["concurrency"], args.models.index(r["model"])))
-    (out / "results.json").write_text(json.dumps({"rows": rows, "layers": layers, "options": vars(args)}, indent=1,
-                                                 default=str) + "\n")
+            stats = run_stats(recs, args.warmup, slo)
+            records[(model, label)] = recs
+            rows.append(_row(model, load, stats))
+            print(f"{model} {label}: {stats['requests']} requests after warm-up, errors {stats['errors'] or 0}, "
+                  f"{stats.get('requests_per_s') or 0:.2f} req/s, {stats.get('output_tokens_per_s') or 0:.1f} "
+                  "output tok/s", flush=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "layers": layers, "slo_s": slo,
+                                                 "options": vars(args)}, indent=1, default=str) + "\n")
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "errors_by_status"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     _plots(records, rows, out)
     table = _markdown(rows, layers, args.models)
+    slo_text = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in slo.items()) or "none given"
     (out / "report.md").write_text("\n".join([
-        f"# Load test against {args.target}", "",
-        f"Closed-loop locust users, {args.duration} s per run, first {args.warmup} s excluded; prompts of "
-        f"{args.prompt_words} words, up to {args.max_new_tokens} output tokens, cache {args.cache}. Layers: "
-        + ", ".join(f"{m} {layers[m]}" for m in args.models) + ".", "", *table, "",
-        "![latency CDF](latency_cdf.png)", "", "![scaling](scaling.png)", ""]))
+        f"# Load test against {target}", "",
+        f"Loads: {', '.join(load_label(*x) for x in loads)} (c = closed-loop users; /s = open-loop Poisson "
+        f"arrivals). {args.duration} s per run, first {args.warmup} s excluded; text prompts of {args.prompt_words} "
+        f"words, up to {args.max_new_tokens} output tokens, cache {args.cache}; images {args.image_steps} steps. "
+        f"SLOs for goodput: {slo_text}. Layers: " + ", ".join(f"{m} {layers[m]}" for m in args.models if m in layers)
+        + ".", "", *table, "", "![latency CDF](latency_cdf.png)", "", "![scaling](scaling.png)", ""]))
     print("\n".join(table))
     return 0
 
@@ -153,14 +210,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("loadtest", help="locust load test of a running server, a report per model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="localhost:50051", help="host:port of a running server")
+    p.add_argument("--serve", nargs="?", const="default", help="start `prunefusion serve` for the test (the embedded "
+                   "default config, or this config file) instead of using --target")
     p.add_argument("--models", nargs="+", required=True, help="model names; the first is the baseline")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16], help="closed-loop user counts")
+    p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (requests/s)")
     p.add_argument("--duration", type=int, default=30, help="seconds per (model, concurrency) run")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds at the start of each run not counted")
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--stream-weight", type=int, default=1)
     p.add_argument("--unary-weight", type=int, default=0)
+    p.add_argument("--image-weight", type=int, default=1, help="Transfusion models: GenerateImage share")
+    p.add_argument("--caption-weight", type=int, default=0, help="Transfusion models: Caption share")
+    p.add_argument("--image-steps", type=int, default=20)
+    p.add_argument("--slo-ttft-ms", type=float, help="goodput: time to first token bound")
+    p.add_argument("--slo-tpot-ms", type=float, help="goodput: time per output token bound")
+    p.add_argument("--slo-e2e-ms", type=float, help="goodput: end-to-end latency bound")
     p.add_argument("--cache", default="bypass", choices=["default", "bypass", "refresh"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/loadtest")

@@ -24,8 +24,18 @@ def tpot(record: dict) -> float | None:
     return (record["e2e"] - record["ttft"]) / (record["tokens"] - 1)
 
 
-def run_stats(records: list[dict], warmup_s: float) -> dict:
-    """Statistics of one run: records started within `warmup_s` of the first request are dropped."""
+def meets(record: dict, slo: dict[str, float]) -> bool:
+    """A request counts towards goodput when it succeeded and met every SLO given (seconds; keys ttft, tpot, e2e).
+    A bound on a metric the request does not have (TTFT of a unary call) is not met."""
+    if record["status"] != "OK":
+        return False
+    values = {"ttft": record["ttft"], "tpot": tpot(record), "e2e": record["e2e"]}
+    return all(values[k] is not None and values[k] <= bound for k, bound in slo.items())
+
+
+def run_stats(records: list[dict], warmup_s: float, slo: dict[str, float] | None = None) -> dict:
+    """Statistics of one run: records started within `warmup_s` of the first request are dropped. With `slo`,
+    goodput = requests/s that succeeded within every bound."""
     if not records:
         return {"requests": 0, "errors": {}, "window_s": 0.0}
     begin = min(r["start"] for r in records) + warmup_s
@@ -45,4 +55,5 @@ def run_stats(records: list[dict], warmup_s: float) -> dict:
         "tpot_s": summarize([t for t in map(tpot, ok) if t is not None]),
         "itl_s": summarize([gap for r in ok for gap in r["itl"]]),
         "e2e_s": summarize([r["e2e"] for r in ok]),
+        "goodput_per_s": (sum(meets(r, slo) for r in kept) / window if window > 0 else None) if slo else None,
     }

@@ -88,6 +88,41 @@ def server(pico_dir) -> ServerThread:
     thread.stop()
 
 
+@pytest.fixture(scope="session")
+def transfusion_dir(tmp_path_factory):
+    """A pico Transfusion model (random weights) saved as the build saves one."""
+    import torch
+
+    from prunefusion.transfusion import shapes
+    from prunefusion.transfusion.build import save_model
+    from prunefusion.transfusion.model import Transfusion, TransfusionConfig
+    from prunefusion.transfusion.tokenizer import WordTokenizer
+
+    torch.manual_seed(0)
+    tok = WordTokenizer(shapes.caption_words())
+    model = Transfusion(TransfusionConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, patch_size=8))
+    path = tmp_path_factory.mktemp("tf") / "pico-transfusion"
+    save_model(model.eval(), tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mm_server(transfusion_dir, pico_dir):
+    config = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+        "cache": {"enabled": False},
+        "models": [
+            {"name": "pico-lm", "path": str(pico_dir), "max_batch_size": 2},
+            # a long batch window so that concurrent test requests reliably share a batch
+            {"name": "pico-tf", "path": str(transfusion_dir), "engine": "transfusion", "max_batch_size": 4,
+             "max_queue": 8, "images": {"max_wait_ms": 300, "default_steps": 4, "max_steps": 50, "max_size": 128}},
+        ],
+    })
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
 @pytest.fixture()
 def client(server):
     from prunefusion_client import Client

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prunefusion.loadtest.stats import run_stats, tpot
+from prunefusion.loadtest.stats import meets, run_stats, tpot
 
 
 def test_stats_follow_the_definitions():
@@ -24,6 +24,13 @@ def test_stats_follow_the_definitions():
     assert stats["ttft_s"]["mean"] == pytest.approx(0.25) and stats["ttft_s"]["p50"] == pytest.approx(0.25)
     assert stats["tpot_s"]["mean"] == pytest.approx((0.2 + 0.4) / 2)
     assert stats["itl_s"]["p99"] == pytest.approx(0.4) and stats["e2e_s"]["mean"] == pytest.approx(1.25)
+    assert stats["goodput_per_s"] is None  # no SLO given
+    # SLO ttft <= 250 ms and e2e <= 1.2 s: only the second request (TTFT 0.2, e2e 1.0) meets both
+    assert [meets(r, {"ttft": 0.25, "e2e": 1.2}) for r in records] == [False, True, False, False]
+    assert meets(records[2], {"tpot": 0.4}) and not meets(records[2], {"tpot": 0.39})  # (1.5 - 0.3) / 3
+    assert not meets({**records[1], "ttft": None}, {"ttft": 1.0})  # no TTFT (unary): a TTFT bound is not met
+    slo_stats = run_stats(records, warmup_s=5.0, slo={"ttft": 0.25, "e2e": 1.2})
+    assert slo_stats["goodput_per_s"] == pytest.approx(1 / 7.0)
 
 
 @pytest.mark.slow
@@ -44,6 +51,44 @@ def test_a_headless_run_reports_every_request_and_counts_overload(server, tmp_pa
     refused = [json.loads(line)["status"] for line in (out / "records" / "pico-one-c6.jsonl").read_text().splitlines()]
     assert "RESOURCE_EXHAUSTED" in refused and rows["pico-one"]["errors"] > 0
     report = (out / "report.md").read_text()
-    assert "| pico | 6 |" in report and "(1.00x)" in report  # same layers: ideal ratio 1
+    assert "| pico | c=6 |" in report and "(1.00x)" in report  # same layers: ideal ratio 1
     for name in ("latency_cdf.png", "scaling.png", "results.csv"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
+    from prunefusion.cli import main
+
+    out = tmp_path / "lt"
+    assert main(["loadtest", "--target", mm_server.target, "--models", "pico-lm", "pico-tf", "--concurrency", "2",
+                 "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "8", "--prompt-words", "4",
+                 "--image-steps", "2", "--caption-weight", "1", "--slo-e2e-ms", "60000", "--out", str(out)]) == 0
+    rows = {(r["model"], r["load"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {("pico-lm", "c=2"), ("pico-tf", "c=2"), ("pico-lm", "4/s"), ("pico-tf", "4/s")}
+    for row in rows.values():
+        assert row["ok"] > 0 and row["errors"] == 0
+        assert row["goodput_per_s"] == pytest.approx(row["requests_per_s"])  # a 60 s bound: every request meets it
+    image_rpcs = {json.loads(line)["rpc"] for line in (out / "records" / "pico-tf-c2.jsonl").read_text().splitlines()}
+    assert image_rpcs == {"GenerateImage", "Caption"}
+    # open loop: Poisson arrivals at 4/s for 4 s start ~16 requests whatever the latency (closed loop would not)
+    assert 4 <= rows[("pico-lm", "4/s")]["requests"] <= 40
+    assert "4/s" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_serve_starts_a_server_process_for_the_test_and_stops_it(pico_dir, tmp_path):
+    import yaml
+
+    from prunefusion.cli import main
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"server": {"metrics_port": None}, "cache": {"enabled": False},
+                                      "models": [{"name": "pico", "path": str(pico_dir)}]}))
+    out = tmp_path / "lt"
+    assert main(["loadtest", "--serve", str(config), "--models", "pico", "--concurrency", "1", "--duration", "2",
+                 "--warmup", "0", "--max-new-tokens", "4", "--prompt-words", "4", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["ok"] > 0 and row["errors"] == 0
+    log = (out / "server.log").read_text()
+    assert "SERVING pico" in log and "stopped" in log  # started for the test, drained at the end

@@ -8,45 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-import torch
-from conftest import ServerThread
 from PIL import Image
 
-from prunefusion.server.config import parse_config
 from prunefusion.transfusion import shapes
-from prunefusion.transfusion.build import save_model
-from prunefusion.transfusion.model import Transfusion, TransfusionConfig
 from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
-from prunefusion.transfusion.tokenizer import WordTokenizer
 from prunefusion_client import Client, ImageOptions
 from prunefusion_client.cli import main as client_main
-
-
-@pytest.fixture(scope="module")
-def transfusion_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = WordTokenizer(shapes.caption_words())
-    model = Transfusion(TransfusionConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, patch_size=8))
-    path = tmp_path_factory.mktemp("tf") / "pico-transfusion"
-    save_model(model.eval(), tok, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mm_server(transfusion_dir, pico_dir):
-    config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
-        "cache": {"enabled": False},
-        "models": [
-            {"name": "pico-lm", "path": str(pico_dir), "max_batch_size": 2},
-            # a long batch window so that concurrent test requests reliably share a batch
-            {"name": "pico-tf", "path": str(transfusion_dir), "engine": "transfusion", "max_batch_size": 4,
-             "max_queue": 8, "images": {"max_wait_ms": 300, "default_steps": 4, "max_steps": 50, "max_size": 128}},
-        ],
-    })
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture()
@@ -102,6 +69,15 @@ def test_caption_accepts_png_and_jpeg_and_large_multiples(mm_client):
     mm_client.caption(encoded(image.convert("L")))  # grayscale is converted
     limited = mm_client.caption(encoded(image), max_tokens=1).text
     assert len(limited.split()) <= 1
+
+
+def test_concurrent_captions_share_a_batch_and_match_their_single_captions(mm_client):
+    renders = [encoded(Image.fromarray(shapes.render(s))) for s in shapes.all_scenes()[:4]]
+    alone = [mm_client.caption(png).text for png in renders]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(mm_client.caption, renders))
+    assert max(r.timings.batch_size for r in together) >= 2
+    assert [r.text for r in together] == alone
 
 
 @pytest.mark.parametrize(("data", "needle"), [

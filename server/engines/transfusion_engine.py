@@ -46,7 +46,7 @@ class TransfusionEngineOptions:
     max_caption_tokens: int = 24
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs are compared with `in`, and payloads may be arrays
 class _Job:
     kind: str  # "image" | "caption"
     key: tuple  # batch compatibility
@@ -174,39 +174,51 @@ class TransfusionEngine:
         return self._pending
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._live():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            first = self._pending[0]
-            window_end = first.arrival + self.options.max_wait_s
-            while (len([j for j in self._live() if j.key == first.key]) < self.options.max_batch_size
-                   and time.monotonic() < window_end and not first.future.done()):
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
-            batch = [j for j in self._live() if j.key == first.key][: self.options.max_batch_size]
-            if not batch:
-                continue
-            self._pending = [j for j in self._pending if j not in batch]
-            started = time.monotonic()
-            self._running = len(batch)
             try:
-                values = await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception as err:  # noqa: BLE001 - the batch's callers get the error, the loop lives on
-                log.exception("transfusion batch failed")
-                values = [err] * len(batch)
-            finally:
-                self._running = 0
-            for job, value in zip(batch, values, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(value, Exception):
-                    job.future.set_exception(value)
-                else:
-                    job.future.set_result(BatchResult(value, started - job.arrival, len(batch)))
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a bug must fail requests, not silently stop the batcher
+                log.exception("transfusion batcher error; failing the waiting requests")
+                for job in self._pending:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+                self._pending.clear()
+
+    async def _next_batch(self) -> None:
+        """Wait for work, fill a batch within the oldest request's window, run it, hand out the results."""
+        if not self._live():
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        first = self._pending[0]
+        window_end = first.arrival + self.options.max_wait_s
+        while (len([j for j in self._live() if j.key == first.key]) < self.options.max_batch_size
+               and time.monotonic() < window_end and not first.future.done()):
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
+        batch = [j for j in self._live() if j.key == first.key][: self.options.max_batch_size]
+        if not batch:
+            return
+        self._pending = [j for j in self._pending if j not in batch]
+        started = time.monotonic()
+        self._running = len(batch)
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+        except Exception as err:  # noqa: BLE001 - the batch's callers get the error, the loop lives on
+            log.exception("transfusion batch failed")
+            values = [err] * len(batch)
+        finally:
+            self._running = 0
+        for job, value in zip(batch, values, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(value, Exception):
+                job.future.set_exception(value)
+            else:
+                job.future.set_result(BatchResult(value, started - job.arrival, len(batch)))
 
     def _run(self, batch: list[_Job]) -> list:
         if batch[0].kind == "image":
