@@ -158,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from prunefusion.compression.cli import register
     from prunefusion.loadtest.run import register as register_loadtest
+    from prunefusion.quality.cli import register as register_score
     from prunefusion.transfusion.cli import register as register_transfusion
 
     register(sub)
     register_transfusion(sub)
+    register_score(sub)
     register_loadtest(sub)
     return parser
 
