@@ -90,8 +90,8 @@ def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> li
         same_kind = (r["model"] in layers) == (base in layers)  # text vs text, or images vs images
         key = "output_tokens_per_s" if r["model"] in layers else "requests_per_s"
         if same_kind and first and first[key] and r[key]:
-            ideal = layers[base] / layers[r["model"]] if r["model"] in layers and base in layers else float("nan")
-            speed = f"{r[key] / first[key]:.2f}x ({ideal:.2f}x)"
+            ideal = f" ({layers[base] / layers[r['model']]:.2f}x)" if r["model"] in layers and base in layers else ""
+            speed = f"{r[key] / first[key]:.2f}x{ideal}"
 
         def ms(key: str, r: dict = r) -> str:
             return "" if r.get(key) is None else f"{r[key]:.1f}"

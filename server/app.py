@@ -16,12 +16,20 @@ from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
-from prunefusion_client.v1 import multimodal_pb2, multimodal_pb2_grpc, text_generation_pb2, text_generation_pb2_grpc
+from prunefusion_client.v1 import (
+    multimodal_pb2,
+    multimodal_pb2_grpc,
+    quality_filter_pb2,
+    quality_filter_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name)
+                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name,
+                   quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name)
 
 
 async def open_cache(cfg: CacheConfig) -> ResponseCache:
@@ -55,6 +63,7 @@ class PrunefusionServer:
         self._started = asyncio.Event()  # set when start() has returned or failed
         self._stopping = False
         self._health_watch: asyncio.Task | None = None
+        self._quality = None
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -78,6 +87,11 @@ class PrunefusionServer:
         text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
             TextGenerationServicer(self.registry, lambda: self.cache), self._server)
         multimodal_pb2_grpc.add_MultimodalServicer_to_server(MultimodalServicer(self.registry), self._server)
+        if self.config.quality.enabled:
+            from prunefusion.server.servicers.quality_filter import QualityFilterServicer
+
+            self._quality = QualityFilterServicer(self.config.quality)
+            quality_filter_pb2_grpc.add_QualityFilterServicer_to_server(self._quality, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
@@ -126,6 +140,8 @@ class PrunefusionServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.registry.shutdown()
+        if self._quality is not None:
+            self._quality.close()
         await self.cache.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -114,6 +114,28 @@ class CacheConfig(_Strict):
     lock_ttl_seconds: Annotated[float, Field(gt=0)] = 30.0  # cross-process single-flight lock lifetime
 
 
+class QualityConfig(_Strict):
+    """The QualityFilter service (Sharma score + rule filters)."""
+
+    enabled: bool = True
+    weights: str | None = None  # a weights JSON (`prunefusion score calibrate`); null: the shipped defaults
+    default_methods: list[str] = ["sharma", "gopher_quality", "gopher_repetition", "c4", "fineweb"]
+    max_batch_documents: Annotated[int, Field(ge=1)] = 1024
+    max_batch_bytes: Annotated[int, Field(ge=1)] = 16 << 20
+    max_concurrent_batches: Annotated[int, Field(ge=1)] = 4  # as many more may wait; beyond: RESOURCE_EXHAUSTED
+    workers: Annotated[int, Field(ge=0)] = 2  # scoring processes; 0: one thread in the server process
+
+    @field_validator("default_methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        from prunefusion.quality.pipeline import METHODS
+
+        unknown = [m for m in value if m not in METHODS]
+        if unknown or not value:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}" if unknown else "empty")
+        return value
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port (tests)
@@ -126,6 +148,7 @@ class ServerConfig(_Strict):
 class AppConfig(_Strict):
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
+    quality: QualityConfig = QualityConfig()
     models: Annotated[list[ModelConfig], Field(min_length=1)]
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """Client for the prunefusion gRPC API v1 (depends only on grpcio + protobuf)."""
 
-from prunefusion_client.client import AsyncClient, Client, GenerateOptions, ImageOptions
+from prunefusion_client.client import AsyncClient, Client, GenerateOptions, ImageOptions, score_request
 
-__all__ = ["AsyncClient", "Client", "GenerateOptions", "ImageOptions"]
+__all__ = ["AsyncClient", "Client", "GenerateOptions", "ImageOptions", "score_request"]

@@ -15,6 +15,8 @@ import grpc
 
 from prunefusion_client.v1 import multimodal_pb2 as mm
 from prunefusion_client.v1 import multimodal_pb2_grpc as mm_grpc
+from prunefusion_client.v1 import quality_filter_pb2 as qf
+from prunefusion_client.v1 import quality_filter_pb2_grpc as qf_grpc
 from prunefusion_client.v1 import text_generation_pb2 as pb
 from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
 
@@ -73,9 +75,23 @@ def _caption_request(image: bytes, model: str, max_tokens: int | None) -> mm.Cap
     return mm.CaptionRequest(model=model, image=image, **({"max_tokens": max_tokens} if max_tokens else {}))
 
 
+def score_request(documents: list[str] | list[tuple[str, str]], *, methods: list[str] | None = None,
+                  thresholds: dict[str, float] | None = None, drop: bool = False, min_score: float | None = None,
+                  drop_bottom_percent: float | None = None, line_spans: bool = False) -> qf.ScoreRequest:
+    """A QualityFilter request: documents as texts (ids "0", "1", ...) or (id, text) pairs; thresholds as
+    {"family.threshold": value}."""
+    pairs = [(str(i), d) if isinstance(d, str) else d for i, d in enumerate(documents)]
+    optional = {k: v for k, v in (("min_score", min_score), ("drop_bottom_percent", drop_bottom_percent))
+                if v is not None}
+    return qf.ScoreRequest(documents=[qf.Document(id=i, text=t) for i, t in pairs], methods=methods or [],
+                           thresholds=thresholds or {}, line_spans=line_spans,
+                           mode=qf.FILTER_MODE_DROP if drop else qf.FILTER_MODE_ANNOTATE, **optional)
+
+
 def channel_options(max_attempts: int) -> list[tuple[str, object]]:
     retry = {"methodConfig": [{
-        "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"}],
+        "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"},
+                 {"service": "prunefusion.v1.QualityFilter"}],
         "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]}
@@ -96,6 +112,7 @@ class Client:
                          else grpc.insecure_channel(target, opts))
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
+        self._quality = qf_grpc.QualityFilterStub(self._channel)
         self.timeout = timeout
 
     def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
@@ -140,6 +157,21 @@ class Client:
     def list_image_models(self, *, timeout: float | None = None) -> list[mm.ImageModelInfo]:
         return list(self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout).models)
 
+    def score(self, request: qf.ScoreRequest, *, timeout: float | None = None) -> qf.ScoreResponse:
+        """Score a batch (build it with `score_request`)."""
+        return self._quality.Score(request, timeout=timeout or self.timeout)
+
+    def score_stream(self, requests, *, timeout: float | None = None) -> Iterator[qf.ScoreResponse]:
+        """Score an iterable of batches; responses come back in order."""
+        call = self._quality.ScoreStream(iter(requests), timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def quality_info(self, *, timeout: float | None = None) -> qf.QualityInfoResponse:
+        return self._quality.Info(qf.QualityInfoRequest(), timeout=timeout or self.timeout)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -160,6 +192,7 @@ class AsyncClient:
                          else grpc.aio.insecure_channel(target, opts))
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
+        self._quality = qf_grpc.QualityFilterStub(self._channel)
         self.timeout = timeout
 
     async def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,

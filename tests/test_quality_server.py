@@ -1,0 +1,131 @@
+"""The QualityFilter gRPC service end to end, against the pure pipeline it wraps."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from conftest import ServerThread
+
+from prunefusion.quality.pipeline import ScoreOptions, reason_codes, score_batch
+from prunefusion.quality.sharma import Weights
+from prunefusion.server.config import parse_config
+from prunefusion.server.servicers.quality_filter import load_weights
+from prunefusion_client import Client, score_request
+
+CLEAN = ("The library reads the configuration file when the program starts. It checks that every value has the "
+         "right type and that the paths exist.\n\nWhen a value is wrong, the error names the field and the line, so "
+         "that the user can fix it without reading the source. The defaults are chosen to be safe, and each one is "
+         "documented with the reason it was chosen. Most of the options can also be set from the command line, "
+         "which is often easier when you want to try something for a single run.")
+JUNK = "\n".join(["Home | About | Contact", "Accept all cookies", "Click here!", "Menu"] * 5)
+
+
+@pytest.fixture(scope="module")
+def quality_server(pico_dir):
+    config = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None}, "cache": {"enabled": False},
+        "quality": {"workers": 0, "max_batch_documents": 50, "max_concurrent_batches": 1},
+        "models": [{"name": "pico", "path": str(pico_dir)}],
+    })
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def qclient(quality_server):
+    with Client(quality_server.target, timeout=60, max_attempts=1) as c:
+        yield c
+
+
+def test_score_annotates_and_equals_the_pure_pipeline(qclient):
+    docs = [("clean", CLEAN), ("junk", JUNK)]
+    reply = qclient.score(score_request(docs, line_spans=True))
+    by_id = {r.id: r for r in reply.results}
+    assert by_id["clean"].keep and not by_id["clean"].reasons
+    assert not by_id["junk"].keep and by_id["junk"].reasons
+    assert by_id["clean"].score > by_id["junk"].score
+    expected = score_batch(docs, ScoreOptions(line_spans=True), load_weights(None))
+    for want in expected.results:
+        got = by_id[want.id]
+        assert got.score == pytest.approx(want.score) and tuple(got.reasons) == want.reasons
+        assert dict(got.signals) == pytest.approx(want.signals)
+        assert [(s.start, s.end) for s in got.lines] == [(a, b) for a, b, _ in want.lines]
+    first = by_id["clean"].lines[0]
+    assert CLEAN[first.start:first.end].startswith("The library reads")
+    assert reply.stats.documents == 2 and reply.stats.kept == 1
+    assert dict(reply.stats.reason_counts) == {r: 1 for r in by_id["junk"].reasons}
+
+
+def test_drop_mode_min_score_and_percentile(qclient):
+    docs = [("clean", CLEAN), ("junk", JUNK), ("clean2", CLEAN.replace("library", "program"))]
+    dropped = qclient.score(score_request(docs, drop=True))
+    assert sorted(r.id for r in dropped.results) == ["clean", "clean2"] and dropped.stats.kept == 2
+    sharma_only = qclient.score(score_request(docs, methods=["sharma"], min_score=0.99))
+    assert all("sharma_below_min_score" in r.reasons for r in sharma_only.results if r.score < 0.99)
+    bottom = qclient.score(score_request(docs, methods=["sharma"], drop_bottom_percent=50))
+    assert [r.id for r in bottom.results if "sharma_bottom_percentile" in r.reasons] == ["junk"]
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"methods": ["sharma", "perplexity"]}, "perplexity"),
+    ({"thresholds": {"gopher_quality.max_foo": 1.0}}, "max_foo"),
+    ({"thresholds": {"nodot": 1.0}}, "nodot"),
+    ({"methods": ["c4"], "min_score": 0.5}, "sharma"),
+    ({"min_score": 1.5}, "min_score"),
+])
+def test_bad_options_are_invalid_argument_naming_the_problem(qclient, kwargs, needle):
+    with pytest.raises(grpc.RpcError) as err:
+        qclient.score(score_request([CLEAN], **kwargs))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+
+
+def test_batch_limits(qclient):
+    with pytest.raises(grpc.RpcError) as err:
+        qclient.score(score_request([CLEAN] * 51))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 50" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        qclient.score(score_request([("a", CLEAN), ("a", JUNK)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unique" in err.value.details()
+
+
+def test_overload_is_resource_exhausted(qclient):
+    big = score_request([CLEAN * 20] * 50)  # one slot, one waiting: the rest of 6 concurrent batches are refused
+    codes = []
+
+    def one(_):
+        try:
+            qclient.score(big)
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(one, range(6)))
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+
+
+def test_stream_answers_in_order_and_info_describes_the_service(qclient):
+    requests = [score_request([(f"{k}-{i}", CLEAN if i % 2 else JUNK) for i in range(3)]) for k in range(4)]
+    replies = list(qclient.score_stream(requests))
+    assert [[r.id for r in reply.results] for reply in replies] == [[f"{k}-{i}" for i in range(3)] for k in range(4)]
+    info = qclient.quality_info()
+    assert "sharma" in info.methods and set(info.reason_codes) == set(reason_codes())
+    assert info.default_thresholds["gopher_quality.min_words"] == 50 and info.max_batch_documents == 50
+    assert dict(info.weights) == pytest.approx(load_weights(None).values)
+    assert json.loads(info.weights_provenance_json) == json.loads(json.dumps(load_weights(None).provenance))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_results(server):
+    """The main test server scores in 2 spawned worker processes (the default)."""
+    docs = [(str(i), CLEAN if i % 3 else JUNK) for i in range(12)]
+    with Client(server.target, timeout=120, max_attempts=1) as c:
+        reply = c.score(score_request(docs))
+    expected = score_batch(docs, ScoreOptions(), load_weights(None))
+    assert [(r.id, r.keep, tuple(r.reasons)) for r in reply.results] == [
+        (r.id, r.keep, r.reasons) for r in expected.results]
+    assert isinstance(load_weights(None), Weights)
