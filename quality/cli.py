@@ -1,5 +1,7 @@
 """`prunefusion score ...`: text quality scoring from the shell.
 
+    prunefusion score data/*.jsonl --out kept.jsonl --rejected rejected.jsonl --report runs/score
+    prunefusion score docs/*.txt --out kept.jsonl --methods sharma --drop-bottom-percent 40
     prunefusion score calibrate --reference-model DIR --data corpus.jsonl --out weights.json
     prunefusion score calibrate --reference-model DIR --mixed-corpus 2000 --out weights.json   # the shipped defaults
 """
@@ -59,12 +61,13 @@ def _calibrate(argv: list[str]) -> int:
 def _score(args: argparse.Namespace) -> int:
     if args.rest and args.rest[0] == "calibrate":
         return _calibrate(args.rest[1:])
-    print("error: only `prunefusion score calibrate` exists yet; batch scoring of files is not built (issue 6)",
-          file=sys.stderr)
-    return 2
+    from prunefusion.quality.batch import main as batch_main
+
+    return batch_main(args.rest)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("score", help="text quality scoring (calibrate the Sharma weights)", add_help=False)
+    p = sub.add_parser("score", help="score files for text quality (keep/reject with reasons), or calibrate the "
+                       "Sharma weights (`score calibrate`)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_score)

@@ -1,0 +1,165 @@
+"""`prunefusion score FILES...`: score JSONL and text files on every core, write the kept and rejected documents
+with their scores and reasons, and a report (per-reason counts, score histogram).
+
+JSONL files hold one document per line (a "text" field; "id" optional, default FILE:LINE); any other file is one
+document (its id is the path). Every output record is the input record plus a "quality" object: score, keep,
+reasons, and the per-filter signals. --drop-bottom-percent applies to the whole input, not per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from prunefusion.quality.pipeline import BOTTOM_PERCENTILE, METHODS, ScoreOptions, score_batch
+
+
+def read_documents(paths: list[Path]) -> list[dict]:
+    """Records with "id" and "text" (other JSONL fields kept)."""
+    records: list[dict] = []
+    for path in paths:
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+                records.append({**record, "id": str(record.get("id", f"{path}:{number}")), "text": text})
+        else:
+            records.append({"id": str(path), "text": path.read_text(errors="replace")})
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("document ids must be unique across the inputs")
+    return records
+
+
+def _thresholds(items: list[str]) -> dict[str, dict[str, float]]:
+    nested: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        family, dot, name = key.partition(".")
+        if not eq or not dot:
+            raise ValueError(f"--threshold {item!r}: expected FAMILY.NAME=VALUE, e.g. gopher_quality.min_words=20")
+        nested.setdefault(family, {})[name] = float(value) if "." in value else int(value)
+    return nested
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunefusion score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="kept documents (JSONL)")
+    p.add_argument("--rejected", type=Path, help="rejected documents (JSONL)")
+    p.add_argument("--report", type=Path, help="a folder for summary.json, report.md and score_histogram.png")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: all of {list(METHODS)}")
+    p.add_argument("--threshold", action="append", default=[], metavar="FAMILY.NAME=VALUE")
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")
+    p.add_argument("--weights", type=Path, help="Sharma weights JSON (default: the shipped calibration)")
+    p.add_argument("--workers", type=int, default=2, help="scoring processes (0: this process)")
+    p.add_argument("--batch-size", type=int, default=256)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    from prunefusion.server.servicers.quality_filter import load_weights
+
+    args = parser().parse_args(argv)
+    try:
+        options = ScoreOptions(methods=tuple(args.methods), thresholds=_thresholds(args.threshold),
+                               min_score=args.min_score)
+        options.check()
+        if args.drop_bottom_percent is not None:
+            ScoreOptions(drop_bottom_percent=args.drop_bottom_percent, methods=options.methods).check()
+        weights = load_weights(str(args.weights) if args.weights else None)
+        records = read_documents(args.files)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    batches = [records[i:i + args.batch_size] for i in range(0, len(records), args.batch_size)]
+    executor: Executor = ProcessPoolExecutor(args.workers) if args.workers > 0 else ThreadPoolExecutor(1)
+    results = []
+    with executor, tqdm(total=len(records), desc="score", unit="doc") as bar:
+        jobs = [executor.submit(score_batch, [(r["id"], r["text"]) for r in b], options, weights) for b in batches]
+        for job in jobs:  # in order
+            results += job.result().results
+            bar.update(len(results) - bar.n)
+    seconds = time.perf_counter() - started
+    reasons = [list(r.reasons) for r in results]
+    scores = np.array([r.score if r.score is not None else np.nan for r in results])
+    if args.drop_bottom_percent:
+        cutoff = np.nanpercentile(scores, args.drop_bottom_percent)
+        for doc_reasons, score in zip(reasons, scores, strict=True):
+            if score < cutoff:
+                doc_reasons.append(BOTTOM_PERCENTILE)
+    counts: dict[str, int] = {}
+    kept_n = 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rejected = open(args.rejected, "w") if args.rejected else None  # noqa: SIM115 - closed below
+    with open(args.out, "w") as kept:
+        for record, result, doc_reasons in zip(records, results, reasons, strict=True):
+            keep = not doc_reasons
+            kept_n += keep
+            for reason in doc_reasons:
+                counts[reason] = counts.get(reason, 0) + 1
+            line = json.dumps({**record, "quality": {"score": result.score, "keep": keep, "reasons": doc_reasons,
+                                                     "signals": result.signals}}) + "\n"
+            if keep:
+                kept.write(line)
+            elif rejected is not None:
+                rejected.write(line)
+    if rejected is not None:
+        rejected.close()
+    summary = {"documents": len(records), "kept": kept_n, "rejected": len(records) - kept_n,
+               "reason_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "seconds": seconds,
+               "documents_per_second": len(records) / seconds if seconds else None, "workers": args.workers,
+               "methods": list(options.methods), "weights": weights.provenance.get("data", "uniform")}
+    if args.report:
+        write_report(args.report, summary, scores, np.array([not r for r in reasons]))
+    print(f"{len(records)} documents: kept {kept_n}, rejected {len(records) - kept_n} "
+          f"({summary['documents_per_second']:.0f} docs/s with {args.workers} workers)")
+    for reason, n in summary["reason_counts"].items():
+        print(f"  {reason:<32} {n}")
+    return 0
+
+
+def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    valid = ~np.isnan(scores)
+    if valid.any():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bins = np.linspace(0, 1, 41)
+        ax.hist(scores[valid & kept], bins=bins, alpha=0.7, label="kept")
+        ax.hist(scores[valid & ~kept], bins=bins, alpha=0.7, label="rejected")
+        ax.set_xlabel("Sharma document score")
+        ax.set_ylabel("documents")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "score_histogram.png", dpi=120)
+        plt.close(fig)
+    lines = [f"# Quality scoring: {summary['documents']} documents", "",
+             f"Kept {summary['kept']}, rejected {summary['rejected']}; methods {', '.join(summary['methods'])}; "
+             f"{summary['documents_per_second']:.0f} documents/s with {summary['workers']} workers.", "",
+             "| reason | documents |", "|---|---|",
+             *[f"| {reason} | {n} |" for reason, n in summary["reason_counts"].items()], "",
+             "![score histogram](score_histogram.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines))
