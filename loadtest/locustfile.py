@@ -4,8 +4,8 @@
 
 Imports only grpc, the stubs, the client, and numpy + PIL for the shapes-world images: never torch or transformers
 (they break locust's gevent ssl patching). Each call fires a locust request event named after its RPC
-(`Generate`, `GenerateStream`, `GenerateImage`, `Caption`; mixed by the --pf-*-weight options) and, on a stream's
-first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends one JSON line
+(`Generate`, `GenerateStream`, `GenerateImage`, `Caption`, `Score`; mixed by the --pf-*-weight options) and, on a
+stream's first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends one JSON line
 (wall-clock start, TTFT, e2e, token count, inter-chunk gaps, status code) so percentiles are computed exactly, with
 warm-up excluded, afterwards.
 
@@ -29,7 +29,7 @@ import gevent.pool  # noqa: E402
 import grpc  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
-from prunefusion_client import Client, GenerateOptions, ImageOptions  # noqa: E402
+from prunefusion_client import Client, GenerateOptions, ImageOptions, score_request  # noqa: E402
 
 # a fixed vocabulary: seeded prompts of a controlled length, never served from the cache by accident (bypass)
 WORDS = ("the", "module", "function", "returns", "value", "list", "object", "string", "file", "path", "error", "class",
@@ -50,6 +50,8 @@ def _options(parser) -> None:
     parser.add_argument("--pf-caption-weight", type=int, default=0, help="relative weight of Caption calls")
     parser.add_argument("--pf-image-model", default="", help="Transfusion model (default: the server's first)")
     parser.add_argument("--pf-image-steps", type=int, default=20, help="denoising steps per GenerateImage")
+    parser.add_argument("--pf-score-weight", type=int, default=0, help="relative weight of QualityFilter Score calls")
+    parser.add_argument("--pf-score-docs", type=int, default=16, help="documents per Score call (~1 KB each)")
     parser.add_argument("--pf-rate", type=float, default=1.0, help="PoissonArrivals: requests per second")
     parser.add_argument("--pf-cache", default="bypass", choices=["default", "bypass", "refresh"])
     parser.add_argument("--pf-seed", type=int, default=0)
@@ -106,7 +108,7 @@ class _Calls(User):
         self.rng = random.Random(o.pf_seed * 1_000_003 + next(_user_ids))
         self.api = Client(self.host, max_attempts=1, timeout=300)  # no retries: a load test counts failures
         self.weights = {"GenerateStream": o.pf_stream_weight, "Generate": o.pf_unary_weight,
-                        "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight}
+                        "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight}
         if sum(self.weights.values()) <= 0:
             raise ValueError("every --pf-*-weight is 0: nothing to send")
 
@@ -123,7 +125,8 @@ class _Calls(User):
         events.request.fire(request_type="grpc", name=rpc, response_time=e2e * 1000, response_length=tokens,
                             exception=error, context={"status": status})
         if _records is not None:
-            model = self.opts.pf_image_model if rpc in ("GenerateImage", "Caption") else self.opts.pf_model
+            model = {"GenerateImage": self.opts.pf_image_model, "Caption": self.opts.pf_image_model,
+                     "Score": "QualityFilter"}.get(rpc, self.opts.pf_model)
             _records.write(json.dumps({"rpc": rpc, "model": model, "start": started, "e2e": e2e, "ttft": ttft,
                                        "tokens": tokens, "itl": gaps, "status": status}) + "\n")
 
@@ -131,7 +134,7 @@ class _Calls(User):
         names = list(self.weights)
         rpc = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
         call = {"GenerateStream": self._stream, "Generate": self._unary, "GenerateImage": self._image,
-                "Caption": self._caption}[rpc]
+                "Caption": self._caption, "Score": self._score}[rpc]
         inputs = self._inputs(rpc)  # made before the clock starts
         started, t0 = time.time(), time.perf_counter()
         ttft, tokens, gaps, status, error = None, 0, [], "OK", None
@@ -146,6 +149,9 @@ class _Calls(User):
             return shapes_png(self.rng)
         if rpc == "GenerateImage":
             return shapes_prompt(self.rng)
+        if rpc == "Score":  # documents of ~1 KB: lines of synthetic prose
+            return score_request(["\n".join(synthetic_prompt(self.rng, 12) + "." for _ in range(12))
+                                  for _ in range(self.opts.pf_score_docs)])
         return synthetic_prompt(self.rng, self.opts.pf_prompt_words)
 
     def _stream(self, prompt: str, t0: float):
@@ -170,6 +176,10 @@ class _Calls(User):
         options = ImageOptions(steps=self.opts.pf_image_steps, seed=self.rng.getrandbits(32))
         self.api.generate_image(prompt, self.opts.pf_image_model, options)
         return None, 0, []
+
+    def _score(self, request, t0: float):
+        """`tokens` of a Score record count documents scored (so the report's throughput is documents/s)."""
+        return None, len(self.api.score(request).results), []
 
     def _caption(self, png: bytes, t0: float):
         reply = self.api.caption(png, self.opts.pf_image_model)

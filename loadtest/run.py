@@ -27,6 +27,7 @@ from pathlib import Path
 from prunefusion.loadtest.stats import run_stats
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+QUALITY = "QualityFilter"  # a pseudo-model: --quality load-tests the QualityFilter service's Score
 
 
 def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.Namespace, records: Path,
@@ -35,11 +36,15 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
     records.unlink(missing_ok=True)
     mode, level = load
     users, user_class = (int(level), "PrunefusionUser") if mode == "closed" else (1, "PoissonArrivals")
-    weights = (["--pf-stream-weight", "0", "--pf-unary-weight", "0", "--pf-image-weight", str(args.image_weight),
-                "--pf-caption-weight", str(args.caption_weight), "--pf-image-model", model]
-               if image_model else
-               ["--pf-stream-weight", str(args.stream_weight), "--pf-unary-weight", str(args.unary_weight),
-                "--pf-model", model])
+    none = ["--pf-stream-weight", "0", "--pf-unary-weight", "0"]
+    if model == QUALITY:
+        weights = [*none, "--pf-score-weight", "1", "--pf-score-docs", str(args.score_docs)]
+    elif image_model:
+        weights = [*none, "--pf-image-weight", str(args.image_weight), "--pf-caption-weight",
+                   str(args.caption_weight), "--pf-image-model", model]
+    else:
+        weights = ["--pf-stream-weight", str(args.stream_weight), "--pf-unary-weight", str(args.unary_weight),
+                   "--pf-model", model]
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user_class, "--headless", "--only-summary",
                "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "60",
                "--host", target, "--pf-prompt-words", str(args.prompt_words),
@@ -167,7 +172,10 @@ def run_against(target: str, args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     layers, image_models = served_models(target)
-    unknown = [m for m in args.models if m not in layers and m not in image_models]
+    models = list(args.models) + ([QUALITY] if args.quality else [])
+    if not models:
+        raise ValueError("nothing to test: name --models and/or --quality")
+    unknown = [m for m in models if m not in layers and m not in image_models and m != QUALITY]
     if unknown:
         raise ValueError(f"the server at {target} does not serve {unknown}; it serves "
                          f"{sorted(layers) + sorted(image_models)}")
@@ -175,7 +183,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
     slo = _slo(args)
     rows, records = [], {}
     for load in loads:
-        for model in args.models:
+        for model in models:
             label = load_label(*load)
             path = out / "records" / f"{model}-{label.replace('=', '').replace('/s', 'rps')}.jsonl"
             run_locust(target, model, load, args, path, image_model=model in image_models)
@@ -193,7 +201,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     _plots(records, rows, out)
-    table = _markdown(rows, layers, args.models)
+    table = _markdown(rows, layers, models)
     slo_text = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in slo.items()) or "none given"
     (out / "report.md").write_text("\n".join([
         f"# Load test against {target}", "",
@@ -201,7 +209,8 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         f"arrivals). {args.duration} s per run, first {args.warmup} s excluded; text prompts of {args.prompt_words} "
         f"words, up to {args.max_new_tokens} output tokens, cache {args.cache}; images {args.image_steps} steps. "
         f"SLOs for goodput: {slo_text}. Layers: " + ", ".join(f"{m} {layers[m]}" for m in args.models if m in layers)
-        + ".", "", *table, "", "![latency CDF](latency_cdf.png)", "", "![scaling](scaling.png)", ""]))
+        + f". {QUALITY} rows: Score calls of {args.score_docs} documents; their 'out tok/s' is documents/s." * bool(
+            args.quality), "", *table, "", "![latency CDF](latency_cdf.png)", "", "![scaling](scaling.png)", ""]))
     print("\n".join(table))
     return 0
 
@@ -212,7 +221,9 @@ def register(subparsers) -> None:
     p.add_argument("--target", default="localhost:50051", help="host:port of a running server")
     p.add_argument("--serve", nargs="?", const="default", help="start `prunefusion serve` for the test (the embedded "
                    "default config, or this config file) instead of using --target")
-    p.add_argument("--models", nargs="+", required=True, help="model names; the first is the baseline")
+    p.add_argument("--models", nargs="*", default=[], help="model names; the first is the baseline")
+    p.add_argument("--quality", action="store_true", help="also load-test QualityFilter.Score")
+    p.add_argument("--score-docs", type=int, default=16, help="documents per Score call (~1 KB each)")
     p.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16], help="closed-loop user counts")
     p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (requests/s)")
     p.add_argument("--duration", type=int, default=30, help="seconds per (model, concurrency) run")

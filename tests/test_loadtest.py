@@ -61,11 +61,14 @@ def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
     from prunefusion.cli import main
 
     out = tmp_path / "lt"
-    assert main(["loadtest", "--target", mm_server.target, "--models", "pico-lm", "pico-tf", "--concurrency", "2",
-                 "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "8", "--prompt-words", "4",
-                 "--image-steps", "2", "--caption-weight", "1", "--slo-e2e-ms", "60000", "--out", str(out)]) == 0
+    assert main(["loadtest", "--target", mm_server.target, "--models", "pico-lm", "pico-tf", "--quality",
+                 "--concurrency", "2", "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "8",
+                 "--prompt-words", "4", "--image-steps", "2", "--caption-weight", "1", "--score-docs", "4",
+                 "--slo-e2e-ms", "60000", "--out", str(out)]) == 0
     rows = {(r["model"], r["load"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert set(rows) == {("pico-lm", "c=2"), ("pico-tf", "c=2"), ("pico-lm", "4/s"), ("pico-tf", "4/s")}
+    assert set(rows) == {(m, load) for m in ("pico-lm", "pico-tf", "QualityFilter") for load in ("c=2", "4/s")}
+    scored = [json.loads(line) for line in (out / "records" / "QualityFilter-c2.jsonl").read_text().splitlines()]
+    assert {r["rpc"] for r in scored} == {"Score"} and all(r["tokens"] == 4 for r in scored)  # 4 documents each
     for row in rows.values():
         assert row["ok"] > 0 and row["errors"] == 0
         assert row["goodput_per_s"] == pytest.approx(row["requests_per_s"])  # a 60 s bound: every request meets it
