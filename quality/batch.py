@@ -4,6 +4,10 @@ with their scores and reasons, and a report (per-reason counts, score histogram)
 JSONL files hold one document per line (a "text" field; "id" optional, default FILE:LINE); any other file is one
 document (its id is the path). Every output record is the input record plus a "quality" object: score, keep,
 reasons, and the per-filter signals. --drop-bottom-percent applies to the whole input, not per batch.
+
+Corpus-level methods, over all inputs together: --semdedup EPS embeds every document with the ONNX MiniLM and
+rejects near-duplicates (reason `semdedup_duplicate`, keeping in each duplicate group the document farthest from its
+cluster centroid); --long-files PERCENT rejects the longest PERCENT of documents (reason `long_file`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float)
     p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")
     p.add_argument("--weights", type=Path, help="Sharma weights JSON (default: the shipped calibration)")
+    p.add_argument("--semdedup", type=float, metavar="EPS", help="reject near-duplicates: cosine > 1 - EPS "
+                   "(e.g. 0.01) to a kept document of the same cluster")
+    p.add_argument("--long-files", type=float, metavar="PERCENT", help="reject the longest PERCENT of documents")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (0: this process)")
     p.add_argument("--batch-size", type=int, default=256)
     return p
@@ -104,6 +111,7 @@ def main(argv: list[str]) -> int:
         for doc_reasons, score in zip(reasons, scores, strict=True):
             if score < cutoff:
                 doc_reasons.append(BOTTOM_PERCENTILE)
+    corpus_reasons(records, reasons, args)
     counts: dict[str, int] = {}
     kept_n = 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,25 @@ def main(argv: list[str]) -> int:
     for reason, n in summary["reason_counts"].items():
         print(f"  {reason:<32} {n}")
     return 0
+
+
+def corpus_reasons(records: list[dict], reasons: list[list[str]], args: argparse.Namespace) -> None:
+    """Add the corpus-level reasons (SemDeDup, long files) in place."""
+    from prunefusion.quality import semdedup
+
+    if args.long_files:
+        keep = semdedup.long_file_mask([len(r["text"]) for r in records], args.long_files)
+        for doc_reasons, kept in zip(reasons, keep, strict=True):
+            if not kept:
+                doc_reasons.append("long_file")
+    if args.semdedup is not None:
+        from prunefusion.quality.embeddings import default_embedder
+
+        embeddings = default_embedder().embed([r["text"] for r in records])
+        result = semdedup.semdedup(embeddings, eps=args.semdedup)
+        for doc_reasons, kept in zip(reasons, result.keep, strict=True):
+            if not kept:
+                doc_reasons.append("semdedup_duplicate")
 
 
 def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarray) -> None:

@@ -54,3 +54,19 @@ def test_bottom_percent_is_over_all_documents_and_bad_input_is_an_error(tmp_path
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert main(["score", str(data), "--out", str(out), "--threshold", "gopher_quality.max_foo=1"]) == 2
     assert "max_foo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_semdedup_and_long_files_over_the_whole_input(tmp_path):
+    data = tmp_path / "docs.jsonl"
+    texts = [CLEAN, CLEAN.replace("  ", " ") + "\n", CLEAN.upper().lower(), "A short note about the weather today.",
+             "Trains leave the station every hour on weekdays, and less often at the weekend.", JUNK * 3]
+    data.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)) + "\n")
+    out, rejected = tmp_path / "kept.jsonl", tmp_path / "rejected.jsonl"
+    assert main(["score", str(data), "--out", str(out), "--rejected", str(rejected), "--methods", "sharma",
+                 "--semdedup", "0.01", "--long-files", "17", "--workers", "0"]) == 0
+    reasons = {json.loads(line)["id"]: json.loads(line)["quality"]["reasons"]
+               for line in rejected.read_text().splitlines()}
+    # d0..d2 are one text up to whitespace and case: exactly two of them are duplicates; d5 is the longest (1 of 6)
+    assert sum("semdedup_duplicate" in reasons.get(f"d{i}", []) for i in range(3)) == 2
+    assert "long_file" in reasons["d5"] and "d3" not in reasons and "d4" not in reasons
