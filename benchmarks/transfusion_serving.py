@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _server import median_seconds
+
 PROMPTS = ["a red circle on the left", "a blue square in the center", "a green triangle at the top right",
            "a yellow circle at the bottom"]
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls (after one warm-up call)."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     reqs = [ImageRequest(p, args.steps, args.guidance_scale, seed=i) for i, p in enumerate(PROMPTS)]
     n = len(reqs)
     rows = {}
-    serial = timed(lambda: [sampler.generate_images([r]) for r in reqs], args.repeats)
-    batched = timed(lambda: sampler.generate_images(reqs), args.repeats)
+    serial = median_seconds(lambda: [sampler.generate_images([r]) for r in reqs], args.repeats)
+    batched = median_seconds(lambda: sampler.generate_images(reqs), args.repeats)
     rows["sampler: 4 images, one call vs four"] = (n / serial, n / batched)
     for k in (1, n):
-        cached = timed(lambda k=k: sampler.generate_images(reqs[:k]), args.repeats)
-        recomputed = timed(lambda k=k: sampler.generate_images(reqs[:k], use_cache=False), args.repeats)
+        cached = median_seconds(lambda k=k: sampler.generate_images(reqs[:k]), args.repeats)
+        recomputed = median_seconds(lambda k=k: sampler.generate_images(reqs[:k], use_cache=False), args.repeats)
         rows[f"sampler: {k} image(s), recomputed prompt vs KV-cached prompt"] = (k / recomputed, k / cached)
 
     import tempfile
@@ -78,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             options = ImageOptions(steps=args.steps, guidance_scale=args.guidance_scale, seed=i)
             return client.generate_image(PROMPTS[i], options=options)
 
-        serial_rpc = timed(lambda: [one(i) for i in range(n)], args.repeats)
+        serial_rpc = median_seconds(lambda: [one(i) for i in range(n)], args.repeats)
         batch_sizes: list[int] = []
         with ThreadPoolExecutor(n) as pool:
 
             def concurrent():
                 batch_sizes.extend(r.timings.batch_size for r in pool.map(one, range(n)))
 
-            concurrent_rpc = timed(concurrent, args.repeats)
+            concurrent_rpc = median_seconds(concurrent, args.repeats)
         rows["gRPC: 4 concurrent requests vs 4 serial"] = (n / serial_rpc, n / concurrent_rpc)
 
     print(f"model {args.model} ({sum(p.numel() for p in sampler.model.parameters()):,} parameters), "

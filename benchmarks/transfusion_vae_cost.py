@@ -11,21 +11,9 @@ generated image. This prints those costs as multiples of one Transfusion trainin
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+from _server import median_seconds
 
 
 def main() -> int:
@@ -82,11 +70,11 @@ def main() -> int:
     def decode4():
         return vae.decode(torch.randn(4, *latent_shape)).sample
 
-    step = median_seconds(transfusion_step)
+    step = median_seconds(transfusion_step, 5)
     rows = {"Transfusion training step (batch 32, the baseline)": step,
-            "VAE training step (batch 32)": median_seconds(vae_train_step),
-            "VAE encode (batch 32, per Transfusion step without cached latents)": median_seconds(encode),
-            "VAE decode (4 generated images)": median_seconds(decode4)}
+            "VAE training step (batch 32)": median_seconds(vae_train_step, 5),
+            "VAE encode (batch 32, per Transfusion step without cached latents)": median_seconds(encode, 5),
+            "VAE decode (4 generated images)": median_seconds(decode4, 5)}
     print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, 32x32x3 -> {latent_shape}; "
           f"Transfusion: {sum(p.numel() for p in model.parameters()):,} parameters; torch threads "
           f"{torch.get_num_threads()}")
