@@ -12,9 +12,11 @@ zero lines or zero words are not evaluated (their rules pass), except where note
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, fields
+from itertools import accumulate
 from typing import ClassVar
+
+import numpy as np
 
 from prunefusion.quality.sharma import STOP_WORDS, split_lines, split_words
 
@@ -138,12 +140,13 @@ class GopherRepetition:
         total = sum(map(len, words))
         if not total:
             return failed
-        for n in _TOP_NGRAMS:
-            if self._top_ngram_chars(words, n) / total > getattr(self, f"max_top_{n}gram"):
+        # n-grams for n = 2..10 built incrementally from the (n-1)-grams: one np.unique per n
+        for n, grams in _ngram_series(words, max(_DUP_NGRAMS)):
+            if n in _TOP_NGRAMS and self._top_ngram_chars(words, n, grams) / total > getattr(self, f"max_top_{n}gram"):
                 failed.append(f"gopher_top_{n}gram")
-        for n in _DUP_NGRAMS:
-            if self._dup_ngram_chars(words, n) / total > getattr(self, f"max_dup_{n}gram"):
+            if n in _DUP_NGRAMS and self._dup_ngram_chars(words, n, grams) / total > getattr(self, f"max_dup_{n}gram"):
                 failed.append(f"gopher_dup_{n}gram")
+        failed.sort(key=self.REASON_CODES.index)  # the documented fixed order
         return failed
 
     @staticmethod
@@ -151,26 +154,69 @@ class GopherRepetition:
         return [p for p in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if p]
 
     @staticmethod
-    def _top_ngram_chars(words: list[str], n: int) -> int:
-        counts = Counter(zip(*(words[i:] for i in range(n)), strict=False))  # n-grams
-        if not counts:
+    def _top_ngram_chars(words: list[str], n: int, grams: NGrams | None = None) -> int:
+        grams = _ngrams(words, n) if grams is None else grams
+        if not len(grams.keys):
             return 0
-        gram, count = counts.most_common(1)[0]
-        return sum(map(len, gram)) * count if count > 1 else 0
+        count = int(grams.counts.max())
+        if count < 2:
+            return 0
+        start = int(grams.first[grams.counts == count].min())  # ties: the n-gram seen first (Counter's order)
+        return sum(map(len, words[start:start + n])) * count
 
     @staticmethod
-    def _dup_ngram_chars(words: list[str], n: int) -> int:
-        seen: set[tuple[str, ...]] = set()
+    def _dup_ngram_chars(words: list[str], n: int, grams: NGrams | None = None) -> int:
+        grams = _ngrams(words, n) if grams is None else grams
+        if not len(grams.keys) or grams.counts.max() < 2:  # no n-gram repeats (most clean text)
+            return 0
+        # positions whose n-gram occurred earlier: only these can be repeats; every other visited position is new
+        candidates = np.nonzero(grams.first[grams.keys] < np.arange(len(grams.keys)))[0].tolist()
+        ends = list(accumulate(map(len, words), initial=0))  # chars of words[a:b] = ends[b] - ends[a]
+        keys = grams.keys.tolist()
+        seen: set[int] = set()
         chars = i = 0
-        while i <= len(words) - n:
-            gram = tuple(words[i : i + n])
-            if gram in seen:
-                chars += sum(map(len, gram))
-                i += n
+        for j in candidates:
+            if j < i:  # inside a repeat already counted
+                continue
+            seen.update(keys[i:j])
+            if keys[j] in seen:
+                chars += ends[j + n] - ends[j]
+                i = j + n
             else:
-                seen.add(gram)
-                i += 1
+                seen.add(keys[j])
+                i = j + 1
         return chars
+
+
+@dataclass(frozen=True)
+class NGrams:
+    """The n-grams of a word list: keys[i] = a dense id of the n-gram at position i (equal ids <=> equal n-grams),
+    first[k] = where id k first occurs, counts[k] = how often it occurs."""
+
+    keys: np.ndarray
+    first: np.ndarray
+    counts: np.ndarray
+
+
+def _ngram_series(words: list[str], max_n: int):
+    """Yield (n, NGrams) for n = 2..max_n. Exact: an n-gram is the pair (its (n-1)-gram's id, its last word's id),
+    renumbered densely by one np.unique per n, so repeats are found by comparing ints, not tuples of strings."""
+    ids: dict[str, int] = {}
+    word_ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
+    vocab = max(len(ids), 1)
+    keys = word_ids
+    for n in range(2, max_n + 1):
+        if len(keys) < 2:
+            empty = keys[:0]
+            yield n, NGrams(empty, empty, empty)
+            continue
+        _, first, keys, counts = np.unique(keys[:-1] * vocab + word_ids[n - 1:], return_index=True,
+                                           return_inverse=True, return_counts=True)
+        yield n, NGrams(keys, first, counts)
+
+
+def _ngrams(words: list[str], n: int) -> NGrams:
+    return next(grams for m, grams in _ngram_series(words, n) if m == n)
 
 
 @dataclass(frozen=True)

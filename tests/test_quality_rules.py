@@ -174,3 +174,43 @@ def test_unknown_threshold_lists_the_known_ones():
     with pytest.raises(ValueError) as err:
         build_filters(["gopher_repetition"], {"gopher_repetition": {"max_top_5gram": 0.1}})
     assert "max_top_4gram" in str(err.value) and "max_dup_5gram" in str(err.value)
+
+
+def _top_ngram_chars_reference(words: list[str], n: int) -> int:
+    """The obvious version: count tuples of words."""
+    from collections import Counter
+
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    if not counts:
+        return 0
+    gram, count = counts.most_common(1)[0]
+    return sum(map(len, gram)) * count if count > 1 else 0
+
+
+def _dup_ngram_chars_reference(words: list[str], n: int) -> int:
+    seen: set[tuple[str, ...]] = set()
+    chars = i = 0
+    while i <= len(words) - n:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            chars += sum(map(len, gram))
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
+
+
+def test_packed_ngram_keys_give_the_tuple_reference_results():
+    import random
+
+    from prunefusion.quality.rules import GopherRepetition
+
+    rng = random.Random(0)
+    vocab = ["a", "bb", "ccc", "dddd", "the", "of", "x" * 7]
+    for trial in range(200):
+        words = [rng.choice(vocab[: 2 + trial % 6]) for _ in range(rng.randint(0, 60))]
+        for n in (2, 3, 4):
+            assert GopherRepetition._top_ngram_chars(words, n) == _top_ngram_chars_reference(words, n), (words, n)
+        for n in range(5, 11):
+            assert GopherRepetition._dup_ngram_chars(words, n) == _dup_ngram_chars_reference(words, n), (words, n)
