@@ -26,6 +26,17 @@ def png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def huge_png_header(side: int = 20000) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
 def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -89,8 +100,10 @@ def test_concurrent_captions_share_a_batch_and_match_their_single_captions(mm_cl
     (encoded(Image.new("I;16", (32, 32))), "mode I;16"),
     (encoded(Image.new("RGB", (32, 32)), "BMP"), "format BMP"),
     (b"", "empty"),
+    (None, "too large"),  # a PNG header claiming 20000x20000: PIL's decompression-bomb guard, before any decoding
 ])
 def test_bad_images_are_invalid_argument(mm_client, data, needle):
+    data = huge_png_header() if data is None else data
     with pytest.raises(grpc.RpcError) as err:
         mm_client.caption(data)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

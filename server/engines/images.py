@@ -21,6 +21,8 @@ def decode_image(data: bytes, native: int, max_size: int, field: str = "image") 
         raise InvalidRequestError(field, "is empty")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only: the size is checked before decoding
+    except Image.DecompressionBombError:
+        raise InvalidRequestError(field, f"is too large: at most {max_size}x{max_size}") from None
     except (UnidentifiedImageError, OSError) as err:
         raise InvalidRequestError(field, f"is not a PNG or JPEG image ({err.__class__.__name__})") from None
     if image.format not in ACCEPTED_FORMATS:

@@ -73,6 +73,7 @@ class TransfusionEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{name}")
         self._batcher: asyncio.Task | None = None
         self._running = 0
+        self._streams = 0  # interleaved generations in progress (they share the model thread with the batches)
         self._closed = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -98,20 +99,21 @@ class TransfusionEngine:
         self._batcher = asyncio.create_task(self._batch_loop(), name=f"transfusion-batcher-{self.name}")
 
     async def shutdown(self) -> None:
+        """Refuse new requests, fail the waiting ones, let a running batch finish (its callers get their results),
+        then stop the batcher and the model thread without blocking the event loop."""
         self._closed = True
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
         for job in self._pending:
             if not job.future.done():
                 job.future.set_exception(EngineUnavailableError(f"model {self.name!r} is shutting down"))
         self._pending.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._wake.set()
+        if self._batcher is not None:
+            await self._batcher  # returns once the running batch (if any) is handed out: see _batch_loop
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def stats(self) -> EngineStats:
         healthy = self._batcher is not None and not self._batcher.done()
-        return EngineStats(running=self._running, waiting=len(self._pending), healthy=healthy)
+        return EngineStats(running=self._running + self._streams, waiting=len(self._live()), healthy=healthy)
 
     @property
     def image_size(self) -> int:
@@ -141,7 +143,11 @@ class TransfusionEngine:
         """Parts from the sampler's interleaved generator, each step run on the model thread (between batches)."""
         if self._closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
+        if self._streams + len(self._live()) >= self.options.max_queue:
+            raise QueueFullError(f"model {self.name!r}: {self._streams} streams and {len(self._pending)} requests "
+                                 "waiting", retry_after_s=0.5)
         loop = asyncio.get_running_loop()
+        self._streams += 1
         parts = self.sampler.interleaved(prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
                                          guidance_scale=guidance_scale, seed=seed)
         done = object()
@@ -152,13 +158,15 @@ class TransfusionEngine:
                     return
                 yield part
         finally:
+            self._streams -= 1
             await loop.run_in_executor(self._executor, parts.close)
 
     async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> BatchResult:
         if self._closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
-        if len(self._pending) >= self.options.max_queue:
-            raise QueueFullError(f"model {self.name!r}: {len(self._pending)} requests waiting", retry_after_s=0.5)
+        waiting = len(self._live())  # cancelled and expired requests do not count
+        if waiting + self._streams >= self.options.max_queue:
+            raise QueueFullError(f"model {self.name!r}: {waiting} requests waiting", retry_after_s=0.5)
         job = _Job(kind, key, payload, asyncio.get_running_loop().create_future(), deadline=deadline)
         self._pending.append(job)
         self._wake.set()
@@ -174,7 +182,7 @@ class TransfusionEngine:
         return self._pending
 
     async def _batch_loop(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 await self._next_batch()
             except asyncio.CancelledError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -96,14 +97,16 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         deadline = _deadline(context)
         parts = engine.interleaved(request.prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
                                    guidance_scale=guidance, seed=seed)
-        async for kind, value in parts:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("deadline passed during interleaved generation")
-            if kind == "text":
-                yield pb.InterleavedPart(request_id=request_id, text=" " + value)
-            else:
-                png, width, height = encode_png(value)
-                yield pb.InterleavedPart(request_id=request_id, image=pb.Image(png=png, width=width, height=height))
+        async with contextlib.aclosing(parts):  # a cancel or deadline frees the model thread's generator now
+            async for kind, value in parts:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("deadline passed during interleaved generation")
+                if kind == "text":
+                    yield pb.InterleavedPart(request_id=request_id, text=" " + value)
+                else:
+                    png, width, height = encode_png(value)
+                    yield pb.InterleavedPart(request_id=request_id,
+                                             image=pb.Image(png=png, width=width, height=height))
 
     @unary_errors
     async def ListImageModels(self, request, context) -> pb.ListImageModelsResponse:
