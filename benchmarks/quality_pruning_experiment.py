@@ -38,9 +38,8 @@ import torch
 from prunefusion.models.build import build_model
 from prunefusion.models.corpus import Corpus, sentence_splits
 from prunefusion.models.recipes import RECIPES
-from prunefusion.quality.cli import DEFAULT_WEIGHTS
 from prunefusion.quality.mixed_corpus import Document, mixed_corpus
-from prunefusion.quality.sharma import Weights, document_score
+from prunefusion.quality.sharma import DEFAULT_WEIGHTS, Weights, document_score
 
 SELECTIONS = {"A": "top by Sharma score", "B": "random", "C": "all documents"}
 

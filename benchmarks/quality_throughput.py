@@ -27,10 +27,9 @@ from pathlib import Path
 
 from _server import median_seconds
 
-from prunefusion.quality.cli import DEFAULT_WEIGHTS
 from prunefusion.quality.pipeline import ScoreOptions, score_batch
 from prunefusion.quality.rules import RULE_FILTERS, build_filters
-from prunefusion.quality.sharma import Weights, document_score
+from prunefusion.quality.sharma import DEFAULT_WEIGHTS, Weights, document_score
 
 GOAL_DOCS_PER_S = 1000.0
 CHUNK = 64

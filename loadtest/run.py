@@ -92,7 +92,9 @@ def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> li
     for r in rows:
         first = by_key.get((base, r["load"]))
         speed = ""
-        same_kind = (r["model"] in layers) == (base in layers)  # text vs text, or images vs images
+        # text vs text, images vs images; QualityFilter's documents/s compares with nothing else
+        same_kind = r["model"] == base or (
+            (r["model"] in layers) == (base in layers) and QUALITY not in (r["model"], base))
         key = "output_tokens_per_s" if r["model"] in layers else "requests_per_s"
         if same_kind and first and first[key] and r[key]:
             ideal = f" ({layers[base] / layers[r['model']]:.2f}x)" if r["model"] in layers and base in layers else ""

@@ -16,12 +16,18 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from prunefusion.quality.pipeline import BOTTOM_PERCENTILE, METHODS, ScoreOptions, score_batch
+from prunefusion.quality.pipeline import (
+    BOTTOM_PERCENTILE,
+    METHODS,
+    ScoreOptions,
+    parse_thresholds,
+    score_batch,
+    scoring_executor,
+)
 
 
 def read_documents(paths: list[Path]) -> list[dict]:
@@ -46,15 +52,17 @@ def read_documents(paths: list[Path]) -> list[dict]:
     return records
 
 
-def _thresholds(items: list[str]) -> dict[str, dict[str, float]]:
-    nested: dict[str, dict[str, float]] = {}
+def _threshold_pairs(items: list[str]) -> dict[str, float]:
+    """["FAMILY.NAME=VALUE", ...] -> {"FAMILY.NAME": value}."""
+    pairs = {}
     for item in items:
-        key, eq, value = item.partition("=")
-        family, dot, name = key.partition(".")
-        if not eq or not dot:
-            raise ValueError(f"--threshold {item!r}: expected FAMILY.NAME=VALUE, e.g. gopher_quality.min_words=20")
-        nested.setdefault(family, {})[name] = float(value) if "." in value else int(value)
-    return nested
+        key, _, value = item.partition("=")
+        try:
+            pairs[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--threshold {item!r}: expected FAMILY.NAME=NUMBER, e.g. "
+                             "gopher_quality.min_words=20") from None
+    return pairs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,23 +88,24 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
-    from prunefusion.server.servicers.quality_filter import load_weights
+    from prunefusion.quality.sharma import load_weights
 
     args = parser().parse_args(argv)
     try:
-        options = ScoreOptions(methods=tuple(args.methods), thresholds=_thresholds(args.threshold),
+        options = ScoreOptions(methods=tuple(args.methods),
+                               thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
                                min_score=args.min_score)
         options.check()
         if args.drop_bottom_percent is not None:
             ScoreOptions(drop_bottom_percent=args.drop_bottom_percent, methods=options.methods).check()
-        weights = load_weights(str(args.weights) if args.weights else None)
+        weights = load_weights(args.weights)
         records = read_documents(args.files)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     batches = [records[i:i + args.batch_size] for i in range(0, len(records), args.batch_size)]
-    executor: Executor = ProcessPoolExecutor(args.workers) if args.workers > 0 else ThreadPoolExecutor(1)
+    executor = scoring_executor(args.workers)
     results = []
     with executor, tqdm(total=len(records), desc="score", unit="doc") as bar:
         jobs = [executor.submit(score_batch, [(r["id"], r["text"]) for r in b], options, weights) for b in batches]

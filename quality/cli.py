@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "default_weights.json"
-
 
 def calibrate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunefusion score calibrate",

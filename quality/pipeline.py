@@ -19,6 +19,29 @@ METHODS = ("sharma", *RULE_FILTERS)
 BELOW_MIN_SCORE, BOTTOM_PERCENTILE = "sharma_below_min_score", "sharma_bottom_percentile"
 
 
+def parse_thresholds(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{"family.name": value} -> {family: {name: value}}; ValueError for a key that is not FAMILY.NAME (unknown names
+    and bad values are reported by ScoreOptions.check)."""
+    nested: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        family, dot, name = key.partition(".")
+        if not dot or not family or not name:
+            raise ValueError(f"threshold key {key!r} is not FAMILY.NAME, e.g. gopher_quality.min_words")
+        nested.setdefault(family, {})[name] = value
+    return nested
+
+
+def scoring_executor(workers: int):
+    """`workers` spawned processes (the pipeline is pure Python: threads would share one core; spawned, not forked,
+    because forking a process that runs gRPC is unsafe), or one thread for 0."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if workers > 0:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(1, thread_name_prefix="quality")
+
+
 def reason_codes() -> list[str]:
     return [BELOW_MIN_SCORE, BOTTOM_PERCENTILE, *all_reason_codes()]
 

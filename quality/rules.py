@@ -142,12 +142,13 @@ class GopherRepetition:
             return failed
         # n-grams for n = 2..10 built incrementally from the (n-1)-grams: one np.unique per n
         for n, grams in _ngram_series(words, max(_DUP_NGRAMS)):
+            if not len(grams.counts) or grams.counts.max() < 2:
+                break  # no n-gram repeats, so no longer one does either
             if n in _TOP_NGRAMS and self._top_ngram_chars(words, n, grams) / total > getattr(self, f"max_top_{n}gram"):
                 failed.append(f"gopher_top_{n}gram")
             if n in _DUP_NGRAMS and self._dup_ngram_chars(words, n, grams) / total > getattr(self, f"max_dup_{n}gram"):
                 failed.append(f"gopher_dup_{n}gram")
-        failed.sort(key=self.REASON_CODES.index)  # the documented fixed order
-        return failed
+        return failed  # in REASON_CODES order: lines, paragraphs, top n-grams, duplicated n-grams
 
     @staticmethod
     def _paragraphs(text: str) -> list[str]:

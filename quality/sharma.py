@@ -50,6 +50,7 @@ PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2013\u
 _DELETE_DIGIT_PUNCT = dict.fromkeys(map(ord, string.digits + PUNCTUATION))
 _DELETE_DIGIT_PUNCT_ASCII = (string.digits + string.punctuation).encode("ascii")
 _WEIGHTS_FORMAT = "prunefusion.quality.sharma.weights"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "default_weights.json"  # the shipped calibration
 
 
 def split_words(line: str) -> list[str]:
@@ -312,3 +313,10 @@ def document_score(text: str, weights: Weights, tokenize: Callable[[str], int] |
     n = len(rows)
     pass_rates = {name: sum(col) / n for name, col in zip(FILTER_NAMES, zip(*rows, strict=True), strict=True)}
     return DocumentScore(score, tuple(scores), tuple(spans), tuple(counts), pass_rates, token_count)
+
+
+def load_weights(path: str | Path | None = None) -> Weights:
+    """Weights from a file; None: the shipped calibration (uniform weights if that file is missing)."""
+    if path is not None:
+        return Weights.load(path)
+    return Weights.load(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else Weights.uniform()

@@ -28,8 +28,8 @@ from prunefusion_client.v1 import (
 log = logging.getLogger(__name__)
 
 SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name,
-                   quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name)
+                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name)
+QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name
 
 
 async def open_cache(cfg: CacheConfig) -> ResponseCache:
@@ -64,10 +64,12 @@ class PrunefusionServer:
         self._stopping = False
         self._health_watch: asyncio.Task | None = None
         self._quality = None
+        # the services this server answers (health and reflection list exactly these)
+        self.services = SERVED_SERVICES + ((QUALITY_SERVICE,) if config.quality.enabled else ())
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", *SERVED_SERVICES):
+        for service in ("", *self.services):
             await self.health.set(service, status)
 
     async def start(self) -> None:
@@ -93,7 +95,7 @@ class PrunefusionServer:
             self._quality = QualityFilterServicer(self.config.quality)
             quality_filter_pb2_grpc.add_QualityFilterServicer_to_server(self._quality, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        reflection.enable_server_reflection((*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
         await self._set_health(False)
         self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pico import build_pico_llama  # noqa: E402
 
+from prunefusion.loadtest.server_process import free_port  # noqa: E402, F401 - tests import it from here
 from prunefusion.server.app import PrunefusionServer  # noqa: E402
 from prunefusion.server.config import parse_config  # noqa: E402
 
@@ -131,12 +132,6 @@ def client(server):
         yield c
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProcess:

@@ -9,7 +9,7 @@ from test_quality_server import CLEAN, JUNK
 
 from prunefusion.cli import main
 from prunefusion.quality.pipeline import ScoreOptions, score_batch
-from prunefusion.server.servicers.quality_filter import load_weights
+from prunefusion.quality.sharma import load_weights
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -10,9 +10,8 @@ import pytest
 from conftest import ServerThread
 
 from prunefusion.quality.pipeline import ScoreOptions, reason_codes, score_batch
-from prunefusion.quality.sharma import Weights
+from prunefusion.quality.sharma import Weights, load_weights
 from prunefusion.server.config import parse_config
-from prunefusion.server.servicers.quality_filter import load_weights
 from prunefusion_client import Client, score_request
 
 CLEAN = ("The library reads the configuration file when the program starts. It checks that every value has the "
@@ -129,3 +128,25 @@ def test_worker_processes_give_the_same_results(server):
     assert [(r.id, r.keep, tuple(r.reasons)) for r in reply.results] == [
         (r.id, r.keep, r.reasons) for r in expected.results]
     assert isinstance(load_weights(None), Weights)
+
+
+def test_a_disabled_service_is_neither_answered_nor_reported_healthy(pico_dir):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+                           "cache": {"enabled": False}, "quality": {"enabled": False},
+                           "models": [{"name": "pico", "path": str(pico_dir)}]})
+    thread = ServerThread(config).start()
+    try:
+        with Client(thread.target, timeout=30, max_attempts=1) as c, grpc.insecure_channel(thread.target) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                c.score(score_request([CLEAN]))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                health.Check(health_pb2.HealthCheckRequest(service="prunefusion.v1.QualityFilter"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            reply = health.Check(health_pb2.HealthCheckRequest(service="prunefusion.v1.Multimodal"), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        thread.stop()

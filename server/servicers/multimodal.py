@@ -9,22 +9,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
-
 from prunefusion.server.engines.base import InvalidRequestError
 from prunefusion.server.engines.images import check_output_size, decode_image, encode_png
 from prunefusion.server.errors import stream_errors, unary_errors
 from prunefusion.server.registry import ModelRegistry
+from prunefusion.server.servicers.text_generation import deadline_of
 from prunefusion_client.v1 import multimodal_pb2 as pb
 from prunefusion_client.v1 import multimodal_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 MAX_INTERLEAVED_IMAGES = 4
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def _in_range(name: str, value: float, low: float, high: float) -> None:
@@ -58,7 +52,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         steps, guidance, seed = self._image_settings(engine, request)
         size = check_output_size(request.size if request.HasField("size") else None, engine.image_size,
                                  engine.options.max_size)
-        result = await engine.generate_image(ImageRequest(request.prompt, steps, guidance, seed), _deadline(context))
+        result = await engine.generate_image(ImageRequest(request.prompt, steps, guidance, seed), deadline_of(context))
         png, width, height = encode_png(result.value, size)
         request_id = request.request_id or uuid.uuid4().hex
         timings = pb.ImageTimings(queue_seconds=result.queue_seconds, total_seconds=time.monotonic() - arrival,
@@ -76,7 +70,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         max_tokens = request.max_tokens if request.HasField("max_tokens") else limit
         _in_range("max_tokens", max_tokens, 1, limit)
         pixels = decode_image(request.image, engine.image_size, engine.options.max_size)
-        result = await engine.caption(pixels, max_tokens, _deadline(context))
+        result = await engine.caption(pixels, max_tokens, deadline_of(context))
         return pb.CaptionResponse(
             request_id=request.request_id or uuid.uuid4().hex, model=engine.name, text=result.value,
             timings=pb.ImageTimings(queue_seconds=result.queue_seconds, total_seconds=time.monotonic() - arrival,
@@ -94,7 +88,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         _in_range("max_tokens", max_tokens, 1, limit)
         _in_range("max_images", max_images, 0, MAX_INTERLEAVED_IMAGES)
         request_id = request.request_id or uuid.uuid4().hex
-        deadline = _deadline(context)
+        deadline = deadline_of(context)
         parts = engine.interleaved(request.prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
                                    guidance_scale=guidance, seed=seed)
         async with contextlib.aclosing(parts):  # a cancel or deadline frees the model thread's generator now

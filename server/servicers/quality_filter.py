@@ -6,14 +6,20 @@ import asyncio
 import dataclasses
 import json
 import logging
-import multiprocessing
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
-from prunefusion.quality.pipeline import METHODS, BatchResult, ScoreOptions, reason_codes, score_batch
+from prunefusion.quality.pipeline import (
+    METHODS,
+    BatchResult,
+    ScoreOptions,
+    parse_thresholds,
+    reason_codes,
+    score_batch,
+    scoring_executor,
+)
 from prunefusion.quality.rules import RULE_FILTERS
-from prunefusion.quality.sharma import Weights
+from prunefusion.quality.sharma import load_weights
 from prunefusion.server.config import QualityConfig, expand_path
 from prunefusion.server.engines.base import InvalidRequestError, QueueFullError
 from prunefusion.server.errors import stream_errors, unary_errors
@@ -21,24 +27,6 @@ from prunefusion_client.v1 import quality_filter_pb2 as pb
 from prunefusion_client.v1 import quality_filter_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-def load_weights(path: str | None) -> Weights:
-    from prunefusion.quality.cli import DEFAULT_WEIGHTS
-
-    if path is not None:
-        return Weights.load(expand_path(path))
-    return Weights.load(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else Weights.uniform()
-
-
-def _thresholds(flat: dict[str, float]) -> dict[str, dict[str, float]]:
-    nested: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        family, dot, name = key.partition(".")
-        if not dot or not name:
-            raise InvalidRequestError("thresholds", f"key {key!r} is not 'family.threshold'")
-        nested.setdefault(family, {})[name] = int(value) if float(value).is_integer() else value
-    return nested
 
 
 def _result_pb(result: BatchResult, request_id: str, seconds: float) -> pb.ScoreResponse:
@@ -59,14 +47,10 @@ def _result_pb(result: BatchResult, request_id: str, seconds: float) -> pb.Score
 class QualityFilterServicer(pb_grpc.QualityFilterServicer):
     def __init__(self, config: QualityConfig) -> None:
         self.config = config
-        self.weights = load_weights(config.weights)
+        self.weights = load_weights(None if config.weights is None else expand_path(config.weights))
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._in_flight = 0  # being scored or waiting for a slot
-        # worker processes score in parallel (the pipeline is pure Python: threads would share one core);
-        # spawned, not forked: a forked gRPC process is unsafe
-        self._executor: Executor = (
-            ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"))
-            if config.workers > 0 else ThreadPoolExecutor(1, thread_name_prefix="quality"))
+        self._executor = scoring_executor(config.workers)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -82,9 +66,12 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
         ids = [d.id for d in request.documents]
         if len(set(ids)) != len(ids) or "" in ids:
             raise InvalidRequestError("documents", "every document needs a non-empty id, unique within the request")
+        try:
+            thresholds = parse_thresholds(dict(request.thresholds))
+        except ValueError as err:
+            raise InvalidRequestError("thresholds", str(err)) from None
         options = ScoreOptions(
-            methods=tuple(request.methods) or tuple(c.default_methods),
-            thresholds=_thresholds(dict(request.thresholds)),
+            methods=tuple(request.methods) or tuple(c.default_methods), thresholds=thresholds,
             min_score=request.min_score if request.HasField("min_score") else None,
             drop_bottom_percent=request.drop_bottom_percent if request.HasField("drop_bottom_percent") else None,
             drop=request.mode == pb.FILTER_MODE_DROP, line_spans=request.line_spans)
@@ -102,12 +89,19 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
         started = time.perf_counter()
         self._in_flight += 1
         try:
-            async with self._slots:
-                docs = [(d.id, d.text) for d in request.documents]
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, score_batch, docs, options,
-                                                                          self.weights)
-        finally:
+            await self._slots.acquire()
+        except BaseException:  # cancelled while waiting for a slot
             self._in_flight -= 1
+            raise
+        docs = [(d.id, d.text) for d in request.documents]
+        job = asyncio.get_running_loop().run_in_executor(self._executor, score_batch, docs, options, self.weights)
+
+        def release(_job) -> None:  # when the worker is done, not when the caller stops waiting: a cancelled
+            self._slots.release()   # request's batch still occupies its worker until it finishes
+            self._in_flight -= 1
+
+        job.add_done_callback(release)
+        result = await asyncio.shield(job)
         return _result_pb(result, request.request_id, time.perf_counter() - started)
 
     @unary_errors

@@ -48,10 +48,15 @@ def to_domain(request: pb.GenerateRequest, default_max_new_tokens: int,
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
     )
-    remaining = context.time_remaining()
     now = time.monotonic()
     return GenerationRequest(request_id=request.request_id or uuid.uuid4().hex, prompt=request.prompt,
-                             params=params, arrival=now, deadline=None if remaining is None else now + remaining)
+                             params=params, arrival=now, deadline=deadline_of(context, now))
+
+
+def deadline_of(context: grpc.aio.ServicerContext, now: float | None = None) -> float | None:
+    """The call's deadline on the monotonic clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else (time.monotonic() if now is None else now) + remaining
 
 
 def usage_pb(usage: Usage) -> pb.Usage:

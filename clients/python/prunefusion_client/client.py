@@ -72,7 +72,7 @@ class ImageOptions:
 
 
 def _caption_request(image: bytes, model: str, max_tokens: int | None) -> mm.CaptionRequest:
-    return mm.CaptionRequest(model=model, image=image, **({"max_tokens": max_tokens} if max_tokens else {}))
+    return mm.CaptionRequest(model=model, image=image, **({} if max_tokens is None else {"max_tokens": max_tokens}))
 
 
 def score_request(documents: list[str] | list[tuple[str, str]], *, methods: list[str] | None = None,
