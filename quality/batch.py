@@ -13,6 +13,7 @@ cluster centroid); --long-files PERCENT rejects the longest PERCENT of documents
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -124,8 +125,9 @@ def main(argv: list[str]) -> int:
     counts: dict[str, int] = {}
     kept_n = 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rejected = open(args.rejected, "w") if args.rejected else None  # noqa: SIM115 - closed below
-    with open(args.out, "w") as kept:
+    with contextlib.ExitStack() as files:  # both files closed however the loop ends
+        kept = files.enter_context(open(args.out, "w"))
+        rejected = files.enter_context(open(args.rejected, "w")) if args.rejected else None
         for record, result, doc_reasons in zip(records, results, reasons, strict=True):
             keep = not doc_reasons
             kept_n += keep
@@ -137,8 +139,6 @@ def main(argv: list[str]) -> int:
                 kept.write(line)
             elif rejected is not None:
                 rejected.write(line)
-    if rejected is not None:
-        rejected.close()
     summary = {"documents": len(records), "kept": kept_n, "rejected": len(records) - kept_n,
                "reason_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "seconds": seconds,
                "documents_per_second": len(records) / seconds if seconds else None, "workers": args.workers,

@@ -103,8 +103,9 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
             s = document_score(text, weights)
             if options.min_score is not None and s.score < options.min_score:
                 reasons.append(BELOW_MIN_SCORE)
-            lines = tuple((a, b, score) for (a, b), score in zip(s.line_spans, s.line_scores, strict=True))
-            scored.append([doc_id, s.score, reasons, s.signals, lines if options.line_spans else ()])
+            lines = (tuple((a, b, score) for (a, b), score in zip(s.line_spans, s.line_scores, strict=True))
+                     if options.line_spans else ())
+            scored.append([doc_id, s.score, reasons, s.signals, lines])
         else:
             scored.append([doc_id, None, reasons, {}, ()])
     if options.drop_bottom_percent and scored:
