@@ -27,10 +27,11 @@ def request(rid: str, n: int = 150) -> GenerationRequest:
     return GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=n))
 
 
-async def wait_until(predicate, timeout=5.0):
+async def wait_until(predicate, timeout=60.0):
+    """Generous: on a loaded 2-core CI machine the engine thread can take seconds to get the CPU."""
     async with asyncio.timeout(timeout):
         while not predicate():
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.002)
 
 
 async def test_a_cancelled_consumer_frees_its_slot_within_one_step(engine):

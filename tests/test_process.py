@@ -189,12 +189,14 @@ def test_two_server_processes_sharing_redis_run_identical_requests_once(tmp_path
     from prunefusion_client import AsyncClient
 
     model_dir = build_pico_llama(tmp_path / "sf", context=1024, layers=8, hidden=256)  # ~1 s per request
+    # a generous Redis timeout: this checks coordination; failing open on a slow Redis (50 ms default) is tested
+    # elsewhere, and a loaded 2-core CI machine can exceed 50 ms
     procs, targets, metrics_ports = [], [], []
     for i in range(2):
         port, metrics_port = free_port(), free_port()
         config = tmp_path / f"server{i}.yaml"
         config.write_text(f"server: {{host: 127.0.0.1, port: {port}, metrics_port: {metrics_port}}}\n"
-                          f"cache: {{url: '{redis_server.url}'}}\n"
+                          f"cache: {{url: '{redis_server.url}', timeout_ms: 5000}}\n"
                           f"models:\n  - name: sf\n    path: {model_dir}\n    max_new_tokens_limit: 400\n")
         procs.append(subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
                                       stderr=subprocess.PIPE, text=True))
