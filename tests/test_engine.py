@@ -135,7 +135,7 @@ async def test_a_tiny_temperature_is_greedy_and_cannot_break_the_batch(engine):
 
 
 async def test_long_prompts_are_tokenized_off_the_event_loop_with_the_same_result(engine, monkeypatch):
-    import prunefusion.server.engines.torch_engine as torch_engine
+    import prunefusion.server.engines.prompts as prompts
 
     inline = await collect(engine.generate(request("inline", 10)))
     calls = []
@@ -145,8 +145,8 @@ async def test_long_prompts_are_tokenized_off_the_event_loop_with_the_same_resul
         calls.append(fn.__name__)
         return await real_to_thread(fn, *args)
 
-    monkeypatch.setattr(torch_engine, "INLINE_TOKENIZE_CHARS", 4)
-    monkeypatch.setattr(torch_engine.asyncio, "to_thread", spy)
+    monkeypatch.setattr(prompts, "INLINE_TOKENIZE_CHARS", 4)
+    monkeypatch.setattr(prompts.asyncio, "to_thread", spy)
     threaded = await collect(engine.generate(request("threaded", 10)))
-    assert calls == ["_tokenize"]
+    assert calls == ["encode_now"]
     assert threaded.token_ids == inline.token_ids and threaded.usage == inline.usage

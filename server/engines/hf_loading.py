@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,13 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 @dataclass
-class LoadedModel:
-    model: torch.nn.Module
+class Checkpoint:
+    """What an engine needs to know about a model directory before (or without) loading its weights in torch."""
+
     tokenizer: object
     family: str
     num_layers: int
-    num_parameters: int
+    num_parameters: int  # counted from the safetensors headers (tied weights are stored once)
     context_length: int
     eos_token_ids: frozenset[int]
     max_token_chars: int  # the longest vocabulary entry: no token decodes to more characters
@@ -51,39 +53,65 @@ class LoadedModel:
     config_digest: str
 
 
+@dataclass
+class LoadedModel(Checkpoint):
+    model: torch.nn.Module
+
+
 def _as_set(value) -> set[int]:
     if value is None:
         return set()
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                   trust_remote_code: bool = False, context_length: int | None = None) -> LoadedModel:
-    """Load weights (safetensors only) and tokenizer from a local directory; never touches the network."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def count_parameters(weights: list[Path]) -> int:
+    """Parameters stored in safetensors files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in weights:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def describe_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = False,
+                        context_length: int | None = None) -> Checkpoint:
+    """Read config, generation config, tokenizer and weight headers of a local directory; never touches the
+    network and loads no weights."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     weights = weight_files(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
-        local_files_only=True).to(device).eval()
-    text_config = model.config.get_text_config()
+    text_config = config.get_text_config()
     eos = _as_set(getattr(text_config, "eos_token_id", None)) | _as_set(tokenizer.eos_token_id)
     if (model_dir / "generation_config.json").is_file():
         eos |= _as_set(GenerationConfig.from_pretrained(model_dir).eos_token_id)
     context = context_length or getattr(text_config, "max_position_embeddings", None)
     if not context:
         raise ValueError(f"{model_dir}: config has no max_position_embeddings; set context_length in the server config")
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, family=model.config.model_type,
-        num_layers=int(text_config.num_hidden_layers),
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        context_length=int(context), eos_token_ids=frozenset(eos),
+    return Checkpoint(
+        tokenizer=tokenizer, family=config.model_type, num_layers=int(text_config.num_hidden_layers),
+        num_parameters=count_parameters(weights), context_length=int(context), eos_token_ids=frozenset(eos),
         max_token_chars=max(map(len, tokenizer.get_vocab()), default=1),
         weights_digest=digest_files(weights),
         tokenizer_digest=digest_files([model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]),
         config_digest=digest_files([model_dir / n for n in CONFIG_FILES if (model_dir / n).is_file()]),
     )
+
+
+def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
+                   trust_remote_code: bool = False, context_length: int | None = None) -> LoadedModel:
+    """Describe the directory, then load its weights (safetensors only) into a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = describe_checkpoint(model_dir, trust_remote_code=trust_remote_code, context_length=context_length)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+        local_files_only=True).to(device).eval()
+    return LoadedModel(**vars(checkpoint), model=model)

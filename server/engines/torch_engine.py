@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
 import logging
 import secrets
 import threading
@@ -44,14 +43,12 @@ from prunefusion.server.engines.base import (
 )
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
+from prunefusion.server.engines.prompts import PromptEncoder
 from prunefusion.server.engines.sampling import select_tokens
 from prunefusion.server.engines.text import IncrementalText
-from prunefusion.server.engines.validation import check_prompt_length, check_request
 from prunefusion.server.metrics import BATCH_SIZE, FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
-
-INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized off the event loop
 
 
 @dataclass(frozen=True)
@@ -104,8 +101,7 @@ class TorchEngine(Engine):
         self.peak_batch = 0  # most rows decoded together in one step
         self.finished: collections.Counter[FinishReason] = collections.Counter()
         self._stats_lock = threading.Lock()
-        self._encoder = None  # a copy of the tokenizer for encoding (see _tokenize)
-        self._encoder_lock = threading.Lock()
+        self._prompts: PromptEncoder | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,7 +111,8 @@ class TorchEngine(Engine):
             o.path, device=o.device, dtype=o.dtype, trust_remote_code=o.trust_remote_code,
             context_length=o.context_length))
         m = self._loaded
-        self._encoder = copy.deepcopy(m.tokenizer)
+        self._prompts = PromptEncoder(m.tokenizer, context_length=m.context_length, max_token_chars=m.max_token_chars,
+                                      max_new_tokens_limit=o.max_new_tokens_limit)
         self.info = ModelInfo(
             name=self.name, family=m.family, num_layers=m.num_layers, num_parameters=m.num_parameters,
             weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, config_digest=m.config_digest,
@@ -140,31 +137,10 @@ class TorchEngine(Engine):
         return EngineStats(running=len(self._active), waiting=len(self._waiting), healthy=healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------
-    def _tokenize(self, prompt: str) -> list[int]:
-        # the encoder is a copy of the tokenizer, under a lock: the worker thread decodes with the original at the
-        # same time, and transformers may change a tokenizer's truncation state on encode
-        assert self._encoder is not None
-        with self._encoder_lock:
-            return self._encoder(prompt, add_special_tokens=True)["input_ids"]
-
-    async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Tokenize without stalling the event loop: a prompt longer than any that could fit the context is refused
-        from its length alone, a long one is tokenized in a thread."""
-        assert self.info is not None and self._loaded is not None
-        check_request(request, self.info.max_new_tokens_limit)
-        chars = len(request.prompt)
-        if chars > self.info.context_length * self._loaded.max_token_chars:
-            raise InvalidRequestError("prompt", f"has {chars} characters, more than {self.info.context_length} "
-                                                "tokens (the model's context) can hold")
-        ids = (self._tokenize(request.prompt) if chars <= INLINE_TOKENIZE_CHARS
-               else await asyncio.to_thread(self._tokenize, request.prompt))
-        check_prompt_length(len(ids), request.params.max_new_tokens, self.info.context_length)
-        return ids
-
     async def _admit(self, request: GenerationRequest) -> _Sequence:
         if not self.stats().healthy:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        prompt_ids = await self._prompt_ids(request)
+        prompt_ids = await self._prompts.encode(request)
         if not self.stats().healthy:  # it may have stopped while a long prompt was tokenized
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
         if request.request_id in self._by_id:
@@ -347,6 +323,6 @@ class TorchEngine(Engine):
     def _warm_up(self) -> None:
         assert self._loaded is not None
         with torch.inference_mode(), self._attention_kernels():
-            ids = torch.tensor([self._tokenize("Hello")], device=self.options.device)
+            ids = torch.tensor([self._prompts.encode_now("Hello")], device=self.options.device)
             cache = DynamicCache()
             self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
