@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,22 @@ class ImageOptions(_Strict):
         return self
 
 
+class VllmOptions(_Strict):
+    """vLLM models (engine: vllm) only: vLLM's engine arguments. dtype, context_length (max_model_len) and
+    max_batch_size (max_num_seqs) come from the model's own keys."""
+
+    # KV-cache size. On CPU, 1 GiB unless set here or by VLLM_CPU_KVCACHE_SPACE (GiB); on GPU, leave it unset and
+    # use gpu_memory_utilization.
+    kv_cache_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None  # vLLM's default: 0.9
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1  # GPUs per model
+    enforce_eager: bool = False  # skip torch.compile and CUDA graphs: faster start, slower decode
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    enable_prefix_caching: bool | None = None
+    seed: int = 0
+    engine_args: dict[str, Any] = {}  # any other AsyncEngineArgs field, passed verbatim (vLLM checks it at start)
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -58,6 +74,7 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
     context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
     images: ImageOptions = ImageOptions()
+    vllm: VllmOptions = VllmOptions()
 
     @field_validator("engine")
     @classmethod
@@ -81,6 +98,8 @@ class ModelConfig(_Strict):
     def _default_within_limit(self) -> ModelConfig:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if self.engine == "vllm" and self.device == "cpu" and self.vllm.tensor_parallel_size > 1:
+            raise ValueError("vllm.tensor_parallel_size > 1 needs GPUs (device: cuda)")
         return self
 
     @property

@@ -33,13 +33,28 @@ def _transfusion_engine(cfg: ModelConfig):
         max_caption_tokens=min(cfg.max_new_tokens_limit, i.max_caption_tokens)))
 
 
+def _vllm_engine(cfg: ModelConfig) -> Engine:
+    from prunefusion.server.engines.vllm_engine import VllmEngine, VllmEngineOptions
+
+    v = cfg.vllm
+    return VllmEngine(cfg.name, VllmEngineOptions(
+        path=str(cfg.resolved_path), device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size,
+        max_queue=cfg.max_queue, max_new_tokens_limit=cfg.max_new_tokens_limit,
+        default_max_new_tokens=cfg.default_max_new_tokens, trust_remote_code=cfg.trust_remote_code,
+        context_length=cfg.context_length, kv_cache_memory_bytes=v.kv_cache_memory_bytes,
+        gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,
+        enforce_eager=v.enforce_eager, max_num_batched_tokens=v.max_num_batched_tokens,
+        enable_prefix_caching=v.enable_prefix_caching, seed=v.seed, engine_args=dict(v.engine_args)))
+
+
 # Engine kinds, looked up by the `engine` key of a model's config, and the service each kind's models belong to.
 # Modules are imported only when used, so a CPU host never imports vLLM unless a model asks for it.
 ENGINE_FACTORIES: dict[str, Callable[[ModelConfig], Engine]] = {
     "torch": _torch_engine,
     "transfusion": _transfusion_engine,
+    "vllm": _vllm_engine,
 }
-ENGINE_TASKS: dict[str, str] = {"torch": "text", "transfusion": "multimodal"}
+ENGINE_TASKS: dict[str, str] = {"torch": "text", "transfusion": "multimodal", "vllm": "text"}
 SERVICE_OF_TASK = {"text": "TextGeneration", "multimodal": "Multimodal"}
 
 

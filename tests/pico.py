@@ -20,7 +20,12 @@ def build_pico_llama(out_dir: Path, *, context: int = 256, seed: int = 0, layers
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
                          initializer_range=0.2)  # wide init: peaked logits, so argmax has no near-ties
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    return save_pico(LlamaForCausalLM(config).eval(), tokenizer, out_dir)
+
+
+def save_pico(model, tokenizer, out_dir: Path) -> Path:
+    """A servable directory: weights, tokenizer and a generation config with the EOS id."""
+    config = model.config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -43,8 +48,9 @@ FAMILIES = {
 }
 
 
-def pico_family_model(family: str, tokenizer, layers: int, seed: int = 0):
-    """A random-weight pico causal LM of a family, with the pico tokenizer's special tokens."""
+def pico_family_model(family: str, tokenizer, layers: int, seed: int = 0, **overrides):
+    """A random-weight pico causal LM of a family, with the pico tokenizer's special tokens; `overrides` replace
+    config values (e.g. a larger hidden size for vLLM, whose CPU attention needs head_dim >= 32)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -53,12 +59,11 @@ def pico_family_model(family: str, tokenizer, layers: int, seed: int = 0):
         extra = {**extra, "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers]}
     if family == "gpt2":
         extra = {**extra, "n_layer": layers}
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,  # wide init: peaked logits, so argmax has no near-ties
-        **extra)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    initializer_range=0.2)  # wide init: peaked logits, so argmax has no near-ties
+    config = getattr(transformers, config_name)(**{**settings, **extra, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
