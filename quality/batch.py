@@ -23,7 +23,7 @@ import numpy as np
 
 from prunefusion.quality.pipeline import (
     BOTTOM_PERCENTILE,
-    METHODS,
+    DOCUMENT_METHODS,
     ScoreOptions,
     parse_thresholds,
     score_batch,
@@ -73,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="kept documents (JSONL)")
     p.add_argument("--rejected", type=Path, help="rejected documents (JSONL)")
     p.add_argument("--report", type=Path, help="a folder for summary.json, report.md and score_histogram.png")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: all of {list(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=list(DOCUMENT_METHODS), choices=DOCUMENT_METHODS,
+                   help="default: all of them (the batch methods are --semdedup and --long-files here, over all "
+                        "inputs at once, not per chunk)")
     p.add_argument("--threshold", action="append", default=[], metavar="FAMILY.NAME=VALUE")
     p.add_argument("--min-score", type=float)
     p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")

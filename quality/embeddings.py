@@ -11,6 +11,7 @@ normalised, inputs truncated to 256 tokens.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -231,7 +232,11 @@ def default_embedder(cache_dir: Path | None = None, int8: bool = False, *,
     """An OnnxEmbedder on all-MiniLM-L6-v2, exported on first use into `cache_dir` (default
     $PRUNEFUSION_HOME/quality/minilm-onnx) and reused afterwards; `int8` picks the dynamically quantised model."""
     folder = Path(cache_dir) if cache_dir is not None else default_export_dir()
-    fp32 = export_minilm_onnx(folder, int8=int8)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # an exclusive lock around the export: the scoring worker processes may all ask for the embedder at once
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fp32 = export_minilm_onnx(folder, int8=int8)
     return OnnxEmbedder(folder / INT8_NAME if int8 else fp32, folder, threads=threads)
 
 

@@ -1,21 +1,32 @@
-"""One scoring request over a batch of documents: the Sharma score and rule filters, annotate or drop (pure).
+"""One scoring request over a batch of documents: the Sharma score, rule filters and batch methods, annotate or drop.
 
-Methods: "sharma" (the score; with a minimum score it adds the reason `sharma_below_min_score`) and the rule filter
-families of rules.py. A document is kept when no method gives it a reason and, when asked, it is not in the
+Methods: "sharma" (the score; with a minimum score it adds the reason `sharma_below_min_score`), the rule filter
+families of rules.py, and the batch methods of batch_methods.py (semdedup, long_file, outlier: each document is
+judged against the rest of its batch; semdedup and outlier embed the batch with the ONNX MiniLM, loaded once per
+process). A document is kept when no method gives it a reason and, when asked, it is not in the
 batch's bottom `drop_bottom_percent` by score. Annotate mode returns every document with its keep flag; drop mode
 returns the kept ones only. The gRPC servicer and the batch CLI both call `score_batch`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from prunefusion.quality.rules import RULE_FILTERS, all_reason_codes, build_filters
+from prunefusion.quality.batch_methods import (
+    BATCH_METHODS,
+    apply_batch_methods,
+    batch_reason_codes,
+    needs_embeddings,
+)
+from prunefusion.quality.rules import RULE_FILTERS, all_reason_codes, build_families
 from prunefusion.quality.sharma import Weights, document_score
 
-METHODS = ("sharma", *RULE_FILTERS)
+DOCUMENT_METHODS = ("sharma", *RULE_FILTERS)  # one document at a time: the default
+METHODS = (*DOCUMENT_METHODS, *BATCH_METHODS)
 BELOW_MIN_SCORE, BOTTOM_PERCENTILE = "sharma_below_min_score", "sharma_bottom_percentile"
 
 
@@ -43,12 +54,20 @@ def scoring_executor(workers: int):
 
 
 def reason_codes() -> list[str]:
-    return [BELOW_MIN_SCORE, BOTTOM_PERCENTILE, *all_reason_codes()]
+    return [BELOW_MIN_SCORE, BOTTOM_PERCENTILE, *all_reason_codes(), *batch_reason_codes()]
+
+
+@functools.cache
+def _embedder():
+    """The batch methods' MiniLM (ONNX), one per process; one thread: the scoring workers are the parallelism."""
+    from prunefusion.quality.embeddings import default_embedder
+
+    return default_embedder(threads=1)
 
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DOCUMENT_METHODS
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # rule family -> threshold -> value
     min_score: float | None = None
     drop_bottom_percent: float | None = None
@@ -68,7 +87,26 @@ class ScoreOptions:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
         if self.drop_bottom_percent is not None and not 0.0 <= self.drop_bottom_percent < 100.0:
             raise ValueError(f"drop_bottom_percent must be in [0, 100), got {self.drop_bottom_percent}")
-        build_filters([m for m in self.methods if m != "sharma"], self.thresholds)
+        self.rules()
+        batch = self.batch_methods()
+        if needs_embeddings(batch) and importlib.util.find_spec("onnxruntime") is None:
+            raise ValueError("methods semdedup and outlier need MiniLM embeddings: install prunefusion[quality]")
+
+    def _split(self, table: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
+        names = [m for m in self.methods if m in table]
+        return names, {family: t for family, t in self.thresholds.items() if family in table}
+
+    def rules(self) -> list:
+        """The rule filters asked for (ValueError names an unknown family or threshold, or a bad value)."""
+        unknown = [f for f in self.thresholds if f not in RULE_FILTERS and f not in BATCH_METHODS]
+        if unknown:
+            raise ValueError(f"thresholds for {unknown[0]!r}, which has none; methods with thresholds: "
+                             f"{[*RULE_FILTERS, *BATCH_METHODS]}")
+        return build_families(RULE_FILTERS, *self._split(RULE_FILTERS))
+
+    def batch_methods(self) -> list:
+        """The batch methods asked for (ValueError as for rules)."""
+        return build_families(BATCH_METHODS, *self._split(BATCH_METHODS), kind="batch method")
 
 
 @dataclass(frozen=True)
@@ -79,6 +117,7 @@ class DocumentResult:
     reasons: tuple[str, ...]
     signals: dict[str, float]  # Sharma filter pass rates over lines
     lines: tuple[tuple[int, int, float], ...] = ()  # (start, end, line score) when line spans were asked for
+    duplicate_of: str | None = None  # semdedup: id of the kept document this one near-duplicates
 
 
 @dataclass(frozen=True)
@@ -93,7 +132,7 @@ class BatchResult:
 def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights: Weights) -> BatchResult:
     """(id, text) pairs -> per-document results and batch statistics."""
     options.check()
-    rules = build_filters([m for m in options.methods if m != "sharma"], options.thresholds)
+    rules, batch = options.rules(), options.batch_methods()
     scored = []
     for doc_id, text in documents:
         reasons: list[str] = []
@@ -105,17 +144,24 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
                 reasons.append(BELOW_MIN_SCORE)
             lines = (tuple((a, b, score) for (a, b), score in zip(s.line_spans, s.line_scores, strict=True))
                      if options.line_spans else ())
-            scored.append([doc_id, s.score, reasons, s.signals, lines])
+            scored.append([doc_id, s.score, reasons, dict(s.signals), lines, None])
         else:
-            scored.append([doc_id, None, reasons, {}, ()])
+            scored.append([doc_id, None, reasons, {}, (), None])
+    if batch:
+        texts = [text for _, text in documents]
+        verdicts = apply_batch_methods(texts, batch, lambda: _embedder().embed(texts))
+        for row, verdict in zip(scored, verdicts, strict=True):
+            row[2] += verdict.reasons
+            row[3].update(verdict.signals)
+            row[5] = None if verdict.duplicate_of is None else documents[verdict.duplicate_of][0]
     if options.drop_bottom_percent and scored:
         scores = np.array([row[1] for row in scored])
         cutoff = np.percentile(scores, options.drop_bottom_percent)
         for row in scored:
             if row[1] < cutoff:
                 row[2].append(BOTTOM_PERCENTILE)
-    results = [DocumentResult(i, score, not reasons, tuple(reasons), signals, lines)
-               for i, score, reasons, signals, lines in scored]
+    results = [DocumentResult(i, score, not reasons, tuple(reasons), signals, lines, duplicate_of)
+               for i, score, reasons, signals, lines, duplicate_of in scored]
     counts: dict[str, int] = {}
     for r in results:
         for reason in r.reasons:

@@ -334,24 +334,25 @@ def _coerce(filter_name: str, name: str, value: object, default: float) -> float
     return float(value)
 
 
-def build_filters(names: list[str], thresholds: dict[str, dict[str, float]] | None = None) -> list[RuleFilter]:
-    """The named filter families in order, with threshold overrides by family name.
+def build_families(table: dict[str, type], names: list[str], thresholds: dict[str, dict[str, float]] | None = None,
+                   kind: str = "rule filter") -> list:
+    """Instances of the named classes of `table` in order, with threshold overrides (dataclass fields) by name.
 
-    ValueError (for INVALID_ARGUMENT) names an unknown or repeated family, thresholds for a family not in ``names``,
-    an unknown threshold, or an invalid value.
+    ValueError (for INVALID_ARGUMENT) names an unknown or repeated name, thresholds for a name not in ``names``,
+    an unknown threshold, or an invalid value (the classes may refuse values in __post_init__).
     """
     thresholds = thresholds or {}
     for name in [*names, *thresholds]:
-        if name not in RULE_FILTERS:
-            raise ValueError(f"unknown rule filter {name!r}; known: {sorted(RULE_FILTERS)}")
+        if name not in table:
+            raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"rule filters named more than once: {names}")
+        raise ValueError(f"{kind}s named more than once: {names}")
     for name in thresholds:
         if name not in names:
-            raise ValueError(f"thresholds given for {name!r}, which is not among the selected filters {names}")
+            raise ValueError(f"thresholds given for {name!r}, which is not among the selected {kind}s {names}")
     built = []
     for name in names:
-        cls = RULE_FILTERS[name]
+        cls = table[name]
         defaults = {f.name: f.default for f in fields(cls)}
         overrides = {}
         for key, value in thresholds.get(name, {}).items():
@@ -360,6 +361,11 @@ def build_filters(names: list[str], thresholds: dict[str, dict[str, float]] | No
             overrides[key] = _coerce(name, key, value, defaults[key])
         built.append(cls(**overrides))
     return built
+
+
+def build_filters(names: list[str], thresholds: dict[str, dict[str, float]] | None = None) -> list[RuleFilter]:
+    """The named rule filter families in order, with threshold overrides by family name (see build_families)."""
+    return build_families(RULE_FILTERS, names, thresholds)
 
 
 def all_reason_codes() -> list[str]:

@@ -150,3 +150,22 @@ def test_a_disabled_service_is_neither_answered_nor_reported_healthy(pico_dir):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         thread.stop()
+
+
+def test_batch_methods_over_grpc(qclient):
+    from test_quality_semdedup import EPS, GROUPS
+
+    group = GROUPS[1]  # an original and two whitespace/punctuation variants
+    docs = [("orig", group[0]), ("space", group[1]), ("punct", group[2]), ("clean", CLEAN), ("junk", JUNK)]
+    request = score_request(docs, methods=["sharma", "semdedup", "long_file", "outlier"],
+                            thresholds={"semdedup.eps": EPS, "long_file.drop_top_percent": 20})
+    by_id = {r.id: r for r in qclient.score(request).results}
+    kept = [i for i in ("orig", "space", "punct") if "semdedup_duplicate" not in by_id[i].reasons]
+    assert len(kept) == 1
+    assert {by_id[i].duplicate_of for i in ("orig", "space", "punct") if i != kept[0]} == {kept[0]}
+    assert by_id["clean"].duplicate_of == "" and "long_file" in by_id["clean"].reasons  # the longest of 5
+    assert all(0 <= r.signals["centroid_distance"] <= 2 for r in by_id.values())
+    info = qclient.quality_info()
+    assert {"semdedup", "long_file", "outlier"} <= set(info.methods)
+    assert info.default_thresholds["semdedup.eps"] == pytest.approx(0.01)
+    assert {"semdedup_duplicate", "long_file", "centroid_outlier"} <= set(info.reason_codes)

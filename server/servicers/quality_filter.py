@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from prunefusion.quality.batch_methods import BATCH_METHODS
 from prunefusion.quality.pipeline import (
     METHODS,
     BatchResult,
@@ -33,7 +34,8 @@ def _result_pb(result: BatchResult, request_id: str, seconds: float) -> pb.Score
     results = []
     for r in result.results:
         message = pb.DocumentResult(id=r.id, keep=r.keep, reasons=r.reasons, signals=r.signals,
-                                    lines=[pb.LineSpan(start=a, end=b, score=s) for a, b, s in r.lines])
+                                    lines=[pb.LineSpan(start=a, end=b, score=s) for a, b, s in r.lines],
+                                    duplicate_of=r.duplicate_of or "")
         if r.score is not None:
             message.score = r.score
         results.append(message)
@@ -115,7 +117,7 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
 
     @unary_errors
     async def Info(self, request, context) -> pb.QualityInfoResponse:
-        defaults = {f"{family}.{f.name}": float(f.default) for family, cls in RULE_FILTERS.items()
+        defaults = {f"{family}.{f.name}": float(f.default) for family, cls in {**RULE_FILTERS, **BATCH_METHODS}.items()
                     for f in dataclasses.fields(cls)}
         c = self.config
         return pb.QualityInfoResponse(

@@ -61,7 +61,7 @@ class LineSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class DocumentResult(_message.Message):
-    __slots__ = ("id", "score", "keep", "reasons", "signals", "lines")
+    __slots__ = ("id", "score", "keep", "reasons", "signals", "lines", "duplicate_of")
     class SignalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,13 +75,15 @@ class DocumentResult(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     keep: bool
     reasons: _containers.RepeatedScalarFieldContainer[str]
     signals: _containers.ScalarMap[str, float]
     lines: _containers.RepeatedCompositeFieldContainer[LineSpan]
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., keep: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., signals: _Optional[_Mapping[str, float]] = ..., lines: _Optional[_Iterable[_Union[LineSpan, _Mapping]]] = ...) -> None: ...
+    duplicate_of: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., keep: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., signals: _Optional[_Mapping[str, float]] = ..., lines: _Optional[_Iterable[_Union[LineSpan, _Mapping]]] = ..., duplicate_of: _Optional[str] = ...) -> None: ...
 
 class BatchStats(_message.Message):
     __slots__ = ("documents", "kept", "mean_score", "reason_counts", "seconds")
