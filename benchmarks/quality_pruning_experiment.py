@@ -17,7 +17,7 @@ scored once with up to seq_len/2 tokens of context) / number of characters; bits
 in other units.
 
     .venv/bin/python benchmarks/quality_pruning_experiment.py [--documents 3000] [--keep 0.6] [--steps 400]
-        [--recipe default] [--seeds 0] [--selections A B C] [--threads N] [--out DIR]
+        [--recipe default] [--seeds 0] [--selections A B C] [--threads N] [--device cpu] [--out DIR]
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def evaluation_documents(train_docs: list[Document], seed: int) -> tuple[list[st
 
 
 @torch.no_grad()
-def text_nll(model_dir: Path, docs: list[str], window: int) -> dict:
+def text_nll(model_dir: Path, docs: list[str], window: int, device: str = "cpu") -> dict:
     """Total NLL (nats) of the documents' tokens after BOS, EOS excluded, in windows of `window` tokens with stride
     `window // 2` (each token scored once, with up to window/2 tokens of context)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()
@@ -89,7 +89,7 @@ def text_nll(model_dir: Path, docs: list[str], window: int) -> dict:
         n, scored_to = ids.numel(), 1  # targets [scored_to, end) are new in each window
         for begin in range(0, n - 1, stride):
             end = min(begin + window, n)
-            logits = model(input_ids=ids[begin:end][None]).logits[0].float()
+            logits = model(input_ids=ids[begin:end][None].to(device)).logits[0].float().cpu()
             logp = torch.log_softmax(logits[scored_to - begin - 1:end - begin - 1], dim=-1)
             targets = ids[scored_to:end]
             total -= float(logp.gather(1, targets[:, None]).sum())
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (one run each per selection)")
     parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="train and evaluate here, e.g. cuda")
     parser.add_argument("--out", type=Path, default=None, help="write quality_pruning_experiment.{json,md} here")
     args = parser.parse_args()
     started = time.time()
@@ -164,12 +165,12 @@ def main() -> None:
                 junk = [d for d in docs if d.kind != "clean"]
                 t0 = time.time()
                 result = build_model(args.recipe, Path(tmp) / f"{name}-{seed}", steps=args.steps, seed=seed,
-                                     threads=args.threads,
+                                     threads=args.threads, device=args.device,
                                      corpus=Corpus(train=train, held_out=eval_docs,
                                                    description=f"selection {name} ({SELECTIONS[name]}) of "
                                                                f"mixed_corpus({args.documents}, seed="
                                                                f"{args.corpus_seed}); held-out: clean prose"))
-                ev = text_nll(result.path, eval_docs, recipe.seq_len)
+                ev = text_nll(result.path, eval_docs, recipe.seq_len, args.device)
                 runs.append(Run(name, seed, len(docs), len(junk), sum(len(d.text) for d in junk) / sum(map(len, train)),
                                 dict(Counter(d.kind for d in junk)), result.manifest, ev, time.time() - t0))
                 print(f"[{name} seed {seed}] {ev['nats_per_char']:.4f} nats/char, {ev['bits_per_byte']:.4f} bits/byte, "

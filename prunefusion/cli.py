@@ -56,7 +56,8 @@ def _build(args: argparse.Namespace) -> int:
                                                             else f"tiny-lm-{args.recipe}")
     with_pruned = args.recipe == "default" and not args.out and not args.no_pruned
     try:
-        result = build_model(args.recipe, out, steps=args.steps, seed=args.seed, force=args.force)
+        result = build_model(args.recipe, out, steps=args.steps, seed=args.seed, force=args.force,
+                             device=args.device)
     except FileExistsError as err:
         if not with_pruned:
             print(f"error: {err}", file=sys.stderr)
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{sorted(TRANSFUSION_RECIPES)} (default: %(default)s)")
     build.add_argument("--out", help="output directory (default: $PRUNEFUSION_HOME/models/tiny-lm[-RECIPE] or "
                        "transfusion[-RECIPE])")
-    build.add_argument("--device", default="cpu", help="transfusion: torch device, e.g. cuda (default: cpu)")
+    build.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     build.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="transfusion: autocast dtype for training (default: float32)")
     build.add_argument("--steps", type=int, help="override the recipe's training steps")

@@ -47,7 +47,7 @@ def perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> float:
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for i in range(0, rows.shape[0], batch_size):
-        batch = rows[i:i + batch_size]
+        batch = rows[i:i + batch_size].to(next(model.parameters()).device)
         loss = model(input_ids=batch, labels=batch).loss
         n = batch.shape[0] * (batch.shape[1] - 1)
         total_nll += float(loss) * n
@@ -85,7 +85,10 @@ class BuildResult:
 
 
 def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, seed: int | None = None,
-                corpus: Corpus | None = None, threads: int | None = None, force: bool = False) -> BuildResult:
+                corpus: Corpus | None = None, threads: int | None = None, force: bool = False,
+                device: str = "cpu") -> BuildResult:
+    """Train a recipe into `out_dir` (config.json + safetensors + tokenizer + manifest). `device` ("cpu", "cuda")
+    is where training runs; the saved weights are the same format either way (float32)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     if recipe_name not in RECIPES:
@@ -116,7 +119,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
         num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.context_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True, rope_theta=10000.0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -134,7 +137,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
     for step in bar:
         model.train()
         starts = torch.randint(0, max_start, (recipe.batch_size,), generator=generator)
-        batch = torch.stack([train_stream[s:s + recipe.seq_len] for s in starts.tolist()])
+        batch = torch.stack([train_stream[s:s + recipe.seq_len] for s in starts.tolist()]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,7 +157,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.eval()
+    model.eval().to("cpu")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -172,7 +175,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
                    "train_tokens": int(train_stream.numel()), "held_out_tokens": int(held_rows.numel())},
         "training": {"steps": recipe.steps, "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
                      "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(train_seconds, 1),
-                     "torch_threads": torch.get_num_threads(), "loss_curve": "loss_curve.png",
+                     "torch_threads": torch.get_num_threads(), "device": device, "loss_curve": "loss_curve.png",
                      "held_out_curve": eval_points},
         "metrics": {"held_out_perplexity": held_ppl},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
