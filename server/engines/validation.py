@@ -6,6 +6,7 @@ import math
 
 from prunefusion.server.engines.base import GenerationRequest, InvalidRequestError, SamplingParams
 
+MAX_TEMPERATURE = 2.0  # as in vLLM and the OpenAI API: every engine accepts the same range
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 
@@ -14,8 +15,8 @@ def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> 
     if not 1 <= params.max_new_tokens <= max_new_tokens_limit:
         raise InvalidRequestError("max_new_tokens",
                                   f"must be in [1, {max_new_tokens_limit}], got {params.max_new_tokens}")
-    if not (math.isfinite(params.temperature) and params.temperature >= 0):
-        raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {params.temperature}")
+    if not (math.isfinite(params.temperature) and 0 <= params.temperature <= MAX_TEMPERATURE):
+        raise InvalidRequestError("temperature", f"must be in [0, {MAX_TEMPERATURE}], got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise InvalidRequestError("top_p", f"must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:

