@@ -45,7 +45,6 @@ from prunefusion.server.engines.base import (
 from prunefusion.server.engines.hf_loading import describe_checkpoint
 from prunefusion.server.engines.prompts import PromptEncoder
 from prunefusion.server.engines.text import IncrementalText
-from prunefusion.server.engines.validation import check_request
 from prunefusion.server.metrics import FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,6 @@ class _Request:
     consumer: asyncio.Task | None = None  # the task iterating the stream (cancelled if shutdown cannot drain it)
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
-    queue_seconds: float = 0.0
     abort_reason: FinishReason | None = None  # set when we end it (abort, deadline, shutdown)
     vllm_finished: bool = False  # vLLM reported the request finished (nothing left to abort there)
     done: bool = False
@@ -195,13 +193,13 @@ class VllmEngine(Engine):
         return EngineStats(running=running, waiting=in_flight - running, healthy=healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------
-    async def _admit(self, request: GenerationRequest) -> _Request:
+    def _check_accepting(self) -> None:
         if not self.stats().healthy:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        assert self._prompts is not None
-        prompt_ids = await self._prompts.encode(request)
-        if not self.stats().healthy:
-            raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
+
+    def _admit(self, request: GenerationRequest, prompt_ids: list[int]) -> _Request:
+        """Take a place for an encoded request (after every check), or refuse it."""
+        self._check_accepting()  # it may have stopped while a long prompt was tokenized
         if request.request_id in self._by_id:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
         if len(self._by_id) >= self.options.max_batch_size + self.options.max_queue:
@@ -218,9 +216,11 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import TokensPrompt
 
-        check_request(request, self.options.max_new_tokens_limit)  # ours first: the same errors as every engine
+        self._check_accepting()
+        assert self._prompts is not None
+        prompt_ids = await self._prompts.encode(request)  # ours first: the same errors as every engine
         params = self._vllm_params(request.params)  # then vLLM's own, before the request takes a place
-        req = await self._admit(request)
+        req = self._admit(request, prompt_ids)
         deadline_timer = None
         if request.deadline is not None:
             delay = max(0.0, request.deadline - time.monotonic())
@@ -325,9 +325,6 @@ class VllmEngine(Engine):
         now = time.monotonic()
         if req.first_token_at is None and completion.token_ids:
             req.first_token_at = now
-            metrics = getattr(output, "metrics", None)  # only when vLLM's stats are on
-            if metrics is not None and getattr(metrics, "scheduled_ts", 0) and getattr(metrics, "queued_ts", 0):
-                req.queue_seconds = max(0.0, metrics.scheduled_ts - metrics.queued_ts)
         delta, ids = [], []
         for token in completion.token_ids:
             ids.append(token)
@@ -348,14 +345,13 @@ class VllmEngine(Engine):
     def _finish(self, req: _Request, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
                 ) -> GenerationChunk:
         now = time.monotonic()
-        req.done = True
-        self._by_id.pop(req.request.request_id, None)
         if req.request.request_id != WARM_UP_ID:
             self.finished[reason] += 1
             FINISHED.labels(self.name, reason.value).inc()
-        self._publish_load()
+        self._drop(req)
         arrival = req.request.arrival
-        timings = Timings(queue_seconds=req.queue_seconds, total_seconds=now - arrival,
+        # queue time is vLLM's to know, and its statistics are off (disable_log_stats): reported as 0
+        timings = Timings(queue_seconds=0.0, total_seconds=now - arrival,
                           time_to_first_token_seconds=(req.first_token_at or now) - arrival)
         return GenerationChunk(req.request.request_id, text, token_ids, reason,
                                Usage(len(req.prompt_ids), len(req.output_ids)), timings)
