@@ -146,12 +146,12 @@ def train(recipe: TransfusionRecipe, work: Path, *, device: str = "cpu", dtype: 
 
 def quick_accuracy(model: Transfusion, tok: WordTokenizer, train_scenes, held_scenes, device: str) -> dict:
     """A small, fixed evaluation for the learning curve: 16 seen and the held-out scenes, 10 Euler steps."""
-    from prunefusion.transfusion.evaluate import EvalSettings, caption_accuracy, text_to_image_accuracy
+    from prunefusion.transfusion.evaluate import EvalSettings, caption_accuracy, seen_subset, text_to_image_accuracy
     from prunefusion.transfusion.sampling import TransfusionSampler
 
     sampler = TransfusionSampler(model, tok, device=device, channels_last=False)  # leave the trained layout alone
     settings = EvalSettings(steps=10, max_seen_scenes=16)
-    seen = [train_scenes[i] for i in np.random.default_rng(settings.seed).choice(len(train_scenes), 16, replace=False)]
+    seen = seen_subset(train_scenes, settings.max_seen_scenes, settings.seed)  # chosen as the evaluation chooses
     out = {}
     for name, scenes in (("seen", seen), ("held_out", held_scenes)):
         t2i, _, _ = text_to_image_accuracy(sampler, scenes, settings)

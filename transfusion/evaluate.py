@@ -55,12 +55,17 @@ def caption_accuracy(sampler: TransfusionSampler, scenes: list[shapes.Scene], se
     return {"exact_match": exact / len(scenes), "word_accuracy": word_hits / max(word_total, 1)}, captions
 
 
+def seen_subset(train: list[shapes.Scene], count: int, seed: int) -> list[shapes.Scene]:
+    """A seeded subset of the training combinations, in training order (the evaluation and the learning curve)."""
+    picks = np.random.default_rng(seed).choice(len(train), min(count, len(train)), replace=False)
+    return [train[i] for i in sorted(picks)]
+
+
 def evaluate(sampler: TransfusionSampler, train: list[shapes.Scene], held_out: list[shapes.Scene],
              settings: EvalSettings | None = None) -> dict:
     """The report's numbers: per split, text -> image attribute accuracy and caption accuracy; plus grid images."""
     settings = settings or EvalSettings()
-    rng = np.random.default_rng(settings.seed)
-    seen = [train[i] for i in sorted(rng.choice(len(train), min(settings.max_seen_scenes, len(train)), replace=False))]
+    seen = seen_subset(train, settings.max_seen_scenes, settings.seed)
     result: dict = {"settings": vars(settings), "splits": {}}
     grid_images, grid_labels = [], []
     for name, scenes in (("seen", seen), ("held_out", held_out)):
