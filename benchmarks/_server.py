@@ -17,7 +17,7 @@ def start_server(model_dir: Path, tmp: Path, cache_yaml: str, timeout_s: float =
     config.write_text("server: {host: 127.0.0.1, port: 0, log_level: WARNING, metrics_port: null}\n"
                       f"cache: {cache_yaml}\n"
                       f"models:\n  - name: bench\n    path: {model_dir}\n    max_batch_size: 16\n")
-    server = ServerProcess(config, startup_timeout_s=timeout_s)
+    server = ServerProcess(config, startup_timeout_s=timeout_s, log=tmp / "server.log")  # read it when a start fails
     return server.proc, server.target
 
 

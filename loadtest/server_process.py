@@ -24,13 +24,24 @@ class ServerProcess:
         command = [sys.executable, "-m", "prunefusion.cli", "serve", "--port", str(self.port)]
         if config is not None:
             command += ["--config", str(config)]
+        self.log_path = log
         self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_serving(startup_timeout_s)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            raise type(err)(f"{err}{self._log_tail()}") from None
         except BaseException:
             self.stop()
             raise
+
+    def _log_tail(self, lines: int = 20) -> str:
+        """The end of the server's log, for an error that says why it did not start."""
+        if self.log_path is None or not Path(self.log_path).is_file():
+            return ""
+        tail = Path(self.log_path).read_text(errors="replace").splitlines()[-lines:]
+        return f"; the end of its log ({self.log_path}):\n" + "\n".join(tail)
 
     def _wait_serving(self, timeout_s: float) -> None:
         import grpc

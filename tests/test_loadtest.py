@@ -95,3 +95,12 @@ def test_serve_starts_a_server_process_for_the_test_and_stops_it(pico_dir, tmp_p
     assert row["ok"] > 0 and row["errors"] == 0
     log = (out / "server.log").read_text()
     assert "SERVING pico" in log and "stopped" in log  # started for the test, drained at the end
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    from prunefusion.loadtest.server_process import ServerProcess
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("models:\n  - name: ghost\n    path: /nonexistent/model\n")
+    with pytest.raises(RuntimeError, match=r"(?s)exited with .*end of its log.*nonexistent"):
+        ServerProcess(config, startup_timeout_s=120, log=tmp_path / "server.log")
