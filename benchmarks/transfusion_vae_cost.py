@@ -6,14 +6,41 @@ also gives 16 tokens, so the transformer's cost is the same either way. The VAE 
 Transfusion training can start), an encode per training image (unless latents are cached), and a decode per
 generated image. This prints those costs as multiples of one Transfusion training step.
 
-    python benchmarks/transfusion_vae_cost.py
+With --quality-steps N it also trains the VAE for N steps and measures what its reconstruction costs in quality:
+PSNR, and how often the pixel checker still reads the scene's shape, colour and position back from the
+reconstruction of a fresh render of every scene (beside the same read-back from the renders themselves).
+
+    python benchmarks/transfusion_vae_cost.py [--quality-steps 1500]
 """
 
 from __future__ import annotations
 
+import argparse
+import time
+
 import numpy as np
 import torch
 from _server import median_seconds
+
+
+def reconstruction_quality(vae, scenes, rng: np.random.Generator) -> dict:
+    """PSNR and checker read-back of VAE reconstructions (encode -> mode -> decode) of one render per scene."""
+    from prunefusion.transfusion import shapes
+    from prunefusion.transfusion.model import images_to_tensor, tensor_to_images
+
+    renders = np.stack([shapes.render(scene, shapes.IMAGE_SIZE, rng) for scene in scenes])
+    with torch.no_grad():
+        recon = tensor_to_images(vae.decode(vae.encode(images_to_tensor(renders)).latent_dist.mode()).sample)
+    mse = ((recon.astype(np.float64) - renders.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    psnr = float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-9))))
+
+    def read_back(images):
+        hits = [shapes.attribute_matches(scene, shapes.read_scene(image))
+                for scene, image in zip(scenes, images, strict=True)]
+        return {name: float(np.mean([h[name] for h in hits])) for name in ("shape", "color", "position")} | {
+            "all": float(np.mean([all(h.values()) for h in hits]))}
+
+    return {"psnr_db": psnr, "renders": read_back(renders), "reconstructions": read_back(recon)}
 
 
 def main() -> int:
@@ -25,6 +52,10 @@ def main() -> int:
     from prunefusion.transfusion.tokenizer import WordTokenizer
     from prunefusion.transfusion.training import RenderBank, make_scheduler, training_batch, transfusion_loss
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quality-steps", type=int, default=0, help="also train the VAE this long and measure "
+                        "its reconstructions (0: costs only)")
+    args = parser.parse_args()
     torch.manual_seed(0)
     batch = 32
     tok = WordTokenizer(shapes.caption_words())
@@ -80,6 +111,22 @@ def main() -> int:
           f"{torch.get_num_threads()}")
     for name, seconds in rows.items():
         print(f"{name:<72} {seconds * 1000:8.1f} ms  {seconds / step:5.2f}x the Transfusion step")
+    if args.quality_steps:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        for _ in tqdm(range(args.quality_steps), desc="VAE training", unit="step"):
+            pixels = images_to_tensor(bank.sample(batch, rng)[1])
+            vae_train_step()
+        seconds = time.perf_counter() - start
+        vae.eval()
+        quality = reconstruction_quality(vae, shapes.all_scenes(), np.random.default_rng(7))
+        print(f"VAE trained {args.quality_steps} steps of batch {batch} in {seconds / 60:.1f} min "
+              f"({seconds / step:.0f} Transfusion steps' time); one fresh render of each of "
+              f"{len(shapes.all_scenes())} scenes, reconstructed: PSNR {quality['psnr_db']:.1f} dB")
+        for name in ("shape", "color", "position", "all"):
+            print(f"  checker reads {name:<9} renders {quality['renders'][name]:6.1%}   "
+                  f"reconstructions {quality['reconstructions'][name]:6.1%}")
     return 0
 
 
