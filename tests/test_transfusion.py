@@ -128,3 +128,33 @@ def test_captions_batched_equal_unbatched_and_interleaved_yields_parts():
     parts = list(sampler.interleaved("a red", max_tokens=5, steps=2))
     assert 1 <= len(parts) <= 5 + 2
     assert all(kind in ("text", "image") for kind, _ in parts)
+
+
+def test_interleaved_images_at_boi_with_wrapping_seeds_and_no_special_tokens_as_text():
+    model = pico_model()
+    sampler = TransfusionSampler(model, TOK)
+    bias = torch.zeros(len(TOK))
+    lm_logits = model.lm_logits
+    model.lm_logits = lambda hidden: lm_logits(hidden) + bias
+    bias[TOK.boi_id] = 1e4  # <boi> at every choice: images up to max_images, then the end
+    parts = list(sampler.interleaved("a red", max_tokens=5, max_images=2, steps=2, seed=2**64 - 1))
+    assert [kind for kind, _ in parts] == ["image", "image"]  # the second image's seed wrapped to 0
+    bias[TOK.boi_id] = 0
+    bias[TOK.unk_id] = bias[TOK.pad_id] = 1e4  # what an untrained model may prefer: never said
+    bias[TOK.ids["circle"]] = 5e3
+    assert list(sampler.interleaved("a red", max_tokens=3, steps=2)) == [("text", "circle")] * 3
+    assert list(sampler.interleaved("a red", max_tokens=3, steps=2, stopped=lambda: True)) == []
+
+
+def test_a_stopped_request_leaves_the_batch_and_the_others_are_unchanged():
+    sampler = TransfusionSampler(pico_model(), TOK)
+    requests = [ImageRequest("a red circle at the top left", 5, 3.0, 1), ImageRequest("a blue square", 5, 3.0, 2)]
+    rows: list[int] = []
+    predict = sampler._predict
+    sampler._predict = lambda noisy, *rest: rows.append(len(noisy)) or predict(noisy, *rest)
+    first, second = sampler.generate_images(requests, stopped=lambda i: i == 1 and len(rows) >= 2)
+    assert second is None and rows == [4, 4, 2, 2, 2]  # (prompt + null prompt) per request, then one request's
+    alone = sampler.generate_images(requests[:1])[0]
+    assert np.abs(alone.astype(int) - first).max() <= 1
+    rows.clear()
+    assert sampler.generate_images(requests, stopped=lambda i: True) == [None, None] and rows == []

@@ -7,7 +7,7 @@ own diffusers scheduler instance, so a request's image does not depend on what i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,18 +82,25 @@ class TransfusionSampler:
 
     # ---- text -> image ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_images(self, requests: list[ImageRequest], *, use_cache: bool = True) -> list[np.ndarray]:
-        """One uint8 [H, W, C] image per request. use_cache=False recomputes the prompt at every step (reference)."""
+    def generate_images(self, requests: list[ImageRequest], *, use_cache: bool = True,
+                        stopped: Callable[[int], bool] | None = None) -> list[np.ndarray | None]:
+        """One uint8 [H, W, C] image per request. use_cache=False recomputes the prompt at every step (reference).
+
+        stopped(i), asked before every denoising step, says that request i no longer wants its image (cancelled,
+        past its deadline): its rows leave the batch at once and its entry in the result is None. Rows also leave
+        when their own steps are done. The rows that stay compute exactly what they would have with them."""
         tok, c = self.tokenizer, self.config
+        n = len(requests)
         guided = [i for i, r in enumerate(requests) if r.guidance_scale != 1.0]
+        null_row = {i: n + g for g, i in enumerate(guided)}  # request i's null-prompt row (classifier-free guidance)
         rows = [[tok.bos_id, *tok.encode(r.prompt), tok.boi_id] for r in requests]
-        rows += [[tok.bos_id, tok.boi_id]] * len(guided)  # the null prompt for classifier-free guidance
+        rows += [[tok.bos_id, tok.boi_id]] * len(guided)
         ids, valid = left_pad(rows, tok.pad_id)
         valid = valid.to(self.device)
-        cache, cache_valid = None, valid
+        cache = None
         if use_cache:
-            _, cache, cache_valid = self._extend(self._text(ids, valid), torch.zeros_like(ids, device=self.device),
-                                                 valid, None, None)
+            _, cache, _ = self._extend(self._text(ids, valid), torch.zeros_like(ids, device=self.device),
+                                       valid, None, None)
         noise = torch.stack([torch.randn(c.channels, c.image_size, c.image_size,
                                          generator=torch.Generator().manual_seed(r.seed)) for r in requests])
         sample = noise.to(self.device, self.dtype)
@@ -102,23 +109,37 @@ class TransfusionSampler:
             s = self.scheduler_class.from_config(self.scheduler_config)
             s.set_timesteps(r.steps, device=self.device)
             schedulers.append(s)
-        rows_for_model = list(range(len(requests))) + guided
         scale = torch.tensor([r.guidance_scale for r in requests], device=self.device, dtype=self.dtype)
+        gone: set[int] = set()
+        selection = None
         for k in range(max(r.steps for r in requests)):
-            active = [i for i, r in enumerate(requests) if k < r.steps]
-            sigmas = torch.stack([schedulers[i].sigmas[min(k, requests[i].steps - 1)] for i in range(len(requests))])
-            sigmas = sigmas.to(self.device, self.dtype)
-            x_in, s_in = sample[rows_for_model], sigmas[rows_for_model]
-            pred = self._predict(x_in, s_in, ids, valid, cache, cache_valid)
-            cond, uncond = pred[: len(requests)].clone(), pred[len(requests):]
-            if guided:
-                g = scale[guided].view(-1, 1, 1, 1)
-                cond[guided] = uncond + g * (cond[guided] - uncond)
-            velocity = cond if c.prediction == "v" else (sample - cond) / sigmas.view(-1, 1, 1, 1)
-            for i in active:
+            if stopped is not None:
+                gone.update(i for i in range(n) if i not in gone and stopped(i))
+            live = [i for i in range(n) if k < requests[i].steps and i not in gone]
+            if not live:
+                break
+            if selection is None or selection[0] != live:  # rows left: select the rest of the prompt rows once
+                model_rows = live + [null_row[i] for i in live if i in null_row]
+                index = torch.tensor(model_rows, device=self.device)
+                selection = (live, model_rows, ids[model_rows], valid[index],
+                             None if cache is None else [(kk[index], vv[index]) for kk, vv in cache],
+                             [j for j, i in enumerate(live) if i in null_row])
+            live, model_rows, sel_ids, sel_valid, sel_cache, guided_pos = selection
+            sample_rows = live + [i for i in live if i in null_row]
+            sigmas = torch.stack([schedulers[i].sigmas[k] for i in live]).to(self.device, self.dtype)
+            s_in = torch.cat([sigmas, sigmas[guided_pos]])
+            pred = self._predict(sample[sample_rows], s_in, sel_ids, sel_valid, sel_cache, sel_valid)
+            cond, uncond = pred[: len(live)].clone(), pred[len(live):]
+            if guided_pos:
+                g = scale[[live[j] for j in guided_pos]].view(-1, 1, 1, 1)
+                cond[guided_pos] = uncond + g * (cond[guided_pos] - uncond)
+            x = sample[live]
+            velocity = cond if c.prediction == "v" else (x - cond) / sigmas.view(-1, 1, 1, 1)
+            for j, i in enumerate(live):
                 t = schedulers[i].timesteps[k]
-                sample[i] = schedulers[i].step(velocity[i:i + 1], t, sample[i:i + 1]).prev_sample[0]
-        return list(tensor_to_images(sample))
+                sample[i] = schedulers[i].step(velocity[j:j + 1], t, sample[i:i + 1]).prev_sample[0]
+        images = tensor_to_images(sample)
+        return [None if i in gone else images[i] for i in range(n)]
 
     def _predict(self, noisy, sigmas, ids, valid, cache, cache_valid) -> torch.Tensor:
         patches = self.model.embed_patches(noisy, sigmas).to(self.dtype)
@@ -172,27 +193,34 @@ class TransfusionSampler:
     # ---- interleaved -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def interleaved(self, prompt: str, *, max_tokens: int = 32, max_images: int = 2, steps: int = 20,
-                    guidance_scale: float = 3.0, seed: int = 0) -> Iterator[tuple[str, object]]:
+                    guidance_scale: float = 3.0, seed: int = 0,
+                    stopped: Callable[[], bool] | None = None) -> Iterator[tuple[str, object]]:
         """Yield ("text", word) and ("image", uint8 [H, W, C]) parts: decode greedily; at <boi> denoise an image
-        (its prompt = all the text so far) and feed the clean image back as context; stop at <eos>."""
+        (its prompt = all the text so far; seed, seed + 1, ... mod 2^64) and feed the clean image back as context;
+        stop at <eos>, at <boi> once max_images are out, or when stopped() says the caller is gone (checked at
+        every denoising step too). Special tokens other than <eos> and <boi> are never chosen."""
         tok = self.tokenizer
-        words = tok.encode(prompt)
-        ids = [tok.bos_id, *words]
+        ids = [tok.bos_id, *tok.encode(prompt)]
+        never = torch.tensor([tok.pad_id, tok.bos_id, tok.eoi_id, tok.unk_id])
         images = 0
         for _ in range(max_tokens):
-            logits = self._full_logits(ids)
-            nxt = int(logits.argmax())
-            if nxt == tok.eos_id:
+            if stopped is not None and stopped():
                 return
-            if nxt == tok.boi_id and images < max_images:
+            logits = self._full_logits(ids)
+            logits[never.to(logits.device)] = float("-inf")
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_id or (nxt == tok.boi_id and images >= max_images):
+                return
+            if nxt == tok.boi_id:
                 text_so_far = tok.decode([i for i in ids if isinstance(i, int)])
-                image = self.generate_images([ImageRequest(text_so_far, steps, guidance_scale, seed + images)])[0]
+                request = ImageRequest(text_so_far, steps, guidance_scale, (seed + images) % 2**64)
+                (image,) = self.generate_images([request], stopped=None if stopped is None else lambda _: stopped())
+                if image is None:
+                    return
                 images += 1
                 yield "image", image
                 ids = ids + [tok.boi_id, ("image", image), tok.eoi_id]
                 continue
-            if nxt in (tok.boi_id, tok.eoi_id, tok.pad_id, tok.bos_id):
-                return
             ids.append(nxt)
             yield "text", tok.vocab[nxt]
 

@@ -4,7 +4,9 @@ Requests wait in one queue. The batcher takes the oldest request, waits up to `m
 same kind (images with the same number of steps; captions), and runs up to `max_batch_size` of them in one sampler
 call on the model's own thread. Each image request keeps its own seed and its own scheduler (see sampling.py), so
 an image does not depend on what it was batched with. A request cancelled or past its deadline while waiting is
-dropped before it costs a forward pass; one already in a batch finishes with its batch and its result is dropped.
+dropped before it costs a forward pass; an image request inside a running batch leaves it at the next denoising step
+(its rows are dropped, as the text engine drops a cancelled row between decode steps). Captions, a few greedy steps
+for the whole batch, finish with their batch and a cancelled caller's result is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +57,10 @@ class _Job:
     future: asyncio.Future
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # set when the caller is gone (model thread reads)
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class TransfusionEngine:
         self.sampler = await loop.run_in_executor(self._executor, lambda: TransfusionSampler.load(
             path, device=self.options.device, dtype=getattr(torch, self.options.dtype)))
         c = self.sampler.config
+        if self.options.max_size < c.image_size:
+            raise ValueError(f"model {self.name!r}: max_size {self.options.max_size} is below the model's image size "
+                             f"{c.image_size}: no image could be accepted or returned")
         await loop.run_in_executor(self._executor, lambda: self.sampler.generate_images([ImageRequest("", 1, 1.0)]))
         self.info = ModelInfo(
             name=self.name, family="transfusion", num_layers=c.n_layers,
@@ -123,6 +133,8 @@ class TransfusionEngine:
     def check_prompt(self, prompt: str, field_name: str = "prompt") -> None:
         if not prompt.strip():
             raise InvalidRequestError(field_name, "must not be empty")
+        if not self.sampler.tokenizer.words(prompt):  # "!!!" would otherwise draw from an empty prompt
+            raise InvalidRequestError(field_name, "has no words (letters or digits)")
         unknown = self.sampler.tokenizer.unknown_words(prompt)
         if unknown:
             raise InvalidRequestError(field_name, f"words unknown to model {self.name!r}: {sorted(set(unknown))}")
@@ -148,18 +160,25 @@ class TransfusionEngine:
                                  "waiting", retry_after_s=0.5)
         loop = asyncio.get_running_loop()
         self._streams += 1
+        halt = threading.Event()  # set when the caller is gone: the model thread stops at its next step
         parts = self.sampler.interleaved(prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
-                                         guidance_scale=guidance_scale, seed=seed)
+                                         guidance_scale=guidance_scale, seed=seed,
+                                         stopped=lambda: halt.is_set() or self._closed)
         done = object()
         try:
             while True:
-                part = await loop.run_in_executor(self._executor, next, parts, done)
+                if not self._closed:
+                    part = await loop.run_in_executor(self._executor, next, parts, done)
+                if self._closed:  # the sampler stops early for a shutdown: that is not a finished stream
+                    raise EngineUnavailableError(f"model {self.name!r} is shutting down")
                 if part is done:
                     return
                 yield part
         finally:
             self._streams -= 1
-            await loop.run_in_executor(self._executor, parts.close)
+            halt.set()
+            with contextlib.suppress(RuntimeError):  # the model thread is already shut down: GC closes the generator
+                await loop.run_in_executor(self._executor, parts.close)
 
     async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> BatchResult:
         if self._closed:
@@ -168,6 +187,7 @@ class TransfusionEngine:
         if waiting + self._streams >= self.options.max_queue:
             raise QueueFullError(f"model {self.name!r}: {waiting} requests waiting", retry_after_s=0.5)
         job = _Job(kind, key, payload, asyncio.get_running_loop().create_future(), deadline=deadline)
+        job.future.add_done_callback(lambda _: job.stop.set())  # cancelled, failed or answered: stop working on it
         self._pending.append(job)
         self._wake.set()
         return await job.future  # cancelling this await cancels the job's future: the batcher skips it
@@ -225,11 +245,13 @@ class TransfusionEngine:
                 continue
             if isinstance(value, Exception):
                 job.future.set_exception(value)
+            elif value is None:  # the sampler dropped it: its deadline passed inside the batch
+                job.future.set_exception(TimeoutError("deadline passed while generating"))
             else:
                 job.future.set_result(BatchResult(value, started - job.arrival, len(batch)))
 
     def _run(self, batch: list[_Job]) -> list:
         if batch[0].kind == "image":
-            return self.sampler.generate_images([job.payload for job in batch])
+            return self.sampler.generate_images([job.payload for job in batch], stopped=lambda i: batch[i].stopped())
         images = np.stack([job.payload for job in batch])
         return self.sampler.caption(images, max_tokens=self.options.max_caption_tokens)
