@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunefusion.home import prunefusion_home
+from prunefusion.server.engines.validation import MAX_GUIDANCE_SCALE
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,7 @@ class ImageOptions(_Strict):
     max_wait_ms: Annotated[float, Field(ge=0)] = 10.0  # how long a request waits for others to batch with
     max_steps: Annotated[int, Field(ge=1, le=1000)] = 100
     default_steps: Annotated[int, Field(ge=1)] = 20
-    default_guidance_scale: Annotated[float, Field(ge=0)] = 3.0
+    default_guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE_SCALE)] = 3.0
     max_size: Annotated[int, Field(ge=1, le=4096)] = 256  # largest output size and largest accepted input image
     max_caption_tokens: Annotated[int, Field(ge=1)] = 24
 

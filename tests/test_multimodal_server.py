@@ -172,3 +172,7 @@ def test_client_cli_image_and_caption(mm_server, tmp_path, capsys):
     assert client_main(["--target", mm_server.target, "caption", str(out)]) == 0
     assert client_main(["--target", mm_server.target, "image", "a red blob", "-o", str(tmp_path / "x.png")]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    # a missing file and a seed the API cannot carry (uint64) are plain errors, not tracebacks
+    assert client_main(["--target", mm_server.target, "caption", str(tmp_path / "missing.png")]) == 2
+    assert client_main(["--target", mm_server.target, "image", "a red circle", "--seed", "-1"]) == 2
+    assert "missing.png" in capsys.readouterr().err

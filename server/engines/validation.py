@@ -7,6 +7,7 @@ import math
 from prunefusion.server.engines.base import GenerationRequest, InvalidRequestError, SamplingParams
 
 MAX_TEMPERATURE = 2.0  # as in vLLM and the OpenAI API: every engine accepts the same range
+MAX_GUIDANCE_SCALE = 50.0  # classifier-free guidance: a request's range, and the bound on a model's default
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from prunefusion.server.engines.base import InvalidRequestError
 from prunefusion.server.engines.images import check_output_size, decode_image, encode_png
+from prunefusion.server.engines.validation import MAX_GUIDANCE_SCALE
 from prunefusion.server.errors import stream_errors, unary_errors
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.text_generation import deadline_of
@@ -39,7 +40,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         guidance = request.guidance_scale if request.HasField("guidance_scale") else o.default_guidance_scale
         seed = request.seed if request.HasField("seed") else random.getrandbits(63)
         _in_range("steps", steps, 1, o.max_steps)
-        _in_range("guidance_scale", guidance, 0.0, 50.0)
+        _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE_SCALE)
         return steps, guidance, seed
 
     @unary_errors

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as err:  # an unreadable image or output file; a value the API cannot carry
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0
