@@ -108,3 +108,9 @@ def test_an_interleaved_stream_cancelled_mid_image_frees_the_model_thread(transf
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_max_size_below_the_models_image_size_fails_at_start(transfusion_dir):
+    engine = TransfusionEngine("pico-tf", TransfusionEngineOptions(str(transfusion_dir), max_size=16))
+    with pytest.raises(ValueError, match="max_size 16 is below the model's image size 32"):
+        asyncio.run(engine.start())
