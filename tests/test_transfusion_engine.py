@@ -114,3 +114,16 @@ def test_a_max_size_below_the_models_image_size_fails_at_start(transfusion_dir):
     engine = TransfusionEngine("pico-tf", TransfusionEngineOptions(str(transfusion_dir), max_size=16))
     with pytest.raises(ValueError, match="max_size 16 is below the model's image size 32"):
         asyncio.run(engine.start())
+
+
+def test_a_request_that_expires_while_waiting_costs_no_forward_pass(transfusion_dir):
+    async def main():
+        engine, rows = await started(transfusion_dir, max_wait_s=0.3)
+        try:
+            with pytest.raises(TimeoutError, match="waiting"):
+                await engine.generate_image(ImageRequest("a red circle", 4, 3.0, 1), time.monotonic() + 0.05)
+            assert rows == [] and engine.stats().waiting == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
