@@ -1,13 +1,17 @@
 """Locust users for prunefusion's gRPC API (`prunefusion loadtest` runs this headless; or run locust yourself):
 
-    locust -f loadtest/locustfile.py --headless -u 4 -r 4 -t 30s --host localhost:50051 --pf-model tiny-lm
+    locust -f loadtest/locustfile.py PrunefusionUser --headless -u 4 -r 4 -t 30s --host localhost:50051 \
+        --pf-model tiny-lm
+
+(name the user class: without one, locust runs both classes below at once, closed and open loop mixed)
 
 Imports only grpc, the stubs, the client, and numpy + PIL for the shapes-world images: never torch or transformers
 (they break locust's gevent ssl patching). Each call fires a locust request event named after its RPC
 (`Generate`, `GenerateStream`, `GenerateImage`, `Caption`, `Score`; mixed by the --pf-*-weight options) and, on a
 stream's first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends one JSON line
 (wall-clock start, TTFT, e2e, token count, inter-chunk gaps, status code) so percentiles are computed exactly, with
-warm-up excluded, afterwards.
+warm-up excluded, afterwards. A request the run's stop timeout kills is recorded as CUT_OFF, and a client-side
+failure as CLIENT_<exception>, so neither drops out of the statistics unseen.
 
 Two user classes: `PrunefusionUser` (closed loop: the next request as soon as the previous one ends; -u N users)
 and `PoissonArrivals` (open loop: one user starts requests at exponential intervals of mean 1/--pf-rate seconds,
@@ -67,8 +71,10 @@ def _open_records(environment, **_kwargs) -> None:
 
 @events.test_stop.add_listener
 def _close_records(environment, **_kwargs) -> None:
+    global _records
     if _records is not None:
         _records.close()
+        _records = None
 
 
 def synthetic_prompt(rng: random.Random, words: int) -> str:
@@ -111,6 +117,8 @@ class _Calls(User):
                         "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight}
         if sum(self.weights.values()) <= 0:
             raise ValueError("every --pf-*-weight is 0: nothing to send")
+        # rendered before the run, not between requests: CPU work here would stall every greenlet's timestamps
+        self.caption_pngs = [shapes_png(self.rng) for _ in range(16)] if o.pf_caption_weight > 0 else []
 
     def on_stop(self) -> None:
         self.api.close()
@@ -142,11 +150,17 @@ class _Calls(User):
             ttft, tokens, gaps = call(inputs, t0)
         except grpc.RpcError as err:
             status, error = err.code().name, err
-        self._record(rpc, started, time.perf_counter() - t0, ttft, tokens, gaps, status, error)
+        except Exception as err:  # noqa: BLE001 - a client-side failure is a counted error, not a lost request
+            status, error = f"CLIENT_{type(err).__name__}", err
+        except BaseException as err:  # GreenletExit: the run's stop timeout killed the request while it ran
+            status, error = "CUT_OFF", err
+            raise
+        finally:
+            self._record(rpc, started, time.perf_counter() - t0, ttft, tokens, gaps, status, error)
 
     def _inputs(self, rpc: str):
         if rpc == "Caption":
-            return shapes_png(self.rng)
+            return self.rng.choice(self.caption_pngs)
         if rpc == "GenerateImage":
             return shapes_prompt(self.rng)
         if rpc == "Score":  # documents of ~1 KB: lines of synthetic prose

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prunefusion.loadtest.stats import run_stats
+from prunefusion.loadtest.stats import kept_records, run_stats
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 QUALITY = "QualityFilter"  # a pseudo-model: --quality load-tests the QualityFilter service's Score
@@ -51,9 +51,16 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
                "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
                "--pf-image-steps", str(args.image_steps), "--pf-rate", str(level if mode == "open" else 1.0),
                "--pf-records", str(records), *weights]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180)
-    if not records.is_file():
-        raise RuntimeError(f"locust wrote no records (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"locust did not finish within {args.duration + 180} s ({model}, "
+                           f"{load_label(*load)})") from err
+    records.with_suffix(".locust.log").write_text(done.stderr)
+    # locust exits 1 when some requests failed (counted in the records); anything else, or no request, is a failure
+    if done.returncode not in (0, 1) or not records.is_file() or not records.read_text().strip():
+        raise RuntimeError(f"locust failed ({model}, {load_label(*load)}; exit {done.returncode}, "
+                           f"log {records.with_suffix('.locust.log')}):\n{done.stderr[-2000:]}")
     return done.stderr
 
 
@@ -74,59 +81,80 @@ def _row(model: str, load: tuple[str, float], stats: dict) -> dict:
     mode, level = load
     flat = {"model": model, "mode": mode, "load": load_label(mode, level),
             "concurrency": int(level) if mode == "closed" else None, "offered_rate": level if mode == "open" else None,
-            "requests": stats["requests"], "ok": stats.get("ok", 0),
+            "requests": stats["requests"], "ok": stats["ok"],
             "errors": sum(stats["errors"].values()), "errors_by_status": stats["errors"],
-            "requests_per_s": stats.get("requests_per_s"), "goodput_per_s": stats.get("goodput_per_s"),
-            "output_tokens_per_s": stats.get("output_tokens_per_s")}
+            "requests_per_s": stats["requests_per_s"], "goodput_per_s": stats["goodput_per_s"],
+            "output_tokens_per_s": stats["output_tokens_per_s"], "output_tokens_mean": stats["output_tokens_mean"],
+            "max_in_flight": stats["max_in_flight"]}
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        for key, value in stats.get(metric, {}).items():
+        for key, value in stats[metric].items():
             flat[f"{metric[:-2]}_{key}_ms"] = None if value is None else value * 1000
     return flat
 
 
+def _same_kind(model: str, base: str, layers: dict[str, int]) -> bool:
+    """Text vs text, images vs images; QualityFilter's documents/s compares with nothing else."""
+    return model == base or ((model in layers) == (base in layers) and QUALITY not in (model, base))
+
+
+def _ratio(value: float | None, baseline: float | None) -> str:
+    return f"{value / baseline:.2f}" if value and baseline else "-"
+
+
 def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> list[str]:
     base = models[0]
-    lines = ["| model | load | requests | errors | req/s | goodput/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 ms | "
-             "ITL p99 ms | e2e p50 / p99 ms | speed vs first (ideal L/L') |", "|---" * 12 + "|"]
+    lines = ["| model | load | requests | errors | req/s | goodput/s | out tok/s | out tok/req | TTFT p50 / p99 ms | "
+             "TPOT p50 ms | ITL p99 ms | e2e p50 / p99 ms | speed vs first (ideal L/L') | TTFT / TPOT / e2e p50 vs "
+             "first |", "|---" * 14 + "|"]
     by_key = {(r["model"], r["load"]): r for r in rows}
     for r in rows:
-        first = by_key.get((base, r["load"]))
-        speed = ""
-        # text vs text, images vs images; QualityFilter's documents/s compares with nothing else
-        same_kind = r["model"] == base or (
-            (r["model"] in layers) == (base in layers) and QUALITY not in (r["model"], base))
+        first = by_key.get((base, r["load"])) if _same_kind(r["model"], base, layers) else None
+        speed = latency = ""
         key = "output_tokens_per_s" if r["model"] in layers else "requests_per_s"
-        if same_kind and first and first[key] and r[key]:
+        if first and first[key] and r[key]:
             ideal = f" ({layers[base] / layers[r['model']]:.2f}x)" if r["model"] in layers and base in layers else ""
             speed = f"{r[key] / first[key]:.2f}x{ideal}"
+            latency = " / ".join(_ratio(r[f"{m}_p50_ms"], first[f"{m}_p50_ms"]) for m in ("ttft", "tpot", "e2e"))
 
-        def ms(key: str, r: dict = r) -> str:
-            return "" if r.get(key) is None else f"{r[key]:.1f}"
+        def number(key: str, digits: int = 1, r: dict = r) -> str:
+            return "" if r.get(key) is None else f"{r[key]:.{digits}f}"
 
         errors = ", ".join(f"{n} {code}" for code, n in r["errors_by_status"].items()) or "0"
-        goodput = "" if r["goodput_per_s"] is None else f"{r['goodput_per_s']:.2f}"
-        lines.append(f"| {r['model']} | {r['load']} | {r['requests']} | {errors} | {r['requests_per_s'] or 0:.2f} | "
-                     f"{goodput} | {r['output_tokens_per_s'] or 0:.1f} | {ms('ttft_p50_ms')} / {ms('ttft_p99_ms')} | "
-                     f"{ms('tpot_p50_ms')} | {ms('itl_p99_ms')} | {ms('e2e_p50_ms')} / {ms('e2e_p99_ms')} | {speed} |")
+        lines.append(f"| {r['model']} | {r['load']} | {r['requests']} | {errors} | {number('requests_per_s', 2)} | "
+                     f"{number('goodput_per_s', 2)} | {number('output_tokens_per_s')} | "
+                     f"{number('output_tokens_mean')} | {number('ttft_p50_ms')} / {number('ttft_p99_ms')} | "
+                     f"{number('tpot_p50_ms')} | {number('itl_p99_ms')} | {number('e2e_p50_ms')} / "
+                     f"{number('e2e_p99_ms')} | {speed} | {latency} |")
     return lines
 
 
-def _plots(records: dict[tuple[str, int], list[dict]], rows: list[dict], out: Path) -> None:
+def _cdf(ax, values: list[float], label: str) -> None:
+    import numpy as np
+
+    if values:
+        ax.plot(np.sort(values), np.arange(1, len(values) + 1) / len(values), label=label)
+
+
+def _plots(records: dict[tuple[str, str], list[dict]], rows: list[dict], layers: dict[str, int], warmup_s: float,
+           out: Path) -> None:
+    """latency_cdf.png: e2e and TTFT CDFs of the requests the table counts; scaling.png: throughput and e2e p99
+    against the load, per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (e2e_ax, ttft_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for (model, load), recs in records.items():
-        e2e = np.sort([r["e2e"] * 1000 for r in recs if r["status"] == "OK"])
-        if len(e2e):
-            ax.plot(e2e, np.arange(1, len(e2e) + 1) / len(e2e), label=f"{model}, {load}")
-    ax.set_xlabel("end-to-end latency (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ok = [r for r in kept_records(recs, warmup_s) if r["status"] == "OK"]
+        _cdf(e2e_ax, [r["e2e"] * 1000 for r in ok], f"{model}, {load}")
+        _cdf(ttft_ax, [r["ttft"] * 1000 for r in ok if r["ttft"] is not None], f"{model}, {load}")
+    for ax, name in ((e2e_ax, "end-to-end latency (ms)"), (ttft_ax, "time to first token (ms), streams")):
+        ax.set_xlabel(name)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "latency_cdf.png", dpi=120)
     plt.close(fig)
@@ -137,16 +165,17 @@ def _plots(records: dict[tuple[str, int], list[dict]], rows: list[dict], out: Pa
         x_key = "concurrency" if mode == "closed" else "offered_rate"
         for model in dict.fromkeys(r["model"] for r in rows):
             mine = [r for r in rows if r["model"] == model and r["mode"] == mode]
-            y_key = "output_tokens_per_s" if any(r["output_tokens_per_s"] for r in mine) else "requests_per_s"
-            left.plot([r[x_key] for r in mine], [r[y_key] or 0 for r in mine], "o-", label=model)
-            left.set_ylabel(y_key.replace("_per_s", "/s").replace("_", " "))
+            y_key = "output_tokens_per_s" if model in layers else "requests_per_s"  # Score: documents/s
+            left.plot([r[x_key] for r in mine], [r[y_key] or 0 for r in mine], "o-",
+                      label=f"{model} ({y_key.replace('_per_s', '/s').replace('_', ' ')})")
             right.plot([r[x_key] for r in mine], [r["e2e_p99_ms"] or 0 for r in mine], "o-", label=model)
+        left.set_ylabel("throughput")
         right.set_ylabel("e2e p99 (ms)")
         for ax in (left, right):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency (closed-loop users)" if mode == "closed" else "offered rate (requests/s)")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)
     plt.close(fig)
@@ -168,6 +197,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting prunefusion serve ({args.serve} config; log: {out / 'server.log'})", flush=True)
     with ServerProcess(config, log=out / "server.log") as server:
         return run_against(server.target, args)
+
+
+def _summary(args: argparse.Namespace, loads: list[tuple[str, float]], slo: dict[str, float],
+             layers: dict[str, int]) -> str:
+    """The report's opening paragraph: what was run and what each column counts."""
+    slo_text = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in slo.items()) or "none given"
+    quality = (f" {QUALITY} rows: Score calls of {args.score_docs} documents; their 'out tok/s' is documents/s."
+               if args.quality else "")
+    return (f"Loads: {', '.join(load_label(*x) for x in loads)} (c = closed-loop users; /s = open-loop Poisson "
+            f"arrivals). {args.duration} s per run, first {args.warmup} s excluded; text prompts of "
+            f"{args.prompt_words} words, up to {args.max_new_tokens} output tokens, cache {args.cache}; images "
+            f"{args.image_steps} steps. SLOs for goodput: {slo_text}. Latency columns cover the requests started "
+            "after the warm-up; req/s, out tok/s and goodput count the requests completed between the warm-up's end "
+            "and the last request's start. 'vs first' columns compare with the first model at the same load: speed "
+            "as a throughput ratio (higher is faster), latencies as p50 ratios (lower is faster). Layers: "
+            + ", ".join(f"{m} {layers[m]}" for m in args.models if m in layers) + "." + quality)
 
 
 def run_against(target: str, args: argparse.Namespace) -> int:
@@ -199,20 +244,15 @@ def run_against(target: str, args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps({"rows": rows, "layers": layers, "slo_s": slo,
                                                  "options": vars(args)}, indent=1, default=str) + "\n")
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "errors_by_status"], extrasaction="ignore")
+        fields = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "errors_by_status"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    _plots(records, rows, out)
+    _plots(records, rows, layers, args.warmup, out)
     table = _markdown(rows, layers, models)
-    slo_text = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in slo.items()) or "none given"
-    (out / "report.md").write_text("\n".join([
-        f"# Load test against {target}", "",
-        f"Loads: {', '.join(load_label(*x) for x in loads)} (c = closed-loop users; /s = open-loop Poisson "
-        f"arrivals). {args.duration} s per run, first {args.warmup} s excluded; text prompts of {args.prompt_words} "
-        f"words, up to {args.max_new_tokens} output tokens, cache {args.cache}; images {args.image_steps} steps. "
-        f"SLOs for goodput: {slo_text}. Layers: " + ", ".join(f"{m} {layers[m]}" for m in args.models if m in layers)
-        + f". {QUALITY} rows: Score calls of {args.score_docs} documents; their 'out tok/s' is documents/s." * bool(
-            args.quality), "", *table, "", "![latency CDF](latency_cdf.png)", "", "![scaling](scaling.png)", ""]))
+    (out / "report.md").write_text("\n".join([f"# Load test against {target}", "", _summary(args, loads, slo, layers),
+                                              "", *table, "", "![latency CDF](latency_cdf.png)", "",
+                                              "![scaling](scaling.png)", ""]))
     print("\n".join(table))
     return 0
 

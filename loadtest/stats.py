@@ -2,6 +2,13 @@
 
 TTFT = first non-empty chunk - send; TPOT = (e2e - TTFT) / (output tokens - 1); ITL = gaps between token-bearing
 chunks; e2e = send -> last chunk. Percentiles by linear interpolation (numpy's default).
+
+Two selections, so that neither the warm-up nor the drain at the end biases a number:
+- latency (TTFT, TPOT, ITL, e2e, errors) covers the requests *started* in the measured window, however long they
+  then take (a slow tail that ends after the window still counts);
+- throughput (requests/s, output tokens/s, goodput) counts the requests *completed* in the measured window
+  [first start + warm-up, last start], over its length: in-flight work at either edge is neither credited to the
+  window nor charged to it, and the drain after the load generator stops (fewer requests in flight) is left out.
 """
 
 from __future__ import annotations
@@ -33,27 +40,59 @@ def meets(record: dict, slo: dict[str, float]) -> bool:
     return all(values[k] is not None and values[k] <= bound for k, bound in slo.items())
 
 
-def run_stats(records: list[dict], warmup_s: float, slo: dict[str, float] | None = None) -> dict:
-    """Statistics of one run: records started within `warmup_s` of the first request are dropped. With `slo`,
-    goodput = requests/s that succeeded within every bound."""
+def max_in_flight(records: list[dict]) -> int:
+    """The most requests in flight at once (a start at the instant another ends does not overlap it). Closed loop:
+    at most the user count; open loop: how far the server fell behind the arrivals."""
+    events = sorted([(r["start"] + r["e2e"], -1) for r in records] + [(r["start"], 1) for r in records])
+    level = peak = 0
+    for _, change in events:
+        level += change
+        peak = max(peak, level)
+    return peak
+
+
+def measured_window(records: list[dict], warmup_s: float) -> tuple[float, float]:
+    """[begin, end]: from `warmup_s` after the first start to the last start (when the load generator stopped)."""
+    return min(r["start"] for r in records) + warmup_s, max(r["start"] for r in records)
+
+
+def kept_records(records: list[dict], warmup_s: float) -> list[dict]:
+    """The requests whose latency counts: those started after the warm-up."""
     if not records:
-        return {"requests": 0, "errors": {}, "window_s": 0.0}
-    begin = min(r["start"] for r in records) + warmup_s
-    kept = [r for r in records if r["start"] >= begin]
+        return []
+    begin, _ = measured_window(records, warmup_s)
+    return [r for r in records if r["start"] >= begin]
+
+
+def run_stats(records: list[dict], warmup_s: float, slo: dict[str, float] | None = None) -> dict:
+    """Statistics of one run (see the module's docstring for which requests each number covers). With `slo`,
+    goodput = requests/s that completed in the window, succeeded, and met every bound. Every key is always present
+    (None where there is nothing to measure)."""
+    kept = kept_records(records, warmup_s)
     ok = [r for r in kept if r["status"] == "OK"]
     errors: dict[str, int] = {}
     for r in kept:
         if r["status"] != "OK":
             errors[r["status"]] = errors.get(r["status"], 0) + 1
-    window = max((r["start"] + r["e2e"] for r in kept), default=begin) - begin
-    tokens = sum(r["tokens"] for r in ok)
+    window, completed = 0.0, []
+    if records:
+        begin, end = measured_window(records, warmup_s)
+        window = max(end - begin, 0.0)
+        completed = [r for r in records if begin <= r["start"] + r["e2e"] <= end]
+
+    def rate(count: float) -> float | None:
+        return count / window if window > 0 else None
+
+    done_ok = [r for r in completed if r["status"] == "OK"]
     return {
         "requests": len(kept), "ok": len(ok), "errors": errors, "window_s": window,
-        "requests_per_s": len(ok) / window if window > 0 else None,
-        "output_tokens_per_s": tokens / window if window > 0 else None,
+        "max_in_flight": max_in_flight(kept),
+        "requests_per_s": rate(len(done_ok)),
+        "output_tokens_per_s": rate(sum(r["tokens"] for r in done_ok)),
+        "output_tokens_mean": float(np.mean([r["tokens"] for r in ok])) if ok else None,
         "ttft_s": summarize([r["ttft"] for r in ok if r["ttft"] is not None]),
         "tpot_s": summarize([t for t in map(tpot, ok) if t is not None]),
         "itl_s": summarize([gap for r in ok for gap in r["itl"]]),
         "e2e_s": summarize([r["e2e"] for r in ok]),
-        "goodput_per_s": (sum(meets(r, slo) for r in kept) / window if window > 0 else None) if slo else None,
+        "goodput_per_s": rate(sum(meets(r, slo) for r in completed)) if slo else None,
     }

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prunefusion.loadtest.stats import meets, run_stats, tpot
+from prunefusion.loadtest.stats import max_in_flight, meets, run_stats, tpot
 
 
 def test_stats_follow_the_definitions():
@@ -18,9 +18,17 @@ def test_stats_follow_the_definitions():
     ]
     assert tpot(records[1]) == pytest.approx(0.8 / 4)
     stats = run_stats(records, warmup_s=5.0)
+    # latency and errors: the three requests started after the warm-up
     assert stats["requests"] == 3 and stats["ok"] == 2 and stats["errors"] == {"RESOURCE_EXHAUSTED": 1}
-    assert stats["window_s"] == pytest.approx(12.0 - 5.0)  # first counted start + warm-up -> last end
-    assert stats["output_tokens_per_s"] == pytest.approx(9 / 7.0)
+    assert stats["output_tokens_mean"] == pytest.approx((5 + 4) / 2)
+    assert stats["max_in_flight"] == 2  # 10.0-11.0 with 10.5-12.0, then 10.5-12.0 with 11.0-11.01
+    assert max_in_flight([records[1], records[3]]) == 1  # one starts as the other ends: never two at once
+    assert max_in_flight(records[:2]) == 1
+    # throughput: completions in [first start + warm-up, last start] = [5, 11]: the warm-up request (ends at 9) and
+    # the second (ends at 11); the third ends at 12, after the load generator stopped, and the refusal at 11.01
+    assert stats["window_s"] == pytest.approx(11.0 - 5.0)
+    assert stats["requests_per_s"] == pytest.approx(2 / 6.0)
+    assert stats["output_tokens_per_s"] == pytest.approx((9 + 5) / 6.0)
     assert stats["ttft_s"]["mean"] == pytest.approx(0.25) and stats["ttft_s"]["p50"] == pytest.approx(0.25)
     assert stats["tpot_s"]["mean"] == pytest.approx((0.2 + 0.4) / 2)
     assert stats["itl_s"]["p99"] == pytest.approx(0.4) and stats["e2e_s"]["mean"] == pytest.approx(1.25)
@@ -30,7 +38,9 @@ def test_stats_follow_the_definitions():
     assert meets(records[2], {"tpot": 0.4}) and not meets(records[2], {"tpot": 0.39})  # (1.5 - 0.3) / 3
     assert not meets({**records[1], "ttft": None}, {"ttft": 1.0})  # no TTFT (unary): a TTFT bound is not met
     slo_stats = run_stats(records, warmup_s=5.0, slo={"ttft": 0.25, "e2e": 1.2})
-    assert slo_stats["goodput_per_s"] == pytest.approx(1 / 7.0)
+    assert slo_stats["goodput_per_s"] == pytest.approx(1 / 6.0)  # of the two completed in the window, one met both
+    empty = run_stats([], warmup_s=1.0)  # a run that recorded nothing still has every key
+    assert set(empty) == set(stats) and empty["requests"] == 0 and empty["e2e_s"]["p99"] is None
 
 
 @pytest.mark.slow
@@ -62,7 +72,7 @@ def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
 
     out = tmp_path / "lt"
     assert main(["loadtest", "--target", mm_server.target, "--models", "pico-lm", "pico-tf", "--quality",
-                 "--concurrency", "2", "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "8",
+                 "--concurrency", "2", "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "64",
                  "--prompt-words", "4", "--image-steps", "2", "--caption-weight", "1", "--score-docs", "4",
                  "--slo-e2e-ms", "60000", "--out", str(out)]) == 0
     rows = {(r["model"], r["load"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
@@ -74,8 +84,10 @@ def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
         assert row["goodput_per_s"] == pytest.approx(row["requests_per_s"])  # a 60 s bound: every request meets it
     image_rpcs = {json.loads(line)["rpc"] for line in (out / "records" / "pico-tf-c2.jsonl").read_text().splitlines()}
     assert image_rpcs == {"GenerateImage", "Caption"}
-    # open loop: Poisson arrivals at 4/s for 4 s start ~16 requests whatever the latency (closed loop would not)
+    # open loop: Poisson arrivals at 4/s for 4 s start ~16 requests whatever the latency, and a request does not
+    # wait for the previous one: with 64 tokens (~0.1-0.2 s) some arrive while others run (P(none) < 1e-3)
     assert 4 <= rows[("pico-lm", "4/s")]["requests"] <= 40
+    assert rows[("pico-lm", "4/s")]["max_in_flight"] >= 2 and rows[("pico-lm", "c=2")]["max_in_flight"] <= 2
     assert "4/s" in (out / "report.md").read_text()
 
 
@@ -104,3 +116,20 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
     config.write_text("models:\n  - name: ghost\n    path: /nonexistent/model\n")
     with pytest.raises(RuntimeError, match=r"(?s)exited with .*end of its log.*nonexistent"):
         ServerProcess(config, startup_timeout_s=120, log=tmp_path / "server.log")
+
+
+def test_the_locustfile_never_imports_torch_or_transformers():
+    """They break locust's gevent ssl patching: the locustfile and the helpers it calls stay on grpc, numpy, PIL."""
+    import subprocess
+    import sys
+
+    from prunefusion.loadtest.run import LOCUSTFILE
+
+    check = ("import importlib.util, random, sys\n"
+             f"spec = importlib.util.spec_from_file_location('locustfile', {str(LOCUSTFILE)!r})\n"
+             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+             "module.shapes_png(random.Random(0)); module.shapes_prompt(random.Random(0))\n"
+             "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+             "assert not heavy, heavy; print('clean')")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-2000:]
