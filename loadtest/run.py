@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prunefusion.loadtest.stats import kept_records, run_stats
+from prunefusion.loadtest.stats import kept_records, pooled_stats, run_stats
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 QUALITY = "QualityFilter"  # a pseudo-model: --quality load-tests the QualityFilter service's Score
@@ -114,6 +114,9 @@ def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> li
         if first and first[key] and r[key]:
             ideal = f" ({layers[base] / layers[r['model']]:.2f}x)" if r["model"] in layers and base in layers else ""
             speed = f"{r[key] / first[key]:.2f}x{ideal}"
+            if len(r["throughput_by_round"]) > 1:
+                speed += "; rounds " + " / ".join(_ratio(a, b) for a, b in zip(
+                    r["throughput_by_round"], first["throughput_by_round"], strict=True))
             latency = " / ".join(_ratio(r[f"{m}_p50_ms"], first[f"{m}_p50_ms"]) for m in ("ttft", "tpot", "e2e"))
 
         def number(key: str, digits: int = 1, r: dict = r) -> str:
@@ -135,8 +138,8 @@ def _cdf(ax, values: list[float], label: str) -> None:
         ax.plot(np.sort(values), np.arange(1, len(values) + 1) / len(values), label=label)
 
 
-def _plots(records: dict[tuple[str, str], list[dict]], rows: list[dict], layers: dict[str, int], warmup_s: float,
-           out: Path) -> None:
+def _plots(runs: dict[tuple[str, str], list[list[dict]]], rows: list[dict], layers: dict[str, int],
+           warmup_s: float, out: Path) -> None:
     """latency_cdf.png: e2e and TTFT CDFs of the requests the table counts; scaling.png: throughput and e2e p99
     against the load, per model."""
     import matplotlib
@@ -145,8 +148,8 @@ def _plots(records: dict[tuple[str, str], list[dict]], rows: list[dict], layers:
     import matplotlib.pyplot as plt
 
     fig, (e2e_ax, ttft_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for (model, load), recs in records.items():
-        ok = [r for r in kept_records(recs, warmup_s) if r["status"] == "OK"]
+    for (model, load), model_runs in runs.items():
+        ok = [r for recs in model_runs for r in kept_records(recs, warmup_s) if r["status"] == "OK"]
         _cdf(e2e_ax, [r["e2e"] * 1000 for r in ok], f"{model}, {load}")
         _cdf(ttft_ax, [r["ttft"] * 1000 for r in ok if r["ttft"] is not None], f"{model}, {load}")
     for ax, name in ((e2e_ax, "end-to-end latency (ms)"), (ttft_ax, "time to first token (ms), streams")):
@@ -206,7 +209,8 @@ def _summary(args: argparse.Namespace, loads: list[tuple[str, float]], slo: dict
     quality = (f" {QUALITY} rows: Score calls of {args.score_docs} documents; their 'out tok/s' is documents/s."
                if args.quality else "")
     return (f"Loads: {', '.join(load_label(*x) for x in loads)} (c = closed-loop users; /s = open-loop Poisson "
-            f"arrivals). {args.duration} s per run, first {args.warmup} s excluded; text prompts of "
+            f"arrivals). {args.duration} s per run, {args.rounds} round(s) (models in alternating order; rows "
+            f"pool the rounds), first {args.warmup} s of each run excluded; text prompts of "
             f"{args.prompt_words} words, up to {args.max_new_tokens} output tokens, cache {args.cache}; images "
             f"{args.image_steps} steps. SLOs for goodput: {slo_text}. Latency columns cover the requests started "
             "after the warm-up; req/s, out tok/s and goodput count the requests completed between the warm-up's end "
@@ -219,6 +223,9 @@ def run_against(target: str, args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     layers, image_models = served_models(target)
+    if not layers and not image_models:
+        raise RuntimeError(f"the server at {target} serves no model yet (still loading? it reports NOT_SERVING "
+                           "until its models are ready)")
     models = list(args.models) + ([QUALITY] if args.quality else [])
     if not models:
         raise ValueError("nothing to test: name --models and/or --quality")
@@ -227,20 +234,31 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         raise ValueError(f"the server at {target} does not serve {unknown}; it serves "
                          f"{sorted(layers) + sorted(image_models)}")
     loads = [("closed", float(c)) for c in args.concurrency] + [("open", float(r)) for r in args.rates]
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1; got {args.rounds}")
     slo = _slo(args)
-    rows, records = [], {}
+    runs: dict[tuple[str, str], list[list[dict]]] = {}  # (model, load label) -> one record list per round
+    for round_index in range(args.rounds):
+        for load in loads:
+            label = load_label(*load)
+            # rounds alternate the models' order, so a machine that drifts during the test favours none of them
+            for model in models if round_index % 2 == 0 else models[::-1]:
+                suffix = f"-r{round_index + 1}" if args.rounds > 1 else ""
+                path = out / "records" / f"{model}-{label.replace('=', '').replace('/s', 'rps')}{suffix}.jsonl"
+                run_locust(target, model, load, args, path, image_model=model in image_models)
+                recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                runs.setdefault((model, label), []).append(recs)
+                stats = run_stats(recs, args.warmup, slo)
+                print(f"{model} {label}{suffix}: {stats['requests']} requests after warm-up, errors "
+                      f"{stats['errors'] or 0}, {stats['requests_per_s'] or 0:.2f} req/s, "
+                      f"{stats['output_tokens_per_s'] or 0:.1f} output tok/s", flush=True)
+    rows = []
     for load in loads:
         for model in models:
-            label = load_label(*load)
-            path = out / "records" / f"{model}-{label.replace('=', '').replace('/s', 'rps')}.jsonl"
-            run_locust(target, model, load, args, path, image_model=model in image_models)
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            stats = run_stats(recs, args.warmup, slo)
-            records[(model, label)] = recs
-            rows.append(_row(model, load, stats))
-            print(f"{model} {label}: {stats['requests']} requests after warm-up, errors {stats['errors'] or 0}, "
-                  f"{stats.get('requests_per_s') or 0:.2f} req/s, {stats.get('output_tokens_per_s') or 0:.1f} "
-                  "output tok/s", flush=True)
+            key = "output_tokens_per_s" if model in layers else "requests_per_s"
+            row = _row(model, load, pooled_stats(runs[(model, load_label(*load))], args.warmup, slo))
+            row["throughput_by_round"] = [run_stats(r, args.warmup)[key] for r in runs[(model, row["load"])]]
+            rows.append(row)
     (out / "results.json").write_text(json.dumps({"rows": rows, "layers": layers, "slo_s": slo,
                                                  "options": vars(args)}, indent=1, default=str) + "\n")
     with (out / "results.csv").open("w", newline="") as f:
@@ -248,7 +266,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    _plots(records, rows, layers, args.warmup, out)
+    _plots(runs, rows, layers, args.warmup, out)
     table = _markdown(rows, layers, models)
     (out / "report.md").write_text("\n".join([f"# Load test against {target}", "", _summary(args, loads, slo, layers),
                                               "", *table, "", "![latency CDF](latency_cdf.png)", "",
@@ -270,6 +288,8 @@ def register(subparsers) -> None:
     p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (requests/s)")
     p.add_argument("--duration", type=int, default=30, help="seconds per (model, concurrency) run")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds at the start of each run not counted")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every run this many times, alternating the models' "
+                   "order; rows pool the rounds and show each round's speed ratio")
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--stream-weight", type=int, default=1)

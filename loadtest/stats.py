@@ -65,20 +65,25 @@ def kept_records(records: list[dict], warmup_s: float) -> list[dict]:
 
 
 def run_stats(records: list[dict], warmup_s: float, slo: dict[str, float] | None = None) -> dict:
-    """Statistics of one run (see the module's docstring for which requests each number covers). With `slo`,
-    goodput = requests/s that completed in the window, succeeded, and met every bound. Every key is always present
-    (None where there is nothing to measure)."""
-    kept = kept_records(records, warmup_s)
+    """Statistics of one run (see the module's docstring for which requests each number covers)."""
+    return pooled_stats([records], warmup_s, slo)
+
+
+def pooled_stats(runs: list[list[dict]], warmup_s: float, slo: dict[str, float] | None = None) -> dict:
+    """Statistics over one or more runs of the same model at the same load (rounds): latencies over every run's
+    counted requests, rates over the sum of the runs' windows. With `slo`, goodput = requests/s that completed in a
+    window, succeeded, and met every bound. Every key is always present (None where there is nothing to measure)."""
+    kept = [r for run in runs for r in kept_records(run, warmup_s)]
     ok = [r for r in kept if r["status"] == "OK"]
     errors: dict[str, int] = {}
     for r in kept:
         if r["status"] != "OK":
             errors[r["status"]] = errors.get(r["status"], 0) + 1
     window, completed = 0.0, []
-    if records:
-        begin, end = measured_window(records, warmup_s)
-        window = max(end - begin, 0.0)
-        completed = [r for r in records if begin <= r["start"] + r["e2e"] <= end]
+    for run in filter(None, runs):
+        begin, end = measured_window(run, warmup_s)
+        window += max(end - begin, 0.0)
+        completed += [r for r in run if begin <= r["start"] + r["e2e"] <= end]
 
     def rate(count: float) -> float | None:
         return count / window if window > 0 else None
@@ -86,7 +91,7 @@ def run_stats(records: list[dict], warmup_s: float, slo: dict[str, float] | None
     done_ok = [r for r in completed if r["status"] == "OK"]
     return {
         "requests": len(kept), "ok": len(ok), "errors": errors, "window_s": window,
-        "max_in_flight": max_in_flight(kept),
+        "max_in_flight": max((max_in_flight(kept_records(run, warmup_s)) for run in runs), default=0),
         "requests_per_s": rate(len(done_ok)),
         "output_tokens_per_s": rate(sum(r["tokens"] for r in done_ok)),
         "output_tokens_mean": float(np.mean([r["tokens"] for r in ok])) if ok else None,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prunefusion.loadtest.stats import max_in_flight, meets, run_stats, tpot
+from prunefusion.loadtest.stats import max_in_flight, meets, pooled_stats, run_stats, tpot
 
 
 def test_stats_follow_the_definitions():
@@ -39,6 +39,11 @@ def test_stats_follow_the_definitions():
     assert not meets({**records[1], "ttft": None}, {"ttft": 1.0})  # no TTFT (unary): a TTFT bound is not met
     slo_stats = run_stats(records, warmup_s=5.0, slo={"ttft": 0.25, "e2e": 1.2})
     assert slo_stats["goodput_per_s"] == pytest.approx(1 / 6.0)  # of the two completed in the window, one met both
+    later = [{**r, "start": r["start"] + 100.0} for r in records]  # a second round of the same requests
+    pooled = pooled_stats([records, later], warmup_s=5.0)
+    assert pooled["requests"] == 6 and pooled["window_s"] == pytest.approx(12.0)  # two windows of 6 s
+    assert pooled["output_tokens_per_s"] == pytest.approx(stats["output_tokens_per_s"])
+    assert pooled["e2e_s"]["mean"] == stats["e2e_s"]["mean"] and pooled["max_in_flight"] == 2
     empty = run_stats([], warmup_s=1.0)  # a run that recorded nothing still has every key
     assert set(empty) == set(stats) and empty["requests"] == 0 and empty["e2e_s"]["p99"] is None
 
@@ -51,17 +56,24 @@ def test_a_headless_run_reports_every_request_and_counts_overload(server, tmp_pa
     # pico batches 8 rows: 6 users run without errors; pico-one has one slot and a queue of one: the rest are refused
     assert main(["loadtest", "--target", server.target, "--models", "pico", "pico-one", "--concurrency", "6",
                  "--duration", "5", "--warmup", "0.5", "--max-new-tokens", "24", "--prompt-words", "8",
-                 "--out", str(out)]) == 0
+                 "--rounds", "2", "--out", str(out)]) == 0
     rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["pico"]["ok"] > 0 and rows["pico"]["errors"] == 0 and rows["pico"]["output_tokens_per_s"] > 0
+    def records(name: str, round_number: int) -> list[dict]:
+        path = out / "records" / f"{name}-c6-r{round_number}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
     for name in ("pico", "pico-one"):
-        records = [json.loads(line) for line in (out / "records" / f"{name}-c6.jsonl").read_text().splitlines()]
-        ok = [r for r in records if r["status"] == "OK"]
-        assert ok and all(0 < r["ttft"] <= r["e2e"] and r["tokens"] > 0 for r in ok)
-    refused = [json.loads(line)["status"] for line in (out / "records" / "pico-one-c6.jsonl").read_text().splitlines()]
+        for round_number in (1, 2):
+            ok = [r for r in records(name, round_number) if r["status"] == "OK"]
+            assert ok and all(0 < r["ttft"] <= r["e2e"] and r["tokens"] > 0 for r in ok)
+    refused = [r["status"] for r in records("pico-one", 1) + records("pico-one", 2)]
     assert "RESOURCE_EXHAUSTED" in refused and rows["pico-one"]["errors"] > 0
+    # two rounds, pooled: the row counts both rounds' requests and keeps each round's throughput
+    assert rows["pico"]["requests"] == sum(run_stats(records("pico", k), 0.5)["requests"] for k in (1, 2))
+    assert len(rows["pico"]["throughput_by_round"]) == 2
     report = (out / "report.md").read_text()
-    assert "| pico | c=6 |" in report and "(1.00x)" in report  # same layers: ideal ratio 1
+    assert "| pico | c=6 |" in report and "(1.00x); rounds 1.00 / 1.00" in report  # same layers: ideal ratio 1
     for name in ("latency_cdf.png", "scaling.png", "results.csv"):
         assert (out / name).stat().st_size > 0
 
@@ -74,7 +86,7 @@ def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
     assert main(["loadtest", "--target", mm_server.target, "--models", "pico-lm", "pico-tf", "--quality",
                  "--concurrency", "2", "--rates", "4", "--duration", "4", "--warmup", "0", "--max-new-tokens", "64",
                  "--prompt-words", "4", "--image-steps", "2", "--caption-weight", "1", "--score-docs", "4",
-                 "--slo-e2e-ms", "60000", "--out", str(out)]) == 0
+                 "--slo-e2e-ms", "60000", "--seed", "1", "--out", str(out)]) == 0
     rows = {(r["model"], r["load"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {(m, load) for m in ("pico-lm", "pico-tf", "QualityFilter") for load in ("c=2", "4/s")}
     scored = [json.loads(line) for line in (out / "records" / "QualityFilter-c2.jsonl").read_text().splitlines()]
@@ -85,7 +97,8 @@ def test_open_loop_and_image_rpcs_with_goodput(mm_server, tmp_path):
     image_rpcs = {json.loads(line)["rpc"] for line in (out / "records" / "pico-tf-c2.jsonl").read_text().splitlines()}
     assert image_rpcs == {"GenerateImage", "Caption"}
     # open loop: Poisson arrivals at 4/s for 4 s start ~16 requests whatever the latency, and a request does not
-    # wait for the previous one: with 64 tokens (~0.1-0.2 s) some arrive while others run (P(none) < 1e-3)
+    # wait for the previous one. The gaps are seeded: with --seed 1 some arrivals come 0.01-0.03 s apart, while a
+    # 64-token request takes ~0.1 s or more, so a correct open loop overlaps them and a synchronous one cannot
     assert 4 <= rows[("pico-lm", "4/s")]["requests"] <= 40
     assert rows[("pico-lm", "4/s")]["max_in_flight"] >= 2 and rows[("pico-lm", "c=2")]["max_in_flight"] <= 2
     assert "4/s" in (out / "report.md").read_text()
