@@ -110,6 +110,32 @@ def test_an_interleaved_stream_cancelled_mid_image_frees_the_model_thread(transf
     asyncio.run(main())
 
 
+def test_a_shutdown_during_an_interleaved_image_is_unavailable_not_internal(transfusion_dir):
+    from prunefusion.server.engines.base import EngineUnavailableError
+
+    async def main():
+        engine, rows = await started(transfusion_dir)
+        model = engine.sampler.model
+        to_image = torch.zeros(model.config.vocab_size)
+        to_image[engine.sampler.tokenizer.boi_id] = 1e4
+        lm_logits = model.lm_logits
+        model.lm_logits = lambda hidden: lm_logits(hidden) + to_image
+
+        async def consume():
+            async for _ in engine.interleaved("a red circle", max_tokens=4, max_images=1, steps=LONG,
+                                              guidance_scale=3.0, seed=0):
+                pass
+
+        task = asyncio.create_task(consume())
+        await until(lambda: len(rows) >= 2)
+        await engine.shutdown()  # returns once the model thread stopped: the image ends at its next step
+        assert len(rows) < LONG
+        with pytest.raises(EngineUnavailableError, match="shutting down"):
+            await task
+
+    asyncio.run(main())
+
+
 def test_a_max_size_below_the_models_image_size_fails_at_start(transfusion_dir):
     engine = TransfusionEngine("pico-tf", TransfusionEngineOptions(str(transfusion_dir), max_size=16))
     with pytest.raises(ValueError, match="max_size 16 is below the model's image size 32"):
