@@ -81,21 +81,27 @@ def test_a_batch_nobody_waits_for_stops_and_a_full_queue_refuses(transfusion_dir
     asyncio.run(main())
 
 
+def interleaved_image_task(engine: TransfusionEngine) -> asyncio.Task:
+    """An interleaved stream whose first part is a LONG-step image: the pico model's logits are biased to <boi>."""
+    model = engine.sampler.model
+    to_image = torch.zeros(model.config.vocab_size)
+    to_image[engine.sampler.tokenizer.boi_id] = 1e4
+    lm_logits = model.lm_logits
+    model.lm_logits = lambda hidden: lm_logits(hidden) + to_image
+
+    async def consume():
+        async for _ in engine.interleaved("a red circle", max_tokens=4, max_images=1, steps=LONG,
+                                          guidance_scale=3.0, seed=2**64 - 1):
+            pass
+
+    return asyncio.create_task(consume())
+
+
 def test_an_interleaved_stream_cancelled_mid_image_frees_the_model_thread(transfusion_dir):
     async def main():
         engine, rows = await started(transfusion_dir)
-        model = engine.sampler.model
-        to_image = torch.zeros(model.config.vocab_size)
-        to_image[engine.sampler.tokenizer.boi_id] = 1e4  # the pico model's first choice is <boi>: an image part
-        lm_logits = model.lm_logits
-        model.lm_logits = lambda hidden: lm_logits(hidden) + to_image
         try:
-            async def consume():
-                async for _ in engine.interleaved("a red circle", max_tokens=4, max_images=1, steps=LONG,
-                                                  guidance_scale=3.0, seed=2**64 - 1):
-                    pass
-
-            task = asyncio.create_task(consume())
+            task = interleaved_image_task(engine)
             await until(lambda: len(rows) >= 2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -115,18 +121,7 @@ def test_a_shutdown_during_an_interleaved_image_is_unavailable_not_internal(tran
 
     async def main():
         engine, rows = await started(transfusion_dir)
-        model = engine.sampler.model
-        to_image = torch.zeros(model.config.vocab_size)
-        to_image[engine.sampler.tokenizer.boi_id] = 1e4
-        lm_logits = model.lm_logits
-        model.lm_logits = lambda hidden: lm_logits(hidden) + to_image
-
-        async def consume():
-            async for _ in engine.interleaved("a red circle", max_tokens=4, max_images=1, steps=LONG,
-                                              guidance_scale=3.0, seed=0):
-                pass
-
-        task = asyncio.create_task(consume())
+        task = interleaved_image_task(engine)
         await until(lambda: len(rows) >= 2)
         await engine.shutdown()  # returns once the model thread stopped: the image ends at its next step
         assert len(rows) < LONG
