@@ -119,19 +119,18 @@ class TransfusionSampler:
             if not live:
                 break
             if selection is None or selection[0] != live:  # rows left: select the rest of the prompt rows once
-                model_rows = live + [null_row[i] for i in live if i in null_row]
+                guided_live = [i for i in live if i in null_row]
+                model_rows = live + [null_row[i] for i in guided_live]  # prompt rows, then their null prompts
                 index = torch.tensor(model_rows, device=self.device)
-                selection = (live, model_rows, ids[model_rows], valid[index],
+                selection = (live, live + guided_live, ids[model_rows], valid[index],
                              None if cache is None else [(kk[index], vv[index]) for kk, vv in cache],
-                             [j for j, i in enumerate(live) if i in null_row])
-            live, model_rows, sel_ids, sel_valid, sel_cache, guided_pos = selection
-            sample_rows = live + [i for i in live if i in null_row]
+                             [j for j, i in enumerate(live) if i in null_row], scale[guided_live].view(-1, 1, 1, 1))
+            _, sample_rows, sel_ids, sel_valid, sel_cache, guided_pos, g = selection
             sigmas = torch.stack([schedulers[i].sigmas[k] for i in live]).to(self.device, self.dtype)
             s_in = torch.cat([sigmas, sigmas[guided_pos]])
             pred = self._predict(sample[sample_rows], s_in, sel_ids, sel_valid, sel_cache, sel_valid)
             cond, uncond = pred[: len(live)].clone(), pred[len(live):]
             if guided_pos:
-                g = scale[[live[j] for j in guided_pos]].view(-1, 1, 1, 1)
                 cond[guided_pos] = uncond + g * (cond[guided_pos] - uncond)
             x = sample[live]
             velocity = cond if c.prediction == "v" else (x - cond) / sigmas.view(-1, 1, 1, 1)

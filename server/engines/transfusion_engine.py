@@ -59,8 +59,11 @@ class _Job:
     deadline: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # set when the caller is gone (model thread reads)
 
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
     def stopped(self) -> bool:
-        return self.stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+        return self.stop.is_set() or self.expired()
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,8 @@ class TransfusionEngine:
 
     # ---- the batcher -----------------------------------------------------------------------------------------------
     def _live(self) -> list[_Job]:
-        now = time.monotonic()
         for job in self._pending:
-            if not job.future.done() and job.deadline is not None and now >= job.deadline:
+            if not job.future.done() and job.expired():
                 job.future.set_exception(TimeoutError("deadline passed while waiting for the model"))
         self._pending = [j for j in self._pending if not j.future.done()]
         return self._pending
