@@ -238,6 +238,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         raise ValueError(f"--rounds must be at least 1; got {args.rounds}")
     slo = _slo(args)
     runs: dict[tuple[str, str], list[list[dict]]] = {}  # (model, load label) -> one record list per round
+    round_stats: dict[tuple[str, str], list[dict]] = {}  # ... -> each round's own statistics
     for round_index in range(args.rounds):
         for load in loads:
             label = load_label(*load)
@@ -249,6 +250,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
                 recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                 runs.setdefault((model, label), []).append(recs)
                 stats = run_stats(recs, args.warmup, slo)
+                round_stats.setdefault((model, label), []).append(stats)
                 print(f"{model} {label}{suffix}: {stats['requests']} requests after warm-up, errors "
                       f"{stats['errors'] or 0}, {stats['requests_per_s'] or 0:.2f} req/s, "
                       f"{stats['output_tokens_per_s'] or 0:.1f} output tok/s", flush=True)
@@ -257,7 +259,7 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         for model in models:
             key = "output_tokens_per_s" if model in layers else "requests_per_s"
             row = _row(model, load, pooled_stats(runs[(model, load_label(*load))], args.warmup, slo))
-            row["throughput_by_round"] = [run_stats(r, args.warmup)[key] for r in runs[(model, row["load"])]]
+            row["throughput_by_round"] = [stats[key] for stats in round_stats[(model, row["load"])]]
             rows.append(row)
     (out / "results.json").write_text(json.dumps({"rows": rows, "layers": layers, "slo_s": slo,
                                                  "options": vars(args)}, indent=1, default=str) + "\n")

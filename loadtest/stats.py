@@ -73,7 +73,8 @@ def pooled_stats(runs: list[list[dict]], warmup_s: float, slo: dict[str, float] 
     """Statistics over one or more runs of the same model at the same load (rounds): latencies over every run's
     counted requests, rates over the sum of the runs' windows. With `slo`, goodput = requests/s that completed in a
     window, succeeded, and met every bound. Every key is always present (None where there is nothing to measure)."""
-    kept = [r for run in runs for r in kept_records(run, warmup_s)]
+    kept_runs = [kept_records(run, warmup_s) for run in runs]
+    kept = [r for run in kept_runs for r in run]
     ok = [r for r in kept if r["status"] == "OK"]
     errors: dict[str, int] = {}
     for r in kept:
@@ -91,7 +92,7 @@ def pooled_stats(runs: list[list[dict]], warmup_s: float, slo: dict[str, float] 
     done_ok = [r for r in completed if r["status"] == "OK"]
     return {
         "requests": len(kept), "ok": len(ok), "errors": errors, "window_s": window,
-        "max_in_flight": max((max_in_flight(kept_records(run, warmup_s)) for run in runs), default=0),
+        "max_in_flight": max(map(max_in_flight, kept_runs), default=0),
         "requests_per_s": rate(len(done_ok)),
         "output_tokens_per_s": rate(sum(r["tokens"] for r in done_ok)),
         "output_tokens_mean": float(np.mean([r["tokens"] for r in ok])) if ok else None,
