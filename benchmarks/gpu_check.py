@@ -67,8 +67,10 @@ def baseline(model_dir: Path, dtype, n_new: int):
 
 
 async def engine_run(base, torch_engine, model_dir: Path, dtype_name: str, n_new: int, concurrency: int):
-    engine = torch_engine.TorchEngine("gpu", torch_engine.TorchEngineOptions(
-        path=str(model_dir), device="cuda", dtype=dtype_name, max_batch_size=16))
+    from prunefusion.server.config import TorchModelConfig
+
+    engine = torch_engine.TorchEngine(TorchModelConfig(
+        name="gpu", path=str(model_dir), device="cuda", dtype=dtype_name, max_batch_size=16))
     await engine.start()
     sem = asyncio.Semaphore(concurrency)
 

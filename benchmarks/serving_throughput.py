@@ -75,11 +75,12 @@ async def ttft_pairs(target: str, model_dir: Path, texts: list[str]) -> tuple[li
     """Time to first streamed chunk, alternating a gRPC call and an in-process engine call per prompt so that
     drift in machine load hits both alike. One new token, so the first chunk is the last: neither side has work
     left over (a cancelled longer stream would keep the server busy during the next in-process call)."""
+    from prunefusion.server.config import TorchModelConfig
     from prunefusion.server.engines.base import GenerationRequest, SamplingParams
-    from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+    from prunefusion.server.engines.torch_engine import TorchEngine
     from prunefusion_client import AsyncClient, GenerateOptions
 
-    engine = TorchEngine("bench", TorchEngineOptions(path=str(model_dir)))
+    engine = TorchEngine(TorchModelConfig(name="bench", path=str(model_dir)))
     await engine.start()
     via_grpc, in_process = [], []
     async with AsyncClient(target, max_attempts=1) as client:

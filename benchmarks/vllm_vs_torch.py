@@ -55,17 +55,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
-    from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
-    from prunefusion.server.engines.vllm_engine import VllmEngine, VllmEngineOptions
+    from prunefusion.server.config import TorchModelConfig, VllmModelConfig
+    from prunefusion.server.engines.torch_engine import TorchEngine
+    from prunefusion.server.engines.vllm_engine import VllmEngine
 
     texts = prompts(args.requests)
     batch = max(args.concurrency)
     engines = {
-        "torch": TorchEngine("bench-torch", TorchEngineOptions(
-            path=str(args.model_dir), max_batch_size=batch, max_new_tokens_limit=args.max_new_tokens)),
-        "vllm": VllmEngine("bench-vllm", VllmEngineOptions(
-            path=str(args.model_dir), max_batch_size=batch, max_new_tokens_limit=args.max_new_tokens,
-            enforce_eager=args.eager)),
+        "torch": TorchEngine(TorchModelConfig(
+            name="bench-torch", path=str(args.model_dir), max_batch_size=batch,
+            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
+        "vllm": VllmEngine(VllmModelConfig(
+            name="bench-vllm", engine="vllm", path=str(args.model_dir), max_batch_size=batch,
+            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens,
+            vllm={"enforce_eager": args.eager})),
     }
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in engines}
     last: dict[str, dict[int, list]] = {name: {} for name in engines}

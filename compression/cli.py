@@ -32,12 +32,12 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from prunefusion.checkpoints import digest_files, weight_files
     from prunefusion.compression.layers import find_layers
     from prunefusion.compression.measure import DistanceTable
     from prunefusion.compression.prune import choose_block, write_pruned
     from prunefusion.compression.report import run_measure
     from prunefusion.compression.strategies import NEEDS_TABLE
-    from prunefusion.server.engines.hf_loading import digest_files, weight_files
 
     model_dir, out = Path(args.model), Path(args.out)
     if out.exists() and not args.force:

@@ -106,7 +106,7 @@ class JobSpec(_Strict):
 
     @property
     def model_path(self) -> Path:
-        from prunefusion.server.config import expand_path
+        from prunefusion.home import expand_path
 
         if self.model.startswith("package:"):
             import importlib.resources

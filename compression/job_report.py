@@ -35,7 +35,7 @@ def best_blocks(distances: dict) -> list[dict]:
 
 
 def build_manifest(ctx) -> dict:
-    from prunefusion.server.engines.hf_loading import digest_files, weight_files
+    from prunefusion.checkpoints import digest_files, weight_files
 
     results = ctx.results
     pruned = results["prune"]

@@ -62,7 +62,7 @@ def choose_block(num_layers: int, *, strategy: str = "angular", n: int | None = 
 def write_pruned(model, tokenizer, block: Block, out: Path, *, source: Path, source_digest: str,
                  allow_last: bool = False) -> dict:
     """Prune `model` in place, save to `out` (atomically), verify the reload, write and return its manifest."""
-    from prunefusion.server.engines.hf_loading import digest_files
+    from prunefusion.checkpoints import digest_files
 
     pruned, record = prune_layers(model, block.start, block.end, inplace=True, allow_last=allow_last)
     tmp = out.with_name(out.name + ".partial")

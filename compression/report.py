@@ -64,9 +64,9 @@ def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_l
                 texts: list[str] | None = None) -> DistanceTable:
     """Measure `model_dir` on calibration text (`texts`, else read from `data`); write distances.json,
     distances.csv and the two plots into out."""
+    from prunefusion.checkpoints import digest_files, weight_files
     from prunefusion.compression.loading import load_model, load_texts
     from prunefusion.compression.measure import measure, tokenized_batches
-    from prunefusion.server.engines.hf_loading import digest_files, weight_files
 
     model, tokenizer = load_model(model_dir)
     texts = (texts if texts is not None else load_texts(data))[:samples]

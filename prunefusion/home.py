@@ -12,3 +12,11 @@ def prunefusion_home() -> Path:
 
 def default_model_dir(name: str) -> Path:
     return prunefusion_home() / "models" / name
+
+
+def expand_path(path: str) -> Path:
+    """Expand `${VAR}` (with ${PRUNEFUSION_HOME} defaulting to ~/.cache/prunefusion) and `~`."""
+    env = {**os.environ, "PRUNEFUSION_HOME": str(prunefusion_home())}
+    for key, value in env.items():
+        path = path.replace("${" + key + "}", value)
+    return Path(path).expanduser()

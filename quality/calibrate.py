@@ -73,8 +73,8 @@ def weights_from_nll(lines: list[str], scores: LineNLL) -> tuple[dict[str, float
 def calibrate(reference_model: Path, texts: list[str], *, max_lines: int | None = 20000, seed: int = 0,
               data_description: str = "", batch_size: int = 32, device: str = "cpu") -> Weights:
     """Weights for the Sharma score from a reference LM directory and calibration documents."""
+    from prunefusion.checkpoints import digest_files
     from prunefusion.compression.loading import load_model
-    from prunefusion.server.engines.hf_loading import digest_files
 
     lines = [line for text in texts for line in split_lines(text)]
     if not lines:

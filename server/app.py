@@ -1,4 +1,9 @@
-"""Wire the gRPC server: servicers, health, reflection, model registry, graceful drain on SIGTERM."""
+"""Wire the gRPC server: servicers, health, reflection, model registry, graceful drain on SIGTERM.
+
+Start-up order: bind the port (health NOT_SERVING), open the cache, then for each model: build it if its directory
+is missing and its config names a build (a one-time step of `serve`, done here, before the engine loads), load it
+into the registry; then SERVING.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prunefusion.home import expand_path
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
-from prunefusion.server.config import AppConfig, CacheConfig, expand_path
+from prunefusion.server.config import AppConfig, CacheConfig, ModelConfigBase
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
@@ -45,6 +51,14 @@ async def open_cache(cfg: CacheConfig) -> ResponseCache:
     settings = CacheSettings(namespace=cfg.namespace, ttl_seconds=cfg.ttl_seconds, ttl_jitter=cfg.ttl_jitter,
                              max_entry_bytes=cfg.max_entry_bytes, lock_ttl_seconds=cfg.lock_ttl_seconds)
     return ResponseCache(backend, settings)
+
+
+def build_missing(cfg: ModelConfigBase) -> None:
+    """Build the model's recipe or compression job into its path if the directory is missing and the config names
+    one (blocking: minutes for the default models, once)."""
+    from prunefusion.models.builds import build_if_missing
+
+    build_if_missing(cfg.resolved_path, cfg.build, f"model {cfg.name}")
 
 
 class PrunefusionServer:
@@ -87,7 +101,7 @@ class PrunefusionServer:
             ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
         ])
         text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
-            TextGenerationServicer(self.registry, lambda: self.cache), self._server)
+            TextGenerationServicer(self.registry), self._server)
         multimodal_pb2_grpc.add_MultimodalServicer_to_server(MultimodalServicer(self.registry), self._server)
         if self.config.quality.enabled:
             from prunefusion.server.servicers.quality_filter import QualityFilterServicer
@@ -108,7 +122,9 @@ class PrunefusionServer:
             self.metrics_port = self._metrics_http.server_port
             log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
         self.cache = await open_cache(self.config.cache)
-        await self.registry.start()
+        for model in self.config.models:  # one at a time: memory
+            await asyncio.to_thread(build_missing, model)
+            await self.registry.load(model, self.cache)
         if self._stopped.is_set() or self._stopping:  # SIGTERM arrived while loading
             return
         await self._set_health(True)

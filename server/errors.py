@@ -33,31 +33,23 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(code, str(exc))
 
 
+@contextlib.asynccontextmanager
+async def grpc_status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Inside a servicer method: an exception becomes the call's status through STATUS_BY_ERROR. Used directly in
+    streaming methods (so the method's own generator is the only one between gRPC and the engine) and through
+    `unary_errors` in unary ones. Cancellation and generator exits pass through untouched."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error gets a deliberate status
+        await _abort(context, exc)
+
+
 def unary_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
+        async with grpc_status(context):
             return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error gets a deliberate status
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc)
-
-    return wrapper
-
-
-def stream_errors(method: Callable[..., AsyncIterator]) -> Callable[..., AsyncIterator]:
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            # aclosing: when the client cancels while a message is being written, close the inner stream now
-            # (its cleanup frees the engine slot) instead of whenever it is garbage collected
-            async with contextlib.aclosing(method(self, request, context)) as items:
-                async for item in items:
-                    yield item
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc)
 
     return wrapper

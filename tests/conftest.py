@@ -79,7 +79,8 @@ class ServerThread:
         return f"127.0.0.1:{self.server.port}"
 
     def engine(self, name: str):
-        return self.server.registry.get(name)
+        """The text engine itself (below the cache wrapper the registry hands front ends)."""
+        return self.server.registry.get(name).engine
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)

@@ -14,10 +14,10 @@ from prometheus_client import REGISTRY
 
 from prunefusion.server.cache.backend import connect
 from prunefusion.server.cache.keys import cache_key, is_deterministic
-from prunefusion.server.cache.service import CachePolicy, CacheSettings, ResponseCache
-from prunefusion.server.config import parse_config
-from prunefusion.server.engines.base import GenerationRequest, ModelInfo, SamplingParams
-from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+from prunefusion.server.cache.service import CachedEngine, CacheSettings, ResponseCache
+from prunefusion.server.config import TorchModelConfig, parse_config
+from prunefusion.server.engines.base import CachePolicy, GenerationRequest, ModelInfo, SamplingParams
+from prunefusion.server.engines.torch_engine import TorchEngine
 from prunefusion_client import Client, GenerateOptions
 
 
@@ -183,15 +183,17 @@ def test_metrics_endpoint_shows_cache_and_engine_metrics(cached_server):
 # ---- the cache in-process, against the same Redis ---------------------------------------------------------------
 @pytest.fixture()
 async def engine(pico_dir):
-    e = TorchEngine("inproc-pico", TorchEngineOptions(path=str(pico_dir)))
+    e = TorchEngine(TorchModelConfig(name="inproc-pico", path=str(pico_dir)))
     await e.start()
     yield e
     await e.shutdown()
 
 
 async def consume(cache, engine, rid, policy=CachePolicy.DEFAULT, max_new_tokens_override=8, **params):
-    request = GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=max_new_tokens_override, **params))
-    return [item async for item in cache.generate(engine, request, policy)]
+    """(chunk, cached) of each chunk of one request through the cache wrapper."""
+    request = GenerationRequest(rid, "The os module", SamplingParams(max_new_tokens=max_new_tokens_override, **params),
+                                cache=policy)
+    return [(chunk, chunk.cached) async for chunk in CachedEngine(engine, cache).generate(request)]
 
 
 async def test_ttl_expiry_and_jitter(engine, redis_server):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from prunefusion.server.config import ConfigError, expand_path, load_config, parse_config
+from prunefusion.home import expand_path
+from prunefusion.server.config import ConfigError, load_config, parse_config
 
 
 def test_embedded_default_serves_the_default_lm_its_pruned_variant_and_transfusion():

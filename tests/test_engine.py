@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from prunefusion.server.config import TorchModelConfig
 from prunefusion.server.engines.base import (
     EngineUnavailableError,
     FinishReason,
@@ -12,12 +13,12 @@ from prunefusion.server.engines.base import (
     SamplingParams,
     collect,
 )
-from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+from prunefusion.server.engines.torch_engine import TorchEngine
 
 
 @pytest.fixture()
 async def engine(pico_dir):
-    e = TorchEngine("pico", TorchEngineOptions(path=str(pico_dir), max_batch_size=4, max_queue=2))
+    e = TorchEngine(TorchModelConfig(name="pico", path=str(pico_dir), max_batch_size=4, max_queue=2))
     await e.start()
     yield e
     await e.shutdown()
@@ -44,7 +45,7 @@ async def test_a_cancelled_consumer_frees_its_slot_within_one_step(engine):
 
     consumer = asyncio.create_task(consume())
     await wait_until(lambda: engine.stats().running == 2 and len(received) >= 3)
-    victim = engine._by_id["victim"]
+    victim = engine.book.get("victim")
     tokens_at_cancel = len(victim.output_ids)
     consumer.cancel()  # what grpc.aio does to a handler whose client cancelled or went away
     await wait_until(lambda: victim.done)
@@ -56,13 +57,42 @@ async def test_a_cancelled_consumer_frees_its_slot_within_one_step(engine):
     assert result.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
 
 
-async def test_abort_by_request_id(engine):
-    task = asyncio.create_task(collect(engine.generate(request("a"))))
+async def test_closing_the_stream_aborts_the_request(engine):
+    stream = engine.generate(request("a"))
+    await anext(stream)
     await wait_until(lambda: engine.stats().running == 1)
-    await engine.abort("a")
-    result = await task
-    assert result.finish_reason is FinishReason.CANCELLED
-    assert result.usage.completion_tokens < 150
+    row = engine.book.get("a")
+    await stream.aclose()  # what every front end does when its client goes away
+    await wait_until(lambda: row.done and engine.stats().running == 0)
+    assert engine.finished[FinishReason.CANCELLED] == 1
+    assert len(row.output_ids) < 150
+
+
+async def test_the_queue_bound_holds_while_a_step_prefills_newcomers(engine, monkeypatch):
+    """max_batch_size 4 + max_queue 2: six requests in flight, and a seventh is refused even while the first step is
+    still prefilling the first four (they are then in neither the waiting nor the running list)."""
+    import threading
+
+    release, entered = threading.Event(), threading.Event()
+    model = engine._loaded.model
+    real_forward = model.forward
+
+    def held_forward(*args, **kwargs):  # the engine thread waits here until the test has tried to overfill
+        entered.set()
+        release.wait(30)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", held_forward)
+    tasks = [asyncio.create_task(collect(engine.generate(request(f"r{i}", 3)))) for i in range(6)]
+    await wait_until(entered.is_set)  # the first step is running: it took four newcomers off the queue
+    assert engine.stats().running == 0 and engine.stats().waiting == 2
+    try:
+        with pytest.raises(QueueFullError):
+            await anext(engine.generate(request("seventh")))
+    finally:
+        release.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.finish_reason in (FinishReason.LENGTH, FinishReason.EOS) for r in results)
 
 
 async def test_queue_bound_and_duplicate_ids(engine):
@@ -81,7 +111,7 @@ async def test_queue_bound_and_duplicate_ids(engine):
 
 
 async def test_shutdown_cancels_in_flight_and_refuses_new(pico_dir):
-    e = TorchEngine("pico", TorchEngineOptions(path=str(pico_dir)))
+    e = TorchEngine(TorchModelConfig(name="pico", path=str(pico_dir)))
     await e.start()
     task = asyncio.create_task(collect(e.generate(request("a", 200))))
     await wait_until(lambda: e.stats().running == 1)

@@ -9,8 +9,9 @@ import torch
 from pico import FAMILIES, pico_family_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prunefusion.server.config import TorchModelConfig
 from prunefusion.server.engines.base import GenerationRequest, SamplingParams, collect
-from prunefusion.server.engines.torch_engine import TorchEngine, TorchEngineOptions
+from prunefusion.server.engines.torch_engine import TorchEngine
 
 PROMPTS = ["The os module", "x", "Lists are mutable sequences, typically used to store collections of items"]
 
@@ -33,7 +34,7 @@ async def test_family_batched_greedy_equals_generate(family, tokenizer, tmp_path
             out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
         expected.append(out[0, ids.shape[1]:].tolist())
 
-    engine = TorchEngine(family, TorchEngineOptions(path=str(tmp_path), max_batch_size=4))
+    engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4))
     await engine.start()
     try:
         # no EOS in the engine either: the comparison covers all 40 positions, past the sliding windows

@@ -47,7 +47,8 @@ def finished(setup):
 
 @pytest.mark.slow
 def test_a_job_writes_a_servable_checkpoint_with_manifest_and_report(finished, setup):
-    from prunefusion.server.engines.hf_loading import digest_files, load_causal_lm, weight_files
+    from prunefusion.checkpoints import digest_files, weight_files
+    from prunefusion.server.engines.hf_loading import load_causal_lm
 
     out, manifest = finished
     _, source, _ = setup

@@ -220,7 +220,7 @@ def test_bad_input_is_rejected_naming_the_field(server, fields, code, named):
 def test_list_models(client, hf, served_dir, server, request):
     from pathlib import Path
 
-    from prunefusion.server.engines.hf_loading import digest_files
+    from prunefusion.checkpoints import digest_files
 
     models = {m.name: m for m in client.list_models()}
     assert list(models) == ["pico", "pico-one"]

@@ -10,16 +10,31 @@ import time
 import pytest
 import torch
 
-from prunefusion.server.engines.base import InvalidRequestError, QueueFullError
-from prunefusion.server.engines.transfusion_engine import TransfusionEngine, TransfusionEngineOptions
+from prunefusion.server.config import TransfusionModelConfig
+from prunefusion.server.engines.base import (
+    ImageGenerationRequest,
+    InterleavedRequest,
+    InvalidRequestError,
+    QueueFullError,
+)
+from prunefusion.server.engines.transfusion_engine import TransfusionEngine
 from prunefusion.transfusion.sampling import ImageRequest
 
 LONG = 1000  # denoising steps: a batch that certainly outlives the test's cancellations
 
 
+def config(path, max_wait_s: float = 0.01, max_queue: int = 64, **images) -> TransfusionModelConfig:
+    return TransfusionModelConfig(name="pico-tf", path=str(path), engine="transfusion", max_batch_size=8,
+                                  max_queue=max_queue, images={"max_wait_ms": max_wait_s * 1000, **images})
+
+
+def image(prompt: str, steps: int, guidance: float, seed: int, deadline: float | None = None):
+    return ImageGenerationRequest(prompt, steps, guidance, seed, deadline)
+
+
 async def started(path, **options) -> tuple[TransfusionEngine, list[int]]:
     """An engine on the pico model, and the rows of every denoising forward pass it runs (model thread)."""
-    engine = TransfusionEngine("pico-tf", TransfusionEngineOptions(str(path), max_steps=LONG, **options))
+    engine = TransfusionEngine(config(path, max_steps=LONG, **options))
     await engine.start()
     rows: list[int] = []
     predict = engine.sampler._predict
@@ -38,11 +53,10 @@ def test_cancelled_and_expired_requests_leave_a_running_batch(transfusion_dir):
     async def main():
         engine, rows = await started(transfusion_dir, max_wait_s=0.05)
         try:
-            keep = ImageRequest("a red circle", LONG, 3.0, 1)
-            kept = asyncio.create_task(engine.generate_image(keep, None))
-            gone = asyncio.create_task(engine.generate_image(ImageRequest("a blue square", LONG, 3.0, 2), None))
-            expiring = asyncio.create_task(engine.generate_image(ImageRequest("a green circle", LONG, 3.0, 3),
-                                                                 time.monotonic() + 0.5))
+            kept = asyncio.create_task(engine.generate_image(image("a red circle", LONG, 3.0, 1)))
+            gone = asyncio.create_task(engine.generate_image(image("a blue square", LONG, 3.0, 2)))
+            expiring = asyncio.create_task(engine.generate_image(image("a green circle", LONG, 3.0, 3,
+                                                                       time.monotonic() + 0.5)))
             await until(lambda: len(rows) >= 2)  # one batch of 3 guided requests: 6 rows per step
             gone.cancel()
             with pytest.raises(TimeoutError, match="deadline"):
@@ -51,8 +65,8 @@ def test_cancelled_and_expired_requests_leave_a_running_batch(transfusion_dir):
             assert result.batch_size == 3 and len(rows) == LONG
             assert rows[0] == 6 and rows[-1] == 2 and 4 in rows  # 3 requests, then 2, then 1 (x guidance rows)
             assert rows == sorted(rows, reverse=True)
-            alone = engine.sampler.generate_images([keep])[0]
-            assert abs(alone.astype(int) - result.value).max() <= 1  # leaving rows does not change the others
+            alone = engine.sampler.generate_images([ImageRequest("a red circle", LONG, 3.0, 1)])[0]
+            assert abs(alone.astype(int) - result.pixels).max() <= 1  # leaving rows does not change the others
         finally:
             await engine.shutdown()
 
@@ -63,15 +77,15 @@ def test_a_batch_nobody_waits_for_stops_and_a_full_queue_refuses(transfusion_dir
     async def main():
         engine, rows = await started(transfusion_dir, max_wait_s=0.05, max_queue=2)
         try:
-            tasks = [asyncio.create_task(engine.generate_image(ImageRequest("a red circle", LONG, 3.0, s), None))
+            tasks = [asyncio.create_task(engine.generate_image(image("a red circle", LONG, 3.0, s)))
                      for s in range(2)]
             await asyncio.sleep(0)  # both are waiting in the batch window: the queue is full
             with pytest.raises(QueueFullError):
-                await engine.generate_image(ImageRequest("a red circle", 2, 3.0, 9), None)
+                await engine.generate_image(image("a red circle", 2, 3.0, 9))
             await until(lambda: len(rows) >= 2)
             for task in tasks:
                 task.cancel()
-            quick = await engine.generate_image(ImageRequest("a blue square", 2, 3.0, 1), None)  # runs next
+            quick = await engine.generate_image(image("a blue square", 2, 3.0, 1))  # runs next
             assert quick.batch_size == 1 and len(rows) < LONG  # the abandoned batch stopped early
             with pytest.raises(InvalidRequestError, match="no words"):
                 engine.check_prompt("!!! ???")
@@ -90,8 +104,8 @@ def interleaved_image_task(engine: TransfusionEngine) -> asyncio.Task:
     model.lm_logits = lambda hidden: lm_logits(hidden) + to_image
 
     async def consume():
-        async for _ in engine.interleaved("a red circle", max_tokens=4, max_images=1, steps=LONG,
-                                          guidance_scale=3.0, seed=2**64 - 1):
+        async for _ in engine.interleaved(InterleavedRequest("a red circle", max_tokens=4, max_images=1, steps=LONG,
+                                                             guidance_scale=3.0, seed=2**64 - 1)):
             pass
 
     return asyncio.create_task(consume())
@@ -132,7 +146,7 @@ def test_a_shutdown_during_an_interleaved_image_is_unavailable_not_internal(tran
 
 
 def test_a_max_size_below_the_models_image_size_fails_at_start(transfusion_dir):
-    engine = TransfusionEngine("pico-tf", TransfusionEngineOptions(str(transfusion_dir), max_size=16))
+    engine = TransfusionEngine(config(transfusion_dir, max_size=16))
     with pytest.raises(ValueError, match="max_size 16 is below the model's image size 32"):
         asyncio.run(engine.start())
 
@@ -142,7 +156,7 @@ def test_a_request_that_expires_while_waiting_costs_no_forward_pass(transfusion_
         engine, rows = await started(transfusion_dir, max_wait_s=0.3)
         try:
             with pytest.raises(TimeoutError, match="waiting"):
-                await engine.generate_image(ImageRequest("a red circle", 4, 3.0, 1), time.monotonic() + 0.05)
+                await engine.generate_image(image("a red circle", 4, 3.0, 1, time.monotonic() + 0.05))
             assert rows == [] and engine.stats().waiting == 0
         finally:
             await engine.shutdown()

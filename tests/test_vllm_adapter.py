@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from prunefusion.server.config import VllmModelConfig
 from prunefusion.server.engines import vllm_engine
 from prunefusion.server.engines.base import FinishReason, GenerationRequest, SamplingParams, collect
-from prunefusion.server.engines.prompts import PromptEncoder
-from prunefusion.server.engines.vllm_engine import VllmEngine, VllmEngineOptions
+from prunefusion.server.engines.book import RequestBook
+from prunefusion.server.engines.vllm_engine import VllmEngine
 
 TOKEN = 100  # an ordinary token of the pico vocabulary
 
@@ -74,10 +75,12 @@ def fake_vllm(monkeypatch):
 
 
 def engine_on(llm: ScriptedLLM, pico_dir) -> VllmEngine:
-    engine = VllmEngine("fake", VllmEngineOptions(path=str(pico_dir), max_batch_size=4, max_queue=4))
+    engine = VllmEngine(VllmModelConfig(name="fake", path=str(pico_dir), engine="vllm", max_batch_size=4, max_queue=4))
     tokenizer = AutoTokenizer.from_pretrained(pico_dir)
-    engine._llm, engine._tokenizer, engine._eos = llm, tokenizer, frozenset({tokenizer.eos_token_id})
-    engine._prompts = PromptEncoder(tokenizer, context_length=256, max_token_chars=32, max_new_tokens_limit=200)
+    checkpoint = SimpleNamespace(tokenizer=tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}),
+                                 context_length=256, max_token_chars=32)
+    engine._llm = llm
+    engine.book = RequestBook("fake", checkpoint, max_running=4, max_queue=4, max_new_tokens_limit=200)
     engine._accepting = True
     return engine
 
@@ -92,19 +95,19 @@ async def test_a_stream_runs_to_its_length(fake_vllm, pico_dir):
     engine = engine_on(ScriptedLLM(), pico_dir)
     result = await collect(engine.generate(request("a", 5)))
     assert result.finish_reason is FinishReason.LENGTH and result.token_ids == (TOKEN,) * 5
-    assert not engine._by_id and engine.finished[FinishReason.LENGTH] == 1
+    assert not len(engine.book) and engine.finished[FinishReason.LENGTH] == 1
 
 
 async def test_an_abort_before_vllm_knows_the_request_still_ends_it(fake_vllm, pico_dir):
     llm = ScriptedLLM(register_after_s=0.05)
     engine = engine_on(llm, pico_dir)
     task = asyncio.create_task(collect(engine.generate(request("a"))))
-    await asyncio.sleep(0.01)  # admitted, not yet registered in vLLM: this abort is lost there
-    await engine.abort("a")
+    await asyncio.sleep(0.01)  # admitted, not yet registered in vLLM: the abort a shutdown sends is lost there
+    await engine.shutdown()
     result = await task
     assert result.finish_reason is FinishReason.CANCELLED
     assert result.usage.completion_tokens <= 1  # ended at the first output, not after 100 tokens
-    assert not engine._by_id and not llm.known
+    assert not len(engine.book) and not llm.known
     assert len(llm.abort_calls) >= 2  # the lost one, and the one sent when the stream was closed
 
 
@@ -124,4 +127,4 @@ async def test_shutdown_ends_a_stream_that_never_answers(fake_vllm, pico_dir, mo
         await engine.shutdown()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not engine._by_id and engine.finished[FinishReason.CANCELLED] == 1
+    assert not len(engine.book) and engine.finished[FinishReason.CANCELLED] == 1

@@ -11,21 +11,25 @@ import torch
 from pico import pico_family_model, save_pico
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prunefusion.server.config import ConfigError, parse_config
+from prunefusion.server.config import ConfigError, VllmModelConfig, parse_config
 from prunefusion.server.engines.base import FinishReason, GenerationRequest, SamplingParams, collect
 from prunefusion.server.engines.vllm_engine import (
     DEFAULT_CPU_KV_CACHE_BYTES,
-    VllmEngineOptions,
     engine_arguments,
     sampling_arguments,
 )
+
+
+def vllm_model(path: str, device: str = "cpu", **vllm) -> VllmModelConfig:
+    return VllmModelConfig(name="m", path=path, engine="vllm", device=device, vllm=vllm)
+
 
 PROMPTS = ["The os module", "x", "Raised when", "The with statement is used to wrap the execution of a block"]
 
 
 def test_engine_arguments_map_the_model_config():
-    options = VllmEngineOptions(path="/m", dtype="bfloat16", max_batch_size=12, enforce_eager=True, seed=3,
-                                engine_args={"block_size": 32})
+    options = VllmModelConfig(name="m", path="/m", engine="vllm", dtype="bfloat16", max_batch_size=12,
+                              vllm={"enforce_eager": True, "seed": 3, "engine_args": {"block_size": 32}})
     args = engine_arguments(options, context_length=512, environ={})
     assert args == {"model": "/m", "tokenizer": "/m", "dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 12,
                     "seed": 3, "trust_remote_code": False, "tensor_parallel_size": 1, "enforce_eager": True,
@@ -33,10 +37,10 @@ def test_engine_arguments_map_the_model_config():
 
 
 def test_cpu_kv_cache_default_yields_to_the_environment_and_gpu_leaves_it_to_vllm():
-    assert "kv_cache_memory_bytes" not in engine_arguments(VllmEngineOptions(path="/m"), 256,
+    assert "kv_cache_memory_bytes" not in engine_arguments(vllm_model("/m"), 256,
                                                            environ={"VLLM_CPU_KVCACHE_SPACE": "4"})
-    gpu = engine_arguments(VllmEngineOptions(path="/m", device="cuda", gpu_memory_utilization=0.8,
-                                             tensor_parallel_size=2), 256, environ={})
+    gpu = engine_arguments(vllm_model("/m", device="cuda", gpu_memory_utilization=0.8, tensor_parallel_size=2), 256,
+                           environ={})
     assert "kv_cache_memory_bytes" not in gpu
     assert gpu["gpu_memory_utilization"] == 0.8 and gpu["tensor_parallel_size"] == 2
 
@@ -66,7 +70,7 @@ async def test_a_device_the_installed_vllm_does_not_run_on_is_refused_at_start(p
 
     other = "cuda" if current_platform.device_type == "cpu" else "cpu"
     with pytest.raises(ValueError, match=f"asks for device '{other}'"):
-        await VllmEngine("m", VllmEngineOptions(path=str(pico_vllm_dir), device=other)).start()
+        await VllmEngine(vllm_model(str(pico_vllm_dir), device=other)).start()
 
 
 @pytest.mark.vllm
@@ -79,7 +83,9 @@ def test_a_torch_only_server_never_imports_vllm(pico_dir, tmp_path):
             "from prunefusion.server.config import load_config\n"
             f"server = PrunefusionServer(load_config({str(config)!r}))\n"
             "async def main():\n"
-            "    await server.registry.start()\n"
+            "    from prunefusion.server.cache.service import ResponseCache\n"
+            "    for model in server.config.models:\n"
+            "        await server.registry.load(model, ResponseCache(None))\n"
             "    await server.registry.shutdown()\n"
             "asyncio.run(main())\n"
             "assert 'vllm' not in sys.modules, 'vllm was imported'\n")
@@ -122,7 +128,7 @@ async def test_pruned_checkpoints_give_transformers_greedy_tokens_in_vllm(family
 
     tokenizer = AutoTokenizer.from_pretrained(pico_dir)
     path = pruned_checkpoint(family, tokenizer, tmp_path, **VLLM_FAMILIES[family])
-    engine = VllmEngine(family, VllmEngineOptions(path=str(path), **VLLM_TEST_OPTIONS))
+    engine = VllmEngine(VllmModelConfig(name=family, path=str(path), engine="vllm", vllm=VLLM_TEST_OPTIONS))
     await engine.start()
     try:
         assert engine.info.num_layers == 4

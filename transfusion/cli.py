@@ -37,7 +37,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from prunefusion.server.engines.images import encode_png
+    from prunefusion.images import encode_png
     from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
 
     sampler = TransfusionSampler.load(args.model, device=args.device)

@@ -163,7 +163,7 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(tmp)
     plot_loss(losses, eval_points, tmp / "loss_curve.png", f"{recipe.name} LM on the stdlib corpus")
-    from prunefusion.server.engines.hf_loading import digest_files
+    from prunefusion.checkpoints import digest_files
 
     manifest = {
         "kind": "prunefusion.lm",

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockNotOwnedError, RedisError
 
 from prunefusion.server.metrics import CACHE_ERRORS, CACHE_LOOKUP_LATENCY
 
@@ -31,9 +32,6 @@ class _Unavailable:
 
 
 UNAVAILABLE = _Unavailable()
-
-# Delete the lock only if it is still ours (another process may hold it after our TTL expired).
-_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
 class RedisBackend:
@@ -78,12 +76,22 @@ class RedisBackend:
     async def set(self, key: str, value: bytes, ttl_ms: int) -> bool:
         return bool(await self._op("set", lambda: self._client.set(key, value, px=ttl_ms)))
 
-    async def acquire_lock(self, key: str, token: str, ttl_ms: int) -> bool | _Unavailable:
-        result = await self._op("lock", lambda: self._client.set(key, token, nx=True, px=ttl_ms))
-        return result if result is UNAVAILABLE else bool(result)
+    async def try_lock(self, key: str, ttl_s: float) -> Lock | None | _Unavailable:
+        """redis-py's own lock (SET NX PX with a random token; released by a compare-and-delete script), taken
+        without blocking: the lock when we hold it now, None when another process does. The caller polls, because
+        it also watches for the other process's entry while it waits."""
+        lock = self._client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
+        acquired = await self._op("lock", lock.acquire)
+        return acquired if acquired is UNAVAILABLE else (lock if acquired else None)
 
-    async def release_lock(self, key: str, token: str) -> None:
-        await self._op("unlock", lambda: self._client.eval(_RELEASE_LOCK, 1, key, token))
+    async def release_lock(self, lock: Lock) -> None:
+        async def release() -> None:
+            try:
+                await lock.release()
+            except LockNotOwnedError:  # our TTL ran out while the model ran: the lock is not ours to delete
+                log.info("cache: lock %s expired before its release", lock.name)
+
+        await self._op("unlock", release)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -1,10 +1,15 @@
-"""The response cache in front of the engines: policy, single-flight, stream replay.
+"""The response cache as an engine wrapper: `CachedEngine(engine, cache)` has the text engine interface itself, so
+every front end gets caching, single-flight and replay by asking the registry for a model.
 
-- Only deterministic requests are cached (greedy, or sampled with a seed; keys.py).
+- Only deterministic requests are cached (greedy, or sampled with a seed; keys.py); others go straight to the
+  engine (the wrapper returns the engine's own stream: no extra hop).
 - Single-flight: identical concurrent requests in one process share one model run (one future per key); across
-  processes a Redis lock (`SET NX PX`) elects one runner while the others poll for its entry.
-- An entry stores the stream's chunks, so a hit replays as the same stream, every chunk marked cached.
+  processes a Redis lock (redis-py's `Lock`) elects one runner while the others poll for its entry.
+- An entry stores the stream's chunks, so a hit replays as the same stream, every chunk marked `cached`; a unary
+  caller (`request.stream` False) gets it as one chunk.
 - Fail-open: with Redis down or slow, requests run uncached (backend.py); nothing here raises because of Redis.
+- Requests are not validated here: the engine does that, once. An invalid request cannot hit (only requests that
+  ran are stored) and the engine refuses it before any model work.
 """
 
 from __future__ import annotations
@@ -15,21 +20,21 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from prunefusion.server.cache.backend import UNAVAILABLE, RedisBackend
 from prunefusion.server.cache.keys import cache_key, is_deterministic
 from prunefusion.server.engines.base import (
+    CachePolicy,
     Engine,
+    EngineStats,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
     Timings,
     Usage,
 )
-from prunefusion.server.engines.validation import check_request
 from prunefusion.server.metrics import CACHE_ERRORS, CACHE_LOOKUPS, CACHE_SKIPPED, CACHE_STORES
 
 log = logging.getLogger(__name__)
@@ -37,12 +42,6 @@ log = logging.getLogger(__name__)
 CACHEABLE_FINISHES = {FinishReason.LENGTH, FinishReason.STOP, FinishReason.EOS}
 POLL_SECONDS = 0.005
 MAX_POLL_SECONDS = 0.05
-
-
-class CachePolicy:
-    DEFAULT = "default"
-    BYPASS = "bypass"
-    REFRESH = "refresh"
 
 
 @dataclass(frozen=True)
@@ -79,24 +78,25 @@ class CachedResult:
         return cls(tuple((c.text, c.token_ids) for c in chunks), last.finish_reason, last.usage)
 
     def replay(self, request_id: str, started: float, whole: bool = False) -> list[GenerationChunk]:
-        """The stored stream, chunk for chunk; `whole`: one final chunk holding it all (for unary calls)."""
+        """The stored stream, chunk for chunk, marked cached; `whole`: one final chunk holding it all."""
         elapsed = time.monotonic() - started
         timings = Timings(queue_seconds=0.0, time_to_first_token_seconds=elapsed, total_seconds=elapsed)
         if whole:
             text, ids = "".join(t for t, _ in self.chunks), tuple(i for _, c in self.chunks for i in c)
-            return [GenerationChunk(request_id, text, ids, self.finish_reason, self.usage, timings)]
+            return [GenerationChunk(request_id, text, ids, self.finish_reason, self.usage, timings, cached=True)]
         *body, (last_text, last_ids) = self.chunks
-        return [GenerationChunk(request_id, text, ids) for text, ids in body] + [
-            GenerationChunk(request_id, last_text, last_ids, self.finish_reason, self.usage, timings)]
+        return [GenerationChunk(request_id, text, ids, cached=True) for text, ids in body] + [
+            GenerationChunk(request_id, last_text, last_ids, self.finish_reason, self.usage, timings, cached=True)]
 
 
 class ResponseCache:
-    """`generate` yields (chunk, cached) pairs. With no backend (cache disabled) it passes requests straight on."""
+    """The store every CachedEngine of a server shares: Redis entries, the cross-process lock, and the in-process
+    single-flight table. With no backend (cache disabled) nothing is cached."""
 
     def __init__(self, backend: RedisBackend | None, settings: CacheSettings = CacheSettings()):
         self.backend = backend
         self.settings = settings
-        self._inflight: dict[str, asyncio.Future[CachedResult | None]] = {}
+        self.inflight: dict[str, asyncio.Future[CachedResult | None]] = {}
         self._background: set[asyncio.Task] = set()  # lock releases in flight (asyncio keeps only weak references)
 
     async def close(self) -> None:
@@ -105,102 +105,42 @@ class ResponseCache:
         if self.backend is not None:
             await self.backend.close()
 
-    def _ttl_ms(self) -> int:
-        return int(self.settings.ttl_seconds * (1 + random.uniform(0, self.settings.ttl_jitter)) * 1000)
-
-    async def generate(self, engine: Engine, request: GenerationRequest, policy: str = CachePolicy.DEFAULT,
-                       whole: bool = False) -> AsyncIterator[tuple[GenerationChunk, bool]]:
-        """`whole`: the caller only wants the result (unary), so a hit is replayed as one chunk."""
-        deterministic = is_deterministic(request.params)
-        if self.backend is None or policy == CachePolicy.BYPASS or not deterministic:
-            CACHE_LOOKUPS.labels("bypass" if deterministic else "uncacheable").inc()
-            async for chunk in _run(engine, request):
-                yield chunk, False
-            return
-        # bad parameters are rejected before any cache work; the prompt's token count needs no check here: an
-        # entry exists only for a request that ran, and a miss goes through the engine's full validation
-        check_request(request, engine.info.max_new_tokens_limit)
-        key = f"{self.settings.namespace}:gen:{cache_key('generate', engine.info, request.prompt, request.params)}"
-        started = time.monotonic()
-        if policy == CachePolicy.DEFAULT:
-            found = await self._lookup(key)
-            if found is None and key in self._inflight:  # an identical request is running in this process
-                found = await asyncio.shield(self._inflight[key])
-                if found is not None:
-                    CACHE_LOOKUPS.labels("shared").inc()
-            if found is not None:
-                for chunk in found.replay(request.request_id, started, whole):
-                    yield chunk, True
-                return
-        leader = self._run_as_leader(engine, request, key, policy, started, whole)
-        async with contextlib.aclosing(leader) as items:
-            async for item in items:
-                yield item
-
-    async def _lookup(self, key: str) -> CachedResult | None:
+    async def lookup(self, key: str) -> CachedResult | None:
         blob = await self.backend.get(key)
         found = _decode(blob) if blob else None
         CACHE_LOOKUPS.labels("hit" if found else "unavailable" if blob is UNAVAILABLE else "miss").inc()
         return found
 
-    async def _run_as_leader(self, engine: Engine, request: GenerationRequest, key: str, policy: str,
-                             started: float, whole: bool) -> AsyncIterator[tuple[GenerationChunk, bool]]:
-        future: asyncio.Future[CachedResult | None] = asyncio.get_running_loop().create_future()
-        self._inflight.setdefault(key, future)
-        lock_key, token = f"{key}:lock", uuid.uuid4().hex
-        holds_lock = False
-        try:
-            if policy == CachePolicy.DEFAULT:
-                holds_lock, found = await self._elect(key, lock_key, token)
-                if found is not None:  # another process ran it
-                    future.set_result(found)
-                    CACHE_LOOKUPS.labels("shared").inc()
-                    for chunk in found.replay(request.request_id, started, whole):
-                        yield chunk, True
-                    return
-            chunks: list[GenerationChunk] = []
-            async for chunk in _run(engine, request):
-                chunks.append(chunk)
-                if chunk.finished:  # store before the last chunk goes out: consumers stop reading after it
-                    result = CachedResult.from_chunks(chunks)
-                    future.set_result(result)
-                    await self._store(key, result)
-                yield chunk, False
-        finally:
-            if not future.done():  # the runner failed or was cancelled: waiters run the model themselves
-                future.set_result(None)
-            if self._inflight.get(key) is future:
-                del self._inflight[key]
-            if holds_lock:  # released in the background: a cancelled handler must not wait on Redis
-                task = asyncio.ensure_future(self.backend.release_lock(lock_key, token))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    async def _elect(self, key: str, lock_key: str, token: str) -> tuple[bool, CachedResult | None]:
-        """Across processes: (True, None) if we hold the lock and run; (False, result) if another process's run
-        produced the entry; (False, None) if Redis is unavailable or the other runner timed out: run uncoordinated."""
-        lock_ms = int(self.settings.lock_ttl_seconds * 1000)
+    async def elect(self, key: str):
+        """Across processes: (lock, None) if we hold the lock and run; (None, result) if another process's run
+        produced the entry; (None, None) if Redis is unavailable or the other runner timed out: run uncoordinated."""
         poll = POLL_SECONDS
         deadline = time.monotonic() + self.settings.lock_ttl_seconds
         while time.monotonic() < deadline:
-            acquired = await self.backend.acquire_lock(lock_key, token, lock_ms)
-            if acquired is UNAVAILABLE:
-                return False, None
-            if acquired:
+            lock = await self.backend.try_lock(f"{key}:lock", self.settings.lock_ttl_seconds)
+            if lock is UNAVAILABLE:
+                return None, None
+            if lock is not None:
                 blob = await self.backend.get(key)  # the previous holder may have stored it just before releasing
-                return True, (_decode(blob) if blob else None)
+                return lock, (_decode(blob) if blob else None)
             blob = await self.backend.get(key)
             if blob is UNAVAILABLE:
-                return False, None
+                return None, None
             if blob is not None and (found := _decode(blob)) is not None:
-                return False, found
+                return None, found
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, MAX_POLL_SECONDS)  # the runner may take seconds: do not hammer Redis
         log.warning("cache: waited %.0f s for another process to fill %s; running it here",
                     self.settings.lock_ttl_seconds, key)
-        return False, None
+        return None, None
 
-    async def _store(self, key: str, result: CachedResult | None) -> None:
+    def release_soon(self, lock) -> None:
+        """Release in the background: a cancelled handler must not wait on Redis."""
+        task = asyncio.ensure_future(self.backend.release_lock(lock))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def store(self, key: str, result: CachedResult | None) -> None:
         if result is None:
             CACHE_SKIPPED.labels("not_finished").inc()
             return
@@ -208,8 +148,81 @@ class ResponseCache:
         if len(blob) > self.settings.max_entry_bytes:
             CACHE_SKIPPED.labels("too_large").inc()
             return
-        if await self.backend.set(key, blob, self._ttl_ms()):
+        ttl_ms = int(self.settings.ttl_seconds * (1 + random.uniform(0, self.settings.ttl_jitter)) * 1000)
+        if await self.backend.set(key, blob, ttl_ms):
             CACHE_STORES.inc()
+
+
+class CachedEngine(Engine):
+    """A text engine behind the response cache. Lifecycle and stats are the wrapped engine's (`engine`)."""
+
+    def __init__(self, engine: Engine, cache: ResponseCache):
+        self.engine = engine
+        self.cache = cache
+        self.name = engine.name
+
+    @property
+    def info(self):
+        return self.engine.info
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        deterministic = is_deterministic(request.params)
+        if self.cache.backend is None or request.cache is CachePolicy.BYPASS or not deterministic:
+            CACHE_LOOKUPS.labels("bypass" if deterministic else "uncacheable").inc()
+            return self.engine.generate(request)
+        return self._through_cache(request)
+
+    async def _through_cache(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        cache, whole = self.cache, not request.stream
+        key = f"{cache.settings.namespace}:gen:{cache_key('generate', self.info, request.prompt, request.params)}"
+        started = time.monotonic()
+        if request.cache is CachePolicy.DEFAULT:
+            found = await cache.lookup(key)
+            if found is None and key in cache.inflight:  # an identical request is running in this process
+                found = await asyncio.shield(cache.inflight[key])
+                if found is not None:
+                    CACHE_LOOKUPS.labels("shared").inc()
+            if found is not None:
+                for chunk in found.replay(request.request_id, started, whole):
+                    yield chunk
+                return
+        future: asyncio.Future[CachedResult | None] = asyncio.get_running_loop().create_future()
+        cache.inflight.setdefault(key, future)
+        lock = None
+        try:
+            if request.cache is CachePolicy.DEFAULT:
+                lock, found = await cache.elect(key)
+                if found is not None:  # another process ran it
+                    future.set_result(found)
+                    CACHE_LOOKUPS.labels("shared").inc()
+                    for chunk in found.replay(request.request_id, started, whole):
+                        yield chunk
+                    return
+            chunks: list[GenerationChunk] = []
+            async with contextlib.aclosing(self.engine.generate(request)) as stream:
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    if chunk.finished:  # store before the last chunk goes out: consumers stop reading after it
+                        result = CachedResult.from_chunks(chunks)
+                        future.set_result(result)
+                        await cache.store(key, result)
+                    yield chunk
+        finally:
+            if not future.done():  # the runner failed or was cancelled: waiters run the model themselves
+                future.set_result(None)
+            if cache.inflight.get(key) is future:
+                del cache.inflight[key]
+            if lock is not None:
+                cache.release_soon(lock)
 
 
 def _decode(blob: bytes) -> CachedResult | None:
@@ -220,9 +233,3 @@ def _decode(blob: bytes) -> CachedResult | None:
         CACHE_ERRORS.labels("decode").inc()
         log.warning("cache: unreadable entry ignored (%s: %s)", type(err).__name__, err)
         return None
-
-
-async def _run(engine: Engine, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-    async with contextlib.aclosing(engine.generate(request)) as stream:
-        async for chunk in stream:
-            yield chunk

@@ -1,7 +1,9 @@
-"""The one small async interface every engine implements, and the plain dataclasses it speaks.
+"""The small async interfaces engines implement, and the plain dataclasses they speak.
 
-Protobuf never reaches this module: servicers translate requests into `GenerationRequest` and engine outputs
-(`GenerationChunk`) back into messages.
+Two contracts: `Engine` (text: submit a `GenerationRequest`, stream `GenerationChunk`s) and `ImageEngine` (images,
+captions and interleaved text+image parts). Both share `ServingEngine`'s lifecycle (start, shutdown, stats) and
+say which service they belong to (`task`), so the registry needs no table of engine kinds beside the config's.
+Protobuf and JSON never reach this module: front ends translate requests into these dataclasses and back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ import enum
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from prunefusion.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["InvalidRequestError"]  # defined below every layer (prunefusion/errors.py), re-exported here
 
 
 class FinishReason(enum.Enum):
@@ -21,12 +31,12 @@ class FinishReason(enum.Enum):
     DEADLINE = "deadline"
 
 
-class InvalidRequestError(ValueError):
-    """Bad input. `field` names the request field at fault (mapped to INVALID_ARGUMENT)."""
+class CachePolicy(enum.Enum):
+    """What the response cache (server/cache/service.py) may do with a deterministic request."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    DEFAULT = "default"  # replay a stored result, else run and store it
+    BYPASS = "bypass"  # neither read nor write the cache
+    REFRESH = "refresh"  # run the model and overwrite the entry
 
 
 class QueueFullError(RuntimeError):
@@ -69,6 +79,9 @@ class GenerationRequest:
     # time.monotonic() of arrival and of the deadline (None: no deadline).
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    cache: CachePolicy = CachePolicy.DEFAULT  # read by the cache wrapper; engines ignore it
+    # False: the caller folds the stream into one result (unary), so a cached hit may be replayed as one chunk
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    cached: bool = False  # replayed from the response cache, not produced by the model now
 
     @property
     def finished(self) -> bool:
@@ -110,6 +124,7 @@ class GenerationResult:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    cached: bool = False
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
@@ -122,7 +137,7 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
         if chunk.finished:
             assert chunk.usage is not None and chunk.timings is not None and chunk.finish_reason is not None
             return GenerationResult(chunk.request_id, "".join(texts), tuple(ids), chunk.finish_reason,
-                                    chunk.usage, chunk.timings)
+                                    chunk.usage, chunk.timings, chunk.cached)
     raise RuntimeError("engine stream ended without a final chunk")
 
 
@@ -151,10 +166,12 @@ class EngineStats:
     healthy: bool
 
 
-class Engine(abc.ABC):
-    """Submit a request, stream its chunks, abort it, ask for health. One instance serves one model."""
+class ServingEngine(abc.ABC):
+    """The lifecycle every engine shares. One instance serves one model; `task` names the service it answers."""
 
-    info: ModelInfo
+    task: ClassVar[str]  # "text" (TextGeneration) or "multimodal" (Multimodal)
+    name: str
+    info: ModelInfo | None  # set by start()
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -162,17 +179,110 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None:
-        """Stop accepting requests, cancel what is left, release resources."""
-
-    @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Submit and stream. Raises QueueFullError / EngineUnavailableError / InvalidRequestError at the first
-        iteration. Closing the iterator early (or cancelling its consumer) aborts the request."""
-
-    @abc.abstractmethod
-    async def abort(self, request_id: str) -> None:
-        """Abort a queued or running request; its slot is free before the next decode step."""
+        """Stop accepting requests, end what is left, release resources."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current load and health."""
+
+
+class Engine(ServingEngine):
+    """A text engine: submit a request and stream its chunks."""
+
+    task = "text"
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Submit and stream. Raises QueueFullError / EngineUnavailableError / InvalidRequestError at the first
+        iteration. Closing the iterator early (or cancelling its consumer) aborts the request: its slot is free
+        before the next decode step."""
+
+
+# ---- images -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image model accepts, fixed when it starts (front ends validate requests and list models with it)."""
+
+    image_size: int  # native square size of generated images and of caption inputs
+    max_size: int  # largest output size and largest accepted input image
+    max_steps: int
+    default_steps: int
+    default_guidance_scale: float
+    max_caption_tokens: int
+    max_batch_size: int
+    max_wait_seconds: float
+
+
+@dataclass(frozen=True)
+class ImageGenerationRequest:
+    prompt: str  # checked by ImageEngine.check_prompt
+    steps: int
+    guidance_scale: float
+    seed: int
+    deadline: float | None = None  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    image: np.ndarray  # uint8 [image_size, image_size, 3] (prunefusion.images.decode_image)
+    max_tokens: int
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class InterleavedRequest:
+    prompt: str
+    max_tokens: int
+    max_images: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    pixels: np.ndarray  # uint8 [H, W, 3]
+    queue_seconds: float
+    batch_size: int  # requests that shared the sampler call
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    text: str
+    queue_seconds: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    pixels: np.ndarray  # uint8 [H, W, 3]
+
+
+class ImageEngine(ServingEngine):
+    """A text+image engine: images from prompts, captions of images, interleaved text and images."""
+
+    task = "multimodal"
+    limits: ImageLimits  # set by start()
+
+    @abc.abstractmethod
+    def check_prompt(self, prompt: str, field_name: str = "prompt") -> None:
+        """Raise InvalidRequestError(field_name, ...) when the model cannot take this prompt."""
+
+    @abc.abstractmethod
+    async def generate_image(self, request: ImageGenerationRequest) -> ImageResult:
+        """Raises TimeoutError when the deadline passes first, QueueFullError / EngineUnavailableError on overload or
+        shutdown. Cancelling the await stops the request's work at the next step."""
+
+    @abc.abstractmethod
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        """The caption, at most `max_tokens` words; errors as for generate_image."""
+
+    @abc.abstractmethod
+    def interleaved(self, request: InterleavedRequest) -> AsyncIterator[TextPart | ImagePart]:
+        """Text and images as the model emits them; closing the iterator stops the model's work at its next step."""

@@ -1,39 +1,14 @@
-"""Load a Hugging Face causal-LM directory safely and describe it."""
+"""Load a Hugging Face causal-LM directory safely and describe it (what every text engine knows of its model)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt")
-
-
-def digest_files(paths: list[Path]) -> str:
-    """sha256 over (file name, length, bytes) of each file in name order; '' when there are none."""
-    if not paths:
-        return ""
-    h = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: p.name):
-        h.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors weight files; refuses directories that only hold pickled weights."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = f" (found pickled weights {pickled}; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights{hint}")
-    return files
+from prunefusion.checkpoints import CONFIG_FILES, TOKENIZER_FILES, digest_files, load_tokenizer, present, weight_files
+from prunefusion.server.engines.base import ModelInfo
 
 
 @dataclass
@@ -50,6 +25,15 @@ class Checkpoint:
     weights_digest: str
     tokenizer_digest: str
     config_digest: str
+
+    def model_info(self, cfg, *, engine: str, device: str) -> ModelInfo:
+        """The ModelInfo of `cfg` (a TextModelConfig) served from this checkpoint by `engine` on `device`."""
+        return ModelInfo(
+            name=cfg.name, family=self.family, num_layers=self.num_layers, num_parameters=self.num_parameters,
+            weights_digest=self.weights_digest, tokenizer_digest=self.tokenizer_digest,
+            config_digest=self.config_digest, device=device, dtype=cfg.dtype, engine=engine,
+            context_length=self.context_length, max_new_tokens_limit=cfg.max_new_tokens_limit,
+            default_max_new_tokens=cfg.default_max_new_tokens, path=str(cfg.resolved_path))
 
 
 @dataclass
@@ -76,14 +60,14 @@ def describe_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = Fals
                         context_length: int | None = None) -> Checkpoint:
     """Read config, generation config, tokenizer and weight headers of a local directory; never touches the
     network and loads no weights."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     weights = weight_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     text_config = config.get_text_config()
     eos = _as_set(getattr(text_config, "eos_token_id", None)) | _as_set(tokenizer.eos_token_id)
     if (model_dir / "generation_config.json").is_file():
@@ -97,8 +81,8 @@ def describe_checkpoint(model_dir: str | Path, *, trust_remote_code: bool = Fals
         context_length=int(context), eos_token_ids=frozenset(eos),
         max_token_chars=max(map(len, tokenizer.get_vocab()), default=1),
         weights_digest=digest_files(weights),
-        tokenizer_digest=digest_files([model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]),
-        config_digest=digest_files([model_dir / n for n in CONFIG_FILES if (model_dir / n).is_file()]),
+        tokenizer_digest=digest_files(present(model_dir, TOKENIZER_FILES)),
+        config_digest=digest_files(present(model_dir, CONFIG_FILES)),
     )
 
 

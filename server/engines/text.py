@@ -1,14 +1,19 @@
-"""Incremental detokenization with stop sequences.
+"""Incremental detokenization with stop sequences, and the one rule for when a text request ends.
 
 Deltas are decoded the way vLLM and TGI do it: decode a small window that starts a few tokens back (so tokenizers
 that drop a leading space on a lone token still give the right text) and emit only what is new once it no longer
 ends in an incomplete UTF-8 character. Text that could be the start of a stop sequence is held back until it is
 known not to be one, so a stop sequence is never streamed and the concatenation of deltas is the final text.
+
+`IncrementalText.accept(token)` is what every text engine calls per sampled token: EOS, then a stop sequence, then
+the length limit end the request, in that order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from prunefusion.server.engines.base import FinishReason
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens kept as left context for the first decode window
 
@@ -33,9 +38,13 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> int:
 class IncrementalText:
     """Turns a growing list of token ids into text deltas, watching for stop sequences."""
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], stops: Sequence[str]):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stops: Sequence[str], *,
+                 eos_token_ids: Collection[int] = frozenset(), max_new_tokens: int | None = None):
         self._tokenizer = tokenizer
         self._stops = tuple(stops)
+        self._eos = eos_token_ids
+        self._max_new_tokens = max_new_tokens
+        self.generated = 0  # tokens accepted
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -45,6 +54,19 @@ class IncrementalText:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def accept(self, token_id: int) -> tuple[str, FinishReason | None]:
+        """Take one sampled token: the text to emit now and why the request ends here (None: it goes on). An EOS
+        token adds no text and flushes what was pending."""
+        self.generated += 1
+        if token_id in self._eos:
+            return self.finish(), FinishReason.EOS
+        delta = self.add(token_id)
+        if self.stopped:
+            return delta, FinishReason.STOP
+        if self._max_new_tokens is not None and self.generated >= self._max_new_tokens:
+            return delta + self.finish(), FinishReason.LENGTH
+        return delta, None
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text that may be emitted now (possibly empty)."""

@@ -3,7 +3,8 @@
 One asyncio task schedules; one worker thread runs the model. Between decode steps, finished, cancelled and
 expired rows leave the batch and queued requests join it (each prefilled alone, then merged into the left-padded
 batch KV cache, see kv_batch.py). The batch (`_active`, `_kv`) is touched only inside `_step` (worker thread) or
-while no step is running; the admission queue only on the event loop; the finish counters under a small lock.
+while no step is running; the admission queue only on the event loop. Admission, the EOS / stop / length rule,
+finish counters, timings and metrics are the request book's (book.py), shared with the vLLM engine.
 
 Determinism: greedy requests, and sampled requests with a seed, draw nothing from shared state: every request owns
 its `torch.Generator` and draws one number per step. What batch partners can change is the padding width of the
@@ -19,7 +20,6 @@ import collections
 import contextlib
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,104 +28,64 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from prunefusion.server.engines.base import (
-    Engine,
-    EngineStats,
-    EngineUnavailableError,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    InvalidRequestError,
-    ModelInfo,
-    QueueFullError,
-    Timings,
-    Usage,
-)
+from prunefusion.server.config import TorchModelConfig
+from prunefusion.server.engines.base import Engine, EngineStats, FinishReason, GenerationChunk, GenerationRequest
+from prunefusion.server.engines.book import RequestBook, TextRequest
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
-from prunefusion.server.engines.prompts import PromptEncoder
 from prunefusion.server.engines.sampling import select_tokens
-from prunefusion.server.engines.text import IncrementalText
-from prunefusion.server.metrics import BATCH_SIZE, FINISHED, MODEL_RUNS, REQUESTS_RUNNING, REQUESTS_WAITING
+from prunefusion.server.metrics import BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TorchEngineOptions:
-    path: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batch_size: int = 16
-    max_queue: int = 64
-    max_new_tokens_limit: int = 512
-    default_max_new_tokens: int = 64
-    trust_remote_code: bool = False
-    context_length: int | None = None
-
-
 @dataclass(eq=False)
-class _Sequence:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    generator: torch.Generator
-    text: IncrementalText
+class _Sequence(TextRequest):
+    generator: torch.Generator = field(default_factory=torch.Generator)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerationChunk | BaseException
-    output_ids: list[int] = field(default_factory=list)
-    started: float | None = None  # prefill began
-    first_token_at: float | None = None
     cancel_requested: bool = False  # set from the event loop; honoured at the next step
-    done: bool = False
-
-    def expired(self, now: float) -> bool:
-        return self.request.deadline is not None and now >= self.request.deadline
 
 
 class TorchEngine(Engine):
     kind = "torch"
 
-    def __init__(self, name: str, options: TorchEngineOptions):
-        self.name = name
-        self.options = options
-        self.info: ModelInfo | None = None
+    def __init__(self, cfg: TorchModelConfig):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.info = None
+        self.book: RequestBook | None = None
         self._loaded: LoadedModel | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{cfg.name}")
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._by_id: dict[str, _Sequence] = {}
         self._kv = BatchedKV()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._accepting = False
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # most rows decoded together in one step
-        self.finished: collections.Counter[FinishReason] = collections.Counter()
-        self._stats_lock = threading.Lock()
-        self._prompts: PromptEncoder | None = None
+
+    @property
+    def finished(self) -> collections.Counter[FinishReason]:
+        return self.book.finished
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        o = self.options
+        c = self.cfg
         self._loaded = await loop.run_in_executor(self._executor, lambda: load_causal_lm(
-            o.path, device=o.device, dtype=o.dtype, trust_remote_code=o.trust_remote_code,
-            context_length=o.context_length))
-        m = self._loaded
-        self._prompts = PromptEncoder(m.tokenizer, context_length=m.context_length, max_token_chars=m.max_token_chars,
-                                      max_new_tokens_limit=o.max_new_tokens_limit)
-        self.info = ModelInfo(
-            name=self.name, family=m.family, num_layers=m.num_layers, num_parameters=m.num_parameters,
-            weights_digest=m.weights_digest, tokenizer_digest=m.tokenizer_digest, config_digest=m.config_digest,
-            device=torch.device(o.device).type, dtype=o.dtype, engine=self.kind,
-            context_length=m.context_length, max_new_tokens_limit=o.max_new_tokens_limit,
-            default_max_new_tokens=o.default_max_new_tokens, path=str(o.path))
+            c.resolved_path, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
+            context_length=c.context_length))
+        self.book = RequestBook(self.name, self._loaded, max_running=c.max_batch_size, max_queue=c.max_queue,
+                                max_new_tokens_limit=c.max_new_tokens_limit)
+        self.info = self._loaded.model_info(c, engine=self.kind, device=torch.device(c.device).type)
         await loop.run_in_executor(self._executor, self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
 
     async def shutdown(self) -> None:
         self._accepting = False
-        for seq in list(self._by_id.values()):
+        for seq in self.book.in_flight() if self.book else []:
             seq.cancel_requested = True
         self._wake.set()
         if self._loop_task is not None:
@@ -137,30 +97,12 @@ class TorchEngine(Engine):
         return EngineStats(running=len(self._active), waiting=len(self._waiting), healthy=healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------
-    async def _admit(self, request: GenerationRequest) -> _Sequence:
-        if not self.stats().healthy:
-            raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        prompt_ids = await self._prompts.encode(request)
-        if not self.stats().healthy:  # it may have stopped while a long prompt was tokenized
-            raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        if request.request_id in self._by_id:
-            raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-        free_slots = self.options.max_batch_size - len(self._active)  # a burst may fill free slots first
-        if len(self._waiting) >= self.options.max_queue + max(free_slots, 0):
-            raise QueueFullError(f"model {self.name!r}: admission queue full ({self.options.max_queue} waiting)",
-                                 retry_after_s=1.0)
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-        seq = _Sequence(request=request, prompt_ids=prompt_ids,
-                        generator=torch.Generator().manual_seed(seed),
-                        text=IncrementalText(self._loaded.tokenizer, prompt_ids, request.params.stop))
-        self._by_id[request.request_id] = seq
-        self._waiting.append(seq)
-        MODEL_RUNS.labels(self.name).inc()
-        self._wake.set()
-        return seq
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        seq = await self._admit(request)
+        prompt_ids = await self.book.encode(request, lambda: self.stats().healthy)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        seq = self.book.admit(_Sequence, request, prompt_ids, generator=torch.Generator().manual_seed(seed))
+        self._waiting.append(seq)
+        self._wake.set()
         try:
             while True:
                 item = await seq.outbox.get()
@@ -173,15 +115,10 @@ class TorchEngine(Engine):
             if not seq.done:
                 self._cancel(seq)
 
-    async def abort(self, request_id: str) -> None:
-        seq = self._by_id.get(request_id)
-        if seq is not None:
-            self._cancel(seq)
-
     def _cancel(self, seq: _Sequence) -> None:
         if seq in self._waiting:  # never started: answer at once, no step needed
             self._waiting.remove(seq)
-            seq.outbox.put_nowait(self._finish(seq, FinishReason.CANCELLED))
+            seq.outbox.put_nowait(self.book.finish(seq, FinishReason.CANCELLED))
         else:
             seq.cancel_requested = True
             self._wake.set()
@@ -195,50 +132,18 @@ class TorchEngine(Engine):
                 await self._wake.wait()
                 continue
             newcomers = []
-            while self._waiting and len(self._active) + len(newcomers) < self.options.max_batch_size:
+            while self._waiting and len(self._active) + len(newcomers) < self.cfg.max_batch_size:
                 newcomers.append(self._waiting.popleft())
             outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
             for seq, item in outputs:
                 seq.outbox.put_nowait(item)
-            REQUESTS_RUNNING.labels(self.name).set(len(self._active))
-            REQUESTS_WAITING.labels(self.name).set(len(self._waiting))
+            self.book.publish(self.stats())
 
     # ---- model side (worker thread) ----------------------------------------------------------------------------
-    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
-                ) -> GenerationChunk:
-        now = time.monotonic()
-        seq.done = True
-        self._by_id.pop(seq.request.request_id, None)
-        with self._stats_lock:  # _finish runs on the worker thread and (for queued requests) on the event loop
-            self.finished[reason] += 1
-        FINISHED.labels(self.name, reason.value).inc()
-        arrival = seq.request.arrival
-        started = seq.started if seq.started is not None else now
-        timings = Timings(queue_seconds=started - arrival,
-                          time_to_first_token_seconds=(seq.first_token_at or now) - arrival,
-                          total_seconds=now - arrival)
-        return GenerationChunk(seq.request.request_id, text, token_ids, reason,
-                               Usage(len(seq.prompt_ids), len(seq.output_ids)), timings)
-
-    def _accept(self, seq: _Sequence, token: int) -> GenerationChunk:
-        """Record a sampled token and build its chunk (final when the sequence ends here)."""
-        seq.output_ids.append(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
-        assert self._loaded is not None
-        if token in self._loaded.eos_token_ids:
-            return self._finish(seq, FinishReason.EOS, seq.text.finish(), (token,))
-        delta = seq.text.add(token)
-        if seq.text.stopped:
-            return self._finish(seq, FinishReason.STOP, delta, (token,))
-        if len(seq.output_ids) >= seq.request.params.max_new_tokens:
-            return self._finish(seq, FinishReason.LENGTH, delta + seq.text.finish(), (token,))
-        return GenerationChunk(seq.request.request_id, delta, (token,))
-
     def _attention_kernels(self) -> contextlib.AbstractContextManager:
         """On CUDA, keep SDPA off cuDNN: with the batch cache's growing, padded shapes it rebuilt a kernel plan at
         every step (measured on an H100, bf16: 46 ms per decode step vs 6.5-8 ms without cuDNN; gpu_check.py)."""
-        if not self.options.device.startswith("cuda"):
+        if not self.cfg.device.startswith("cuda"):
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -255,8 +160,7 @@ class TorchEngine(Engine):
             failed = [seq for seq in dict.fromkeys([*self._active, *newcomers]) if not seq.done]
             log.exception("engine %s: step failed; failing %d requests", self.name, len(failed))
             for seq in failed:
-                seq.done = True
-                self._by_id.pop(seq.request.request_id, None)
+                self.book.drop(seq)
                 out.append((seq, exc))
             self._active, self._kv = [], BatchedKV()
         return out
@@ -265,7 +169,7 @@ class TorchEngine(Engine):
         now = time.monotonic()
         for seq in self._active:
             if reason := self._stop_reason(seq, now):
-                out.append((seq, self._finish(seq, reason, seq.text.finish())))
+                out.append((seq, self.book.finish(seq, reason, seq.text.finish())))
         self._drop_done()
         with torch.inference_mode():
             # running rows advance first; newcomers are prefilled after, so their first token goes out with
@@ -275,13 +179,13 @@ class TorchEngine(Engine):
                 self._drop_done()
             for seq in newcomers:
                 reason = self._stop_reason(seq, now)
-                out.append((seq, self._finish(seq, reason) if reason else self._prefill(seq)))
+                out.append((seq, self.book.finish(seq, reason) if reason else self._prefill(seq)))
             self._drop_done()
 
     @staticmethod
     def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
-        """Why a row must leave before the next step, if it must. A gRPC deadline also cancels the call, so
-        expiry is checked first to report it as DEADLINE."""
+        """Why a row must leave before the next step, if it must. A front end's deadline also cancels the call,
+        so expiry is checked first to report it as DEADLINE."""
         if seq.expired(now):
             return FinishReason.DEADLINE
         return FinishReason.CANCELLED if seq.cancel_requested else None
@@ -290,10 +194,10 @@ class TorchEngine(Engine):
         assert self._loaded is not None
         seq.started = time.monotonic()
         cache = DynamicCache()  # full-length layers for every model, so rows can be merged (see kv_batch.py)
-        ids = torch.tensor([seq.prompt_ids], device=self.options.device)
+        ids = torch.tensor([seq.prompt_ids], device=self.cfg.device)
         logits = self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = select_tokens(logits[:, -1], [seq.request.params], [seq.generator])[0]
-        chunk = self._accept(seq, token)
+        chunk = self.book.tokens(seq, [token])
         if not seq.done:  # a row that ended on its first token never joins the batch cache
             self._kv.join(cache, len(seq.prompt_ids))
             self._active.append(seq)
@@ -302,7 +206,7 @@ class TorchEngine(Engine):
     def _decode(self) -> list[tuple[_Sequence, GenerationChunk]]:
         assert self._loaded is not None
         rows = self._active
-        input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.options.device)
+        input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.cfg.device)
         mask = self._kv.decode_mask()
         logits = self._loaded.model(input_ids=input_ids, attention_mask=mask,
                                     position_ids=self._kv.next_positions(), past_key_values=self._kv.cache,
@@ -312,7 +216,7 @@ class TorchEngine(Engine):
         self.peak_batch = max(self.peak_batch, len(rows))
         BATCH_SIZE.labels(self.name).observe(len(rows))
         tokens = select_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
-        return [(seq, self._accept(seq, tok)) for seq, tok in zip(rows, tokens, strict=True)]
+        return [(seq, self.book.tokens(seq, [tok])) for seq, tok in zip(rows, tokens, strict=True)]
 
     def _drop_done(self) -> None:
         keep = [i for i, seq in enumerate(self._active) if not seq.done]
@@ -323,6 +227,6 @@ class TorchEngine(Engine):
     def _warm_up(self) -> None:
         assert self._loaded is not None
         with torch.inference_mode(), self._attention_kernels():
-            ids = torch.tensor([self._prompts.encode_now("Hello")], device=self.options.device)
+            ids = torch.tensor([self.book.prompts.encode_now("Hello")], device=self.cfg.device)
             cache = DynamicCache()
             self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

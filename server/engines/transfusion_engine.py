@@ -7,6 +7,8 @@ an image does not depend on what it was batched with. A request cancelled or pas
 dropped before it costs a forward pass; an image request inside a running batch leaves it at the next denoising step
 (its rows are dropped, as the text engine drops a cancelled row between decode steps). Captions, a few greedy steps
 for the whole batch, finish with their batch and a cancelled caller's result is dropped.
+
+It implements the `ImageEngine` contract (base.py); front ends never see the sampler or its torch types.
 """
 
 from __future__ import annotations
@@ -19,34 +21,28 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from prunefusion.server.config import TransfusionModelConfig
 from prunefusion.server.engines.base import (
+    CaptionRequest,
+    CaptionResult,
     EngineStats,
     EngineUnavailableError,
+    ImageEngine,
+    ImageGenerationRequest,
+    ImageLimits,
+    ImagePart,
+    ImageResult,
+    InterleavedRequest,
     InvalidRequestError,
     ModelInfo,
     QueueFullError,
+    TextPart,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TransfusionEngineOptions:
-    path: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batch_size: int = 8
-    max_queue: int = 64
-    max_wait_s: float = 0.01
-    max_steps: int = 100
-    default_steps: int = 20
-    default_guidance_scale: float = 3.0
-    max_size: int = 256
-    max_caption_tokens: int = 24
 
 
 @dataclass(eq=False)  # identity: jobs are compared with `in`, and payloads may be arrays
@@ -67,20 +63,21 @@ class _Job:
 
 
 @dataclass(frozen=True)
-class BatchResult:
+class _BatchResult:
     value: object
     queue_seconds: float
     batch_size: int
 
 
-class TransfusionEngine:
-    def __init__(self, name: str, options: TransfusionEngineOptions) -> None:
-        self.name, self.options = name, options
+class TransfusionEngine(ImageEngine):
+    def __init__(self, cfg: TransfusionModelConfig) -> None:
+        self.name, self.cfg = cfg.name, cfg
         self.sampler = None
         self.info: ModelInfo | None = None
+        self.limits: ImageLimits | None = None
         self._pending: list[_Job] = []
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{cfg.name}")
         self._batcher: asyncio.Task | None = None
         self._running = 0
         self._streams = 0  # interleaved generations in progress (they share the model thread with the batches)
@@ -90,25 +87,30 @@ class TransfusionEngine:
     async def start(self) -> None:
         import torch
 
-        from prunefusion.server.engines.hf_loading import digest_files
+        from prunefusion.checkpoints import digest_files
         from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
 
-        path = Path(self.options.path)
+        cfg, images = self.cfg, self.cfg.images
+        path = cfg.resolved_path
         loop = asyncio.get_running_loop()
         self.sampler = await loop.run_in_executor(self._executor, lambda: TransfusionSampler.load(
-            path, device=self.options.device, dtype=getattr(torch, self.options.dtype)))
+            path, device=cfg.device, dtype=getattr(torch, cfg.dtype)))
         c = self.sampler.config
-        if self.options.max_size < c.image_size:
-            raise ValueError(f"model {self.name!r}: max_size {self.options.max_size} is below the model's image size "
+        if images.max_size < c.image_size:
+            raise ValueError(f"model {self.name!r}: max_size {images.max_size} is below the model's image size "
                              f"{c.image_size}: no image could be accepted or returned")
         await loop.run_in_executor(self._executor, lambda: self.sampler.generate_images([ImageRequest("", 1, 1.0)]))
+        self.limits = ImageLimits(
+            image_size=c.image_size, max_size=images.max_size, max_steps=images.max_steps,
+            default_steps=images.default_steps, default_guidance_scale=images.default_guidance_scale,
+            max_caption_tokens=images.max_caption_tokens, max_batch_size=cfg.max_batch_size,
+            max_wait_seconds=images.max_wait_ms / 1000)
         self.info = ModelInfo(
             name=self.name, family="transfusion", num_layers=c.n_layers,
             num_parameters=sum(p.numel() for p in self.sampler.model.parameters()),
             weights_digest=digest_files([path / "model.safetensors"]), engine="transfusion",
-            context_length=c.max_text_positions, max_new_tokens_limit=self.options.max_caption_tokens,
-            default_max_new_tokens=self.options.max_caption_tokens, path=str(path), device=self.options.device,
-            dtype=self.options.dtype)
+            context_length=c.max_text_positions, max_new_tokens_limit=images.max_caption_tokens,
+            default_max_new_tokens=images.max_caption_tokens, path=str(path), device=cfg.device, dtype=cfg.dtype)
         self._batcher = asyncio.create_task(self._batch_loop(), name=f"transfusion-batcher-{self.name}")
 
     async def shutdown(self) -> None:
@@ -128,10 +130,6 @@ class TransfusionEngine:
         healthy = self._batcher is not None and not self._batcher.done()
         return EngineStats(running=self._running + self._streams, waiting=len(self._live()), healthy=healthy)
 
-    @property
-    def image_size(self) -> int:
-        return self.sampler.config.image_size
-
     # ---- requests --------------------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str = "prompt") -> None:
         if not prompt.strip():
@@ -144,28 +142,32 @@ class TransfusionEngine:
         if len(self.sampler.tokenizer.encode(prompt)) + 2 > self.sampler.config.max_text_positions:
             raise InvalidRequestError(field_name, "is too long for the model")
 
-    async def generate_image(self, request, deadline: float | None) -> BatchResult:
-        """request: prunefusion.transfusion.sampling.ImageRequest (validated) -> BatchResult(uint8 [H, W, 3])."""
-        return await self._submit("image", ("image", request.steps), request, deadline)
+    async def generate_image(self, request: ImageGenerationRequest) -> ImageResult:
+        from prunefusion.transfusion.sampling import ImageRequest
 
-    async def caption(self, image: np.ndarray, max_tokens: int, deadline: float | None) -> BatchResult:
-        result = await self._submit("caption", ("caption",), image, deadline)
-        words = result.value.split()[:max_tokens]  # captions are word tokens: a shorter limit is a prefix
-        return BatchResult(" ".join(words), result.queue_seconds, result.batch_size)
+        payload = ImageRequest(request.prompt, request.steps, request.guidance_scale, request.seed)
+        result = await self._submit("image", ("image", request.steps), payload, request.deadline)
+        return ImageResult(result.value, result.queue_seconds, result.batch_size)
 
-    async def interleaved(self, prompt: str, *, max_tokens: int, max_images: int, steps: int, guidance_scale: float,
-                          seed: int) -> AsyncIterator[tuple[str, object]]:
-        """Parts from the sampler's interleaved generator, each step run on the model thread (between batches)."""
+    async def caption(self, request: CaptionRequest) -> CaptionResult:
+        result = await self._submit("caption", ("caption",), request.image, request.deadline)
+        words = result.value.split()[:request.max_tokens]  # captions are word tokens: a shorter limit is a prefix
+        return CaptionResult(" ".join(words), result.queue_seconds, result.batch_size)
+
+    async def interleaved(self, request: InterleavedRequest) -> AsyncIterator[TextPart | ImagePart]:
+        """Parts from the sampler's interleaved generator, each step run on the model thread (between batches). A
+        deadline that passes between two parts raises TimeoutError."""
         if self._closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
-        if self._streams + len(self._live()) >= self.options.max_queue:
+        if self._streams + len(self._live()) >= self.cfg.max_queue:
             raise QueueFullError(f"model {self.name!r}: {self._streams} streams and {len(self._pending)} requests "
                                  "waiting", retry_after_s=0.5)
         loop = asyncio.get_running_loop()
         self._streams += 1
         halt = threading.Event()  # set when the caller is gone: the model thread stops at its next step
-        parts = self.sampler.interleaved(prompt, max_tokens=max_tokens, max_images=max_images, steps=steps,
-                                         guidance_scale=guidance_scale, seed=seed,
+        r = request
+        parts = self.sampler.interleaved(r.prompt, max_tokens=r.max_tokens, max_images=r.max_images, steps=r.steps,
+                                         guidance_scale=r.guidance_scale, seed=r.seed,
                                          stopped=lambda: halt.is_set() or self._closed)
         done = object()
         try:
@@ -176,18 +178,21 @@ class TransfusionEngine:
                     raise EngineUnavailableError(f"model {self.name!r} is shutting down")
                 if part is done:
                     return
-                yield part
+                if r.deadline is not None and time.monotonic() > r.deadline:
+                    raise TimeoutError("deadline passed during interleaved generation")
+                kind, value = part
+                yield TextPart(" " + value) if kind == "text" else ImagePart(value)  # text comes as words
         finally:
             self._streams -= 1
             halt.set()
             with contextlib.suppress(RuntimeError):  # the model thread is already shut down: GC closes the generator
                 await loop.run_in_executor(self._executor, parts.close)
 
-    async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> BatchResult:
+    async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> _BatchResult:
         if self._closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
         waiting = len(self._live())  # cancelled and expired requests do not count
-        if waiting + self._streams >= self.options.max_queue:
+        if waiting + self._streams >= self.cfg.max_queue:
             raise QueueFullError(f"model {self.name!r}: {waiting} requests waiting", retry_after_s=0.5)
         job = _Job(kind, key, payload, asyncio.get_running_loop().create_future(), deadline=deadline)
         job.future.add_done_callback(lambda _: job.stop.set())  # cancelled, failed or answered: stop working on it
@@ -223,13 +228,13 @@ class TransfusionEngine:
             await self._wake.wait()
             return
         first = self._pending[0]
-        window_end = first.arrival + self.options.max_wait_s
-        while (len([j for j in self._live() if j.key == first.key]) < self.options.max_batch_size
+        window_end = first.arrival + self.limits.max_wait_seconds
+        while (len([j for j in self._live() if j.key == first.key]) < self.cfg.max_batch_size
                and time.monotonic() < window_end and not first.future.done()):
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
-        batch = [j for j in self._live() if j.key == first.key][: self.options.max_batch_size]
+        batch = [j for j in self._live() if j.key == first.key][: self.cfg.max_batch_size]
         if not batch:
             return
         self._pending = [j for j in self._pending if j not in batch]
@@ -250,10 +255,10 @@ class TransfusionEngine:
             elif value is None:  # the sampler dropped it: its deadline passed inside the batch
                 job.future.set_exception(TimeoutError("deadline passed while generating"))
             else:
-                job.future.set_result(BatchResult(value, started - job.arrival, len(batch)))
+                job.future.set_result(_BatchResult(value, started - job.arrival, len(batch)))
 
     def _run(self, batch: list[_Job]) -> list:
         if batch[0].kind == "image":
             return self.sampler.generate_images([job.payload for job in batch], stopped=lambda i: batch[i].stopped())
         images = np.stack([job.payload for job in batch])
-        return self.sampler.caption(images, max_tokens=self.options.max_caption_tokens)
+        return self.sampler.caption(images, max_tokens=self.limits.max_caption_tokens)

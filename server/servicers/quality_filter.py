@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from prunefusion.home import expand_path
 from prunefusion.quality.batch_methods import BATCH_METHODS
 from prunefusion.quality.pipeline import (
     METHODS,
@@ -21,9 +22,9 @@ from prunefusion.quality.pipeline import (
 )
 from prunefusion.quality.rules import RULE_FILTERS
 from prunefusion.quality.sharma import load_weights
-from prunefusion.server.config import QualityConfig, expand_path
+from prunefusion.server.config import QualityConfig
 from prunefusion.server.engines.base import InvalidRequestError, QueueFullError
-from prunefusion.server.errors import stream_errors, unary_errors
+from prunefusion.server.errors import grpc_status, unary_errors
 from prunefusion_client.v1 import quality_filter_pb2 as pb
 from prunefusion_client.v1 import quality_filter_pb2_grpc as pb_grpc
 
@@ -110,10 +111,10 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         return await self._score(request)
 
-    @stream_errors
     async def ScoreStream(self, request_iterator, context) -> AsyncIterator[pb.ScoreResponse]:
-        async for request in request_iterator:  # one at a time: the next is read after this one is answered
-            yield await self._score(request)
+        async with grpc_status(context):
+            async for request in request_iterator:  # one at a time: the next is read after this one is answered
+                yield await self._score(request)
 
     @unary_errors
     async def Info(self, request, context) -> pb.QualityInfoResponse:

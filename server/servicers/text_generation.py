@@ -1,4 +1,8 @@
-"""TextGeneration servicer: protobuf in, domain dataclasses to the engine, protobuf out. Nothing else."""
+"""TextGeneration servicer: protobuf in, domain dataclasses to the (cached) engine, protobuf out. Nothing else.
+
+A request goes servicer -> registry -> CachedEngine -> engine: the servicer's own method is the only async
+generator above the cache wrapper (errors become statuses through `grpc_status`, not through another wrapper).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
-from prunefusion.server import metrics
-from prunefusion.server.cache.service import CachePolicy, ResponseCache
 from prunefusion.server.engines.base import (
+    CachePolicy,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -22,7 +25,7 @@ from prunefusion.server.engines.base import (
     Usage,
     collect,
 )
-from prunefusion.server.errors import stream_errors, unary_errors
+from prunefusion.server.errors import grpc_status, unary_errors
 from prunefusion.server.registry import ModelRegistry
 from prunefusion_client.v1 import text_generation_pb2 as pb
 from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
@@ -37,9 +40,23 @@ FINISH_REASONS = {
     FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
 }
 
+CACHE_POLICIES = {
+    pb.CACHE_POLICY_DEFAULT: CachePolicy.DEFAULT,
+    pb.CACHE_POLICY_BYPASS: CachePolicy.BYPASS,
+    pb.CACHE_POLICY_REFRESH: CachePolicy.REFRESH,
+}
 
-def to_domain(request: pb.GenerateRequest, default_max_new_tokens: int,
-              context: grpc.aio.ServicerContext) -> GenerationRequest:
+
+def deadline_of(context: grpc.aio.ServicerContext, now: float | None = None) -> float | None:
+    """The call's deadline on the monotonic clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else (time.monotonic() if now is None else now) + remaining
+
+
+def to_domain(request: pb.GenerateRequest, default_max_new_tokens: int, context: grpc.aio.ServicerContext,
+              stream: bool) -> GenerationRequest:
+    if request.cache_policy not in CACHE_POLICIES:
+        raise InvalidRequestError("cache_policy", f"unknown value {request.cache_policy}")
     params = SamplingParams(
         max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else default_max_new_tokens,
         temperature=request.temperature if request.HasField("temperature") else 0.0,
@@ -50,13 +67,8 @@ def to_domain(request: pb.GenerateRequest, default_max_new_tokens: int,
     )
     now = time.monotonic()
     return GenerationRequest(request_id=request.request_id or uuid.uuid4().hex, prompt=request.prompt,
-                             params=params, arrival=now, deadline=deadline_of(context, now))
-
-
-def deadline_of(context: grpc.aio.ServicerContext, now: float | None = None) -> float | None:
-    """The call's deadline on the monotonic clock (None: the client set none)."""
-    remaining = context.time_remaining()
-    return None if remaining is None else (time.monotonic() if now is None else now) + remaining
+                             params=params, arrival=now, deadline=deadline_of(context, now),
+                             cache=CACHE_POLICIES[request.cache_policy], stream=stream)
 
 
 def usage_pb(usage: Usage) -> pb.Usage:
@@ -68,9 +80,9 @@ def timings_pb(t: Timings) -> pb.Timings:
                       total_seconds=t.total_seconds)
 
 
-def chunk_pb(chunk: GenerationChunk, cached: bool = False) -> pb.GenerateStreamChunk:
+def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
     message = pb.GenerateStreamChunk(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
-                                     cached=cached)
+                                     cached=chunk.cached)
     if chunk.finish_reason is not None:
         message.finish_reason = FINISH_REASONS[chunk.finish_reason]
         message.usage.CopyFrom(usage_pb(chunk.usage))
@@ -78,82 +90,46 @@ def chunk_pb(chunk: GenerationChunk, cached: bool = False) -> pb.GenerateStreamC
     return message
 
 
-CACHE_POLICIES = {
-    pb.CACHE_POLICY_DEFAULT: CachePolicy.DEFAULT,
-    pb.CACHE_POLICY_BYPASS: CachePolicy.BYPASS,
-    pb.CACHE_POLICY_REFRESH: CachePolicy.REFRESH,
-}
-
-
-async def observed(model: str, items: AsyncIterator[tuple[GenerationChunk, bool]]
-                   ) -> AsyncIterator[tuple[GenerationChunk, bool]]:
-    """Record latency metrics of model runs (cache replays are not model latency)."""
-    last = None
-    async with contextlib.aclosing(items):
-        async for chunk, cached in items:
-            now = time.monotonic()
-            if not cached and last is not None:
-                metrics.INTER_TOKEN_LATENCY.labels(model).observe(now - last)
-            last = now
-            if chunk.finished and not cached:
-                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(chunk.timings.time_to_first_token_seconds)
-                metrics.E2E_LATENCY.labels(model).observe(chunk.timings.total_seconds)
-                metrics.QUEUE_TIME.labels(model).observe(chunk.timings.queue_seconds)
-            yield chunk, cached
-
-
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, registry: ModelRegistry, cache: Callable[[], ResponseCache]):
+    def __init__(self, registry: ModelRegistry):
         self._registry = registry
-        self._cache = cache  # read per call: the server opens the cache after it starts listening
 
-    def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, whole: bool):
+    def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool):
         engine = self._registry.get(request.model)
-        domain = to_domain(request, engine.info.default_max_new_tokens, context)
-        if request.cache_policy not in CACHE_POLICIES:
-            raise InvalidRequestError("cache_policy", f"unknown value {request.cache_policy}")
-        items = self._cache().generate(engine, domain, CACHE_POLICIES[request.cache_policy], whole=whole)
-        return engine, domain, contextlib.aclosing(observed(engine.info.name, items))
+        domain = to_domain(request, engine.info.default_max_new_tokens, context, stream)
+        return engine.info.name, domain, contextlib.aclosing(engine.generate(domain))
 
     @staticmethod
-    async def _end(context: grpc.aio.ServicerContext, engine, domain: GenerationRequest, reason: FinishReason,
+    async def _end(context: grpc.aio.ServicerContext, model: str, domain: GenerationRequest, reason: FinishReason,
                    usage: Usage, timings: Timings, cached: bool) -> None:
         log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms "
-                 "cached=%s", domain.request_id, engine.info.name, reason.value, usage.prompt_tokens,
-                 usage.completion_tokens, timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3,
-                 cached)
+                 "cached=%s", domain.request_id, model, reason.value, usage.prompt_tokens, usage.completion_tokens,
+                 timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3, cached)
         if reason is FinishReason.DEADLINE:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"deadline passed after {usage.completion_tokens} generated tokens")
 
     @unary_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        engine, domain, stream = self._start(request, context, whole=True)
-        cached = False
-        async with stream as items:
-
-            async def chunks():
-                nonlocal cached
-                async for chunk, from_cache in items:
-                    cached = from_cache
-                    yield chunk
-
-            result = await collect(chunks())
-        await self._end(context, engine, domain, result.finish_reason, result.usage, result.timings, cached)
+        model, domain, stream = self._start(request, context, stream=False)
+        async with stream as chunks:
+            result = await collect(chunks)
+        await self._end(context, model, domain, result.finish_reason, result.usage, result.timings, result.cached)
         return pb.GenerateResponse(
-            request_id=result.request_id, model=engine.info.name, text=result.text, token_ids=result.token_ids,
+            request_id=result.request_id, model=model, text=result.text, token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_pb(result.usage),
-            timings=timings_pb(result.timings), cached=cached)
+            timings=timings_pb(result.timings), cached=result.cached)
 
-    @stream_errors
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamChunk]:
-        engine, domain, stream = self._start(request, context, whole=False)
-        async with stream as items:
-            async for chunk, cached in items:
-                if chunk.finished:  # log; a DEADLINE finish ends the call with DEADLINE_EXCEEDED instead
-                    await self._end(context, engine, domain, chunk.finish_reason, chunk.usage, chunk.timings, cached)
-                yield chunk_pb(chunk, cached)
+        async with grpc_status(context):
+            model, domain, stream = self._start(request, context, stream=True)
+            async with stream as chunks:
+                async for chunk in chunks:
+                    if chunk.finished:  # log; a DEADLINE finish ends the call with DEADLINE_EXCEEDED instead
+                        await self._end(context, model, domain, chunk.finish_reason, chunk.usage, chunk.timings,
+                                        chunk.cached)
+                    yield chunk_pb(chunk)
 
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest,

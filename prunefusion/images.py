@@ -1,4 +1,5 @@
-"""Image bytes in and out of the server: validation with reasons, PNG encoding, resizing (pure functions)."""
+"""Image bytes in and out: validation with reasons, PNG encoding, resizing (pure functions; Pillow and numpy only,
+shared by the server and the offline commands)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import io
 
 import numpy as np
 
-from prunefusion.server.engines.base import InvalidRequestError
+from prunefusion.errors import InvalidRequestError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P"}  # converted to RGB (alpha composited on black)

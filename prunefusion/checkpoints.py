@@ -1,0 +1,59 @@
+"""Facts about a Hugging Face model directory that every layer needs: its weight files, their digests, its
+tokenizer. Pure file reading: no torch, no transformers model is built here."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")  # digested for cache keys: changing this list rotates every key
+# any one of these makes a loadable tokenizer (tokenizer_config.json alone does not)
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def digest_files(paths: list[Path]) -> str:
+    """sha256 over (file name, length, bytes) of each file in name order; '' when there are none."""
+    if not paths:
+        return ""
+    h = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        h.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors weight files; refuses directories that only hold pickled weights."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in Path(model_dir).glob("*.bin"))
+        hint = f" (found pickled weights {pickled}; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights{hint}")
+    return files
+
+
+def weights_digest(model_dir: Path) -> str:
+    return digest_files(weight_files(model_dir))
+
+
+def present(model_dir: Path, names: tuple[str, ...]) -> list[Path]:
+    return [Path(model_dir) / n for n in names if (Path(model_dir) / n).is_file()]
+
+
+def require_tokenizer(model_dir: Path) -> None:
+    """A clear error for a checkpoint saved without its tokenizer (transformers would raise deep inside)."""
+    if not present(model_dir, TOKENIZER_VOCABULARIES):
+        raise FileNotFoundError(f"no tokenizer in {model_dir} (none of {', '.join(TOKENIZER_VOCABULARIES)}); "
+                                "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
+
+
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
+    """The directory's tokenizer, offline; a missing one is a FileNotFoundError naming the directory."""
+    from transformers import AutoTokenizer
+
+    require_tokenizer(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
