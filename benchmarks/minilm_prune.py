@@ -23,9 +23,9 @@ import torch
 from prunefusion.compression.angular import best_block
 from prunefusion.compression.distill import DistillConfig, distill, mean_cosine, mean_pooled_embeddings
 from prunefusion.compression.layers import prune_layers
-from prunefusion.compression.loading import load_model
 from prunefusion.compression.measure import measure, tokenized_batches
 from prunefusion.compression.strategies import STRATEGIES
+from prunefusion.model_kinds import load_model
 from prunefusion.models.corpus import sentence_splits
 
 # LoRA targets: the FFN (DistillConfig's default, FFN_TARGETS["bert"]) or every linear layer of the blocks
@@ -106,7 +106,7 @@ def main() -> None:
         root = args.out or Path(tmp)
         for name in args.strategies:
             first = (best_block(table.all_tokens, n)[0] if name == "angular-all-tokens"
-                     else STRATEGIES[name](table, n, total))
+                     else STRATEGIES[name].choose(table, n, total, 0))
             if first not in healed:
                 pruned, _ = prune_layers(model, first, first + n)
                 pruned_dir, out = root / f"pruned-{first}-{first + n}", root / f"healed-{first}-{first + n}"

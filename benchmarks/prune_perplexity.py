@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from prunefusion.compression.layers import prune_layers
-from prunefusion.compression.loading import load_model
 from prunefusion.compression.measure import measure, tokenized_batches
 from prunefusion.compression.strategies import STRATEGIES, block_size
 from prunefusion.home import default_model_dir
+from prunefusion.model_kinds import load_model
 from prunefusion.models.build import pack_documents, perplexity, windows
 from prunefusion.models.corpus import stdlib_corpus
 
@@ -53,8 +53,8 @@ def main() -> None:
         by_start[first] = perplexity(pruned, held)
         print(f"  drop [{first}, {first + n})  d={table.last_token[n][first]:.4f}  held-out perplexity "
               f"{by_start[first]:8.2f}  ({by_start[first] / base:.2f}x unpruned)")
-    for name, fn in STRATEGIES.items():
-        first = fn(table, n, total)
+    for name, strategy in STRATEGIES.items():
+        first = strategy.choose(table, n, total, 0)
         print(f"  {name:16} picks [{first}, {first + n}): perplexity {by_start[first]:.2f}")
     mean = sum(by_start.values()) / len(by_start)
     print(f"  {'random block':16} expected perplexity (mean over all {len(by_start)} blocks): {mean:.2f}")

@@ -3,9 +3,11 @@
     prunefusion compress measure --model DIR --out runs/measure [--data FILES...] [--samples 128 --seq-len 256]
     prunefusion compress prune --model DIR --out DIR --fraction 0.25 [--strategy angular] [--distances FILE]
     prunefusion compress prune --model DIR --out DIR --layers 4:6        # 0-based, half-open
+    prunefusion compress prune --model DIR --out DIR --layers 6:8 --allow-last --force
     prunefusion compress heal --model PRUNED --out runs/heal [--steps 200 --lr 3e-4 --rank 8]
     prunefusion compress evaluate ORIGINAL PRUNED runs/heal/merged [--task mc.jsonl] [--out runs/eval]
     prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out runs/tiny-lm-angular-25
+    prunefusion compress run JOB.yaml --out DIR --stop-after measure     # look at the distances, rerun to go on
     prunefusion compress export-onnx --model DIR --out DIR [--opset 18] [--atol 1e-4] [--force]
 """
 
@@ -13,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from prunefusion.compression.loading import is_causal_checkpoint, load_model, texts_or_default
+from prunefusion.model_kinds import CAUSAL_LM, checkpoint_kind, load_model, resolve
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from prunefusion.checkpoints import digest_files, weight_files
+    from prunefusion.checkpoints import weights_digest
     from prunefusion.compression.layers import find_layers
     from prunefusion.compression.measure import DistanceTable
     from prunefusion.compression.prune import choose_block, write_pruned
@@ -41,8 +42,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     model_dir, out = Path(args.model), Path(args.out)
     if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to replace it", file=sys.stderr)
-        return 1
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
     model, tokenizer = load_model(model_dir)
     total = len(find_layers(model)[1])
     table = None
@@ -52,17 +52,16 @@ def _prune(args: argparse.Namespace) -> int:
                                   args.seq_len, args.batch_size))
     block = choose_block(total, strategy=args.strategy, n=args.n, fraction=args.fraction, layers=args.layers,
                          table=table, seed=args.seed)
-    write_pruned(model, tokenizer, block, out, source=model_dir, source_digest=digest_files(weight_files(model_dir)),
-                 allow_last=args.force)
+    write_pruned(model, tokenizer, block, out, source=model_dir, source_digest=weights_digest(model_dir),
+                 allow_last=args.allow_last)
     print(f"pruned {model_dir} -> {out}: removed layers [{block.start}, {block.end}) ({block.strategy}), {total} -> "
           f"{total - (block.end - block.start)} layers; reload verified")
     return 0
 
 
 def _heal(args: argparse.Namespace) -> int:
-    """Causal LMs: QLoRA on next-token loss (heal.py). Encoders: distillation toward --teacher (distill.py)."""
-    from prunefusion.compression.heal import HealConfig, heal
-
+    """The model's kind heals it: causal LMs by QLoRA on next-token loss (heal.py), encoders by distillation toward
+    --teacher (distill.py)."""
     given = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr)
     options = dict({k: v for k, v in given.items() if v is not None}, warmup_steps=args.warmup, rank=args.rank,
                    checkpoint_every=args.checkpoint_every, device=args.device,
@@ -70,38 +69,33 @@ def _heal(args: argparse.Namespace) -> int:
     if args.quantize is not None:
         options["quantize"] = args.quantize
     model, out = Path(args.model), Path(args.out)
-    causal = is_causal_checkpoint(model)
-    texts = texts_or_default(args.data, causal, "train")
-    if causal:
-        if args.teacher:
-            raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
-        summary, verb, key = heal(model, out, texts, HealConfig(**options)), "healed", "max_logit_difference"
-    else:
-        from prunefusion.compression.distill import DistillConfig, distill
-
-        if not args.teacher:
-            raise ValueError(f"{model} is an encoder: it heals by distillation toward the unpruned model; "
-                             "pass --teacher DIR")
-        summary = distill(model, Path(args.teacher), out, texts, DistillConfig(**options))
-        verb, key = "distilled", "max_hidden_difference"
+    kind = checkpoint_kind(model)
+    if kind is CAUSAL_LM and args.teacher:
+        raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
+    if kind is not CAUSAL_LM and not args.teacher:
+        raise ValueError(f"{model} is an encoder: it heals by {kind.heal_method}; pass --teacher DIR (the unpruned "
+                         "model)")
+    summary = resolve(kind.heal)(model, Path(args.teacher) if args.teacher else None, out,
+                                 kind.texts(args.data, "train"), resolve(kind.heal_config)(**options),
+                                 args.stop_after_steps)
     losses = summary["losses"]
-    print(f"{verb} {args.model} -> {args.out}/merged ({summary['steps_run']} steps this run"
-          f"{', resumed from step ' + str(summary['resumed_from']) if summary['resumed_from'] else ''}); "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter {key.replace('_', ' ')} "
-          f"{summary['merge'][key]:.1e}")
+    resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] else ""
+    if "merge" not in summary:
+        print(f"stopped after {summary['steps_run']} steps this run (step {summary['step']}{resumed}); rerun the same "
+              f"command to go on from the last checkpoint in {args.out}/checkpoints")
+        return 0
+    print(f"healed {args.model} -> {args.out}/merged by {kind.heal_method} ({summary['steps_run']} steps this run"
+          f"{resumed}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter "
+          f"{kind.merge_check.replace('_', ' ')} {summary['merge'][kind.merge_check]:.1e}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from prunefusion.compression.evaluate import evaluate, evaluate_encoders, load_task, rows_table, to_json
+    from prunefusion.compression.evaluate import load_task, rows_table
 
-    causal = is_causal_checkpoint(args.models[0])
-    held_out = texts_or_default(args.data, causal, "held_out")
-    if causal:
-        task = load_task(Path(args.task)) if args.task else None
-        rows = to_json([evaluate(Path(m), held_out, task) for m in args.models])
-    else:
-        rows = evaluate_encoders([Path(m) for m in args.models], held_out)
+    kind = checkpoint_kind(Path(args.models[0]))
+    task = load_task(Path(args.task)) if args.task else None
+    rows = resolve(kind.evaluate)([Path(m) for m in args.models], kind.texts(args.data, "held_out"), task)
     rows = [{"label": row.pop("model"), **row} for row in rows]
     table = rows_table(rows)
     print(table)
@@ -117,29 +111,21 @@ def _run(args: argparse.Namespace) -> int:
     from prunefusion.compression.job import run_job
 
     manifest = run_job(Path(args.job), Path(args.out), device=args.device, restart=args.restart, force=args.force,
-                       keep_intermediate=args.keep_intermediate)
-    start, end = manifest["removed"]
-    metrics = manifest["metrics"]
-    summary = ", ".join(f"{row['label']} {row['held_out_perplexity']:.2f}" for row in metrics["evaluation"]
+                       keep_intermediate=args.keep_intermediate, stop_after=args.stop_after)
+    if manifest is None:
+        print(f"stopped after stage {args.stop_after}: the work so far is in {args.out}.partial; rerun without "
+              "--stop-after to finish the job")
+        return 0
+    start, end = manifest.removed
+    summary = ", ".join(f"{row['label']} {row['held_out_perplexity']:.2f}" for row in manifest.metrics.evaluation
                         if row.get("held_out_perplexity") is not None)
-    print(f"{manifest['name']}: removed [{start}, {end}) ({manifest['strategy']}) -> {args.out} "
+    print(f"{manifest.name}: removed [{start}, {end}) ({manifest.strategy}) -> {args.out} "
           f"(report.md, manifest.json){'; held-out perplexity ' + summary if summary else ''}")
     return 0
 
 
-def _user_errors(command):
-    """Bad input (a block that does not fit, unreadable data, a missing model) -> one line on stderr, exit 2."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def register(subparsers) -> None:
+    from prunefusion.compression.job import STAGES
     from prunefusion.compression.onnx_export import add_export_parser
     from prunefusion.compression.strategies import STRATEGIES
 
@@ -158,7 +144,7 @@ def register(subparsers) -> None:
     m.add_argument("--model", required=True)
     m.add_argument("--out", required=True)
     calibration(m)
-    m.set_defaults(func=_user_errors(_measure))
+    m.set_defaults(func=_measure)
 
     p = sub.add_parser("prune", help="remove a block of layers and write an HF checkpoint")
     p.add_argument("--model", required=True)
@@ -170,9 +156,11 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", default="angular", choices=sorted(STRATEGIES))
     p.add_argument("--distances", help="distances.json from `compress measure` (else measured now)")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
-    p.add_argument("--force", action="store_true", help="replace --out; allow removing the final layer")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allow-last", action="store_true", help="allow a block that contains the final layer (almost "
+                   "always the worst choice: its input and output are nearly maximally dissimilar)")
     calibration(p)
-    p.set_defaults(func=_user_errors(_prune))
+    p.set_defaults(func=_prune)
 
     h = sub.add_parser("heal", help="QLoRA-heal a pruned model (an encoder: by distillation toward --teacher), "
                        "merge into a plain checkpoint (OUT/merged)")
@@ -192,14 +180,16 @@ def register(subparsers) -> None:
                    "on the unquantized base (--no-quantize); default: QLoRA for causal LMs, plain LoRA for encoders")
     h.add_argument("--checkpoint-every", type=int, default=50)
     h.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
-    h.set_defaults(func=_user_errors(_heal))
+    h.add_argument("--stop-after-steps", type=int, metavar="N", help="train at most N steps in this run, then stop "
+                   "(checkpoints stay; the same command resumes): for machines lent in time slices")
+    h.set_defaults(func=_heal)
 
     e = sub.add_parser("evaluate", help="perplexity, MC accuracy, decode speed, size: one table, first = baseline")
     e.add_argument("models", nargs="+", help="model directories (e.g. original pruned healed/merged)")
     e.add_argument("--data", nargs="*", default=[], help="held-out text (default: the stdlib corpus held-out split)")
     e.add_argument("--task", help='multiple-choice JSONL: {"context", "choices", "answer"} per line')
     e.add_argument("--out", help="also write evaluation.md and evaluation.json here")
-    e.set_defaults(func=_user_errors(_evaluate))
+    e.set_defaults(func=_evaluate)
 
     r = sub.add_parser("run", help="the whole job from one YAML: measure, prune, heal, merge, evaluate, report",
                        description="Runs JOB.yaml (what to build; examples in compression/jobs/) into --out. Work "
@@ -211,5 +201,7 @@ def register(subparsers) -> None:
     r.add_argument("--force", action="store_true", help="run again over a finished OUT (replaced at the end)")
     r.add_argument("--keep-intermediate", action="store_true",
                    help="keep the pruned weights before healing and the healing checkpoints")
-    r.set_defaults(func=_user_errors(_run))
-    add_export_parser(sub, _user_errors)
+    r.add_argument("--stop-after", choices=list(STAGES), help="stop after this stage (the work stays in OUT.partial; "
+                   "rerunning without it goes on), e.g. measure, to look at the distance table first")
+    r.set_defaults(func=_run)
+    add_export_parser(sub)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from prunefusion.checkpoints import load_tokenizer
 from prunefusion.compression.heal import HealConfig, load_base, lora_model, merge, plot_losses, train_lora
+from prunefusion.model_kinds import ENCODER
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
 
 
 def _load_teacher(teacher_dir: Path, student_config, device: str):
-    from transformers import AutoModel
-
-    teacher = AutoModel.from_pretrained(teacher_dir, use_safetensors=True, local_files_only=True,
+    teacher = ENCODER.auto_model().from_pretrained(teacher_dir, use_safetensors=True, local_files_only=True,
                                         dtype=torch.float32).to(device).eval()
     for name in ("model_type", "hidden_size", "vocab_size"):
         if getattr(teacher.config, name) != getattr(student_config, name):
@@ -100,15 +100,13 @@ def _load_teacher(teacher_dir: Path, student_config, device: str):
 
 
 def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str],
-            cfg: DistillConfig = DistillConfig(), stop_after: int | None = None) -> dict:
+            cfg: DistillConfig = DistillConfig(), stop_after_steps: int | None = None) -> dict:
     """Train the pruned `student_dir` toward `teacher_dir`'s embeddings of `texts` (resuming from
     out_dir/checkpoints), save out_dir/adapter, merge into out_dir/merged, plot out_dir/heal_loss.png.
 
-    `stop_after`: leave after this many steps in this run, as a killed job would (checkpoints stay). Returns
+    `stop_after_steps`: leave after this many steps in this run (checkpoints stay; a rerun resumes). Returns
     {"steps_run", "step", "resumed_from", "losses"} and, when finished, "merge" (max_hidden_difference).
     """
-    from transformers import AutoModel, AutoTokenizer
-
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
@@ -117,9 +115,9 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
     checkpoints.mkdir(parents=True, exist_ok=True)
     (out_dir / "heal_config.json").write_text(
         json.dumps({"method": "distill", "teacher": str(teacher_dir), **asdict(cfg)}, indent=1) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
+    tokenizer = load_tokenizer(student_dir)
     torch.manual_seed(cfg.seed)
-    model = lora_model(load_base(student_dir, cfg, loader=AutoModel), cfg, task_type="FEATURE_EXTRACTION")
+    model = lora_model(load_base(student_dir, cfg, ENCODER), cfg, ENCODER)
     if not cfg.encoder_dropout:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
@@ -134,7 +132,7 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
             target = teacher(**enc)[0].float()
         return distill_loss(model(**enc)[0].float(), target, enc["attention_mask"], cfg.token_weight)
 
-    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after, desc="distill")
+    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps, desc="distill")
     if summary["step"] < cfg.steps:
         return summary
     model.save_pretrained(out_dir / "adapter")
@@ -142,6 +140,11 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
     plot_losses(losses, out_dir / "heal_loss.png", ylabel="1 - cos(student, teacher)" +
                 (f" + {cfg.token_weight} x token MSE" if cfg.token_weight else ""),
                 title=f"distillation toward the unpruned encoder (final loss {losses[-1]:.4f})")
-    summary["merge"] = merge(student_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device,
-                             loader=AutoModel)
+    summary["merge"] = merge(student_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device, ENCODER)
     return summary
+
+
+def heal_pruned(pruned_dir: Path, original_dir: Path, out_dir: Path, texts: list[str], cfg: DistillConfig,
+                stop_after_steps: int | None = None) -> dict:
+    """The encoder row of the model-kind table: distillation toward the unpruned original."""
+    return distill(pruned_dir, original_dir, out_dir, texts, cfg, stop_after_steps)

@@ -61,13 +61,11 @@ def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> 
 
 
 def evaluate(model_dir: Path, held_out: list[str], task: list[dict] | None = None) -> Evaluation:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from prunefusion.compression.layers import find_layers
+    from prunefusion.model_kinds import CAUSAL_LM
     from prunefusion.models.build import pack_documents, perplexity, windows
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    model, tokenizer = CAUSAL_LM.load(Path(model_dir))
     rows = windows(pack_documents(tokenizer, held_out), 256)
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -78,16 +76,23 @@ def evaluate(model_dir: Path, held_out: list[str], task: list[dict] | None = Non
         mc_accuracy=mc_accuracy(model, tokenizer, task) if task else None)
 
 
-def evaluate_encoders(model_dirs: list[Path], held_out: list[str]) -> list[dict]:
+def evaluate_causal_lms(model_dirs: list[Path], held_out: list[str], task: list[dict] | None = None) -> list[dict]:
+    """The causal-LM row of the model-kind table: one evaluation row per model."""
+    return to_json([evaluate(Path(m), held_out, task) for m in model_dirs])
+
+
+def evaluate_encoders(model_dirs: list[Path], held_out: list[str], task: list[dict] | None = None) -> list[dict]:
     """Encoders (sentence embeddings by mean pooling): mean cosine of each model's embeddings of the held-out
     sentences to the first model's (the original), sentences embedded per second, size."""
     from prunefusion.compression.distill import mean_cosine, mean_pooled_embeddings
     from prunefusion.compression.layers import find_layers
-    from prunefusion.compression.loading import load_model
+    from prunefusion.model_kinds import ENCODER
 
+    if task is not None:
+        raise ValueError("a multiple-choice task is for causal LMs; encoders are evaluated on held-out sentences")
     rows, reference = [], None
     for model_dir in model_dirs:
-        model, tokenizer = load_model(Path(model_dir))
+        model, tokenizer = ENCODER.load(Path(model_dir))
         mean_pooled_embeddings(model, tokenizer, held_out[:32])  # warm-up
         start = time.perf_counter()
         embeddings = mean_pooled_embeddings(model, tokenizer, held_out)

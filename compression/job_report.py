@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from prunefusion.compression.evaluate import rows_table
+from prunefusion.compression.records import Distances, JobManifest, Metrics, Source
 
 VERSIONED = ("prunefusion", "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
              "safetensors")
@@ -34,78 +35,75 @@ def best_blocks(distances: dict) -> list[dict]:
     return [{"n": int(n), **row} for n, row in distances["best_last_token"].items()]
 
 
-def build_manifest(ctx) -> dict:
-    from prunefusion.checkpoints import digest_files, weight_files
+def build_manifest(ctx) -> JobManifest:
+    from prunefusion.checkpoints import weights_digest
 
-    results = ctx.results
-    pruned = results["prune"]
-    distances = json.loads((ctx.work / "measure" / "distances.json").read_text())
-    rows = {row["label"]: row for row in results["evaluate"]["rows"]}
+    measured, pruned, heal = ctx.results["measure"], ctx.results["prune"], ctx.results.get("heal")
+    evaluation = ctx.results["evaluate"]
+    distances = json.loads((ctx.work / measured.distances).read_text())
+    rows = evaluation.by_label()
     final = rows.get("healed", rows["pruned"])
-    metrics = {"held_out_perplexity": final.get("held_out_perplexity"), "mean_cosine": final.get("mean_cosine"),
-               "evaluation": results["evaluate"]["rows"]}
+    gap = None
     if "healed" in rows and final.get("held_out_perplexity") is not None:
-        metrics["healing_gap_recovered"] = gap_recovered(rows["original"]["held_out_perplexity"],
-                                                         rows["pruned"]["held_out_perplexity"],
-                                                         final["held_out_perplexity"])
+        gap = gap_recovered(rows["original"]["held_out_perplexity"], rows["pruned"]["held_out_perplexity"],
+                            final["held_out_perplexity"])
     job_text = (ctx.work / "job.yaml").read_text()
-    return {
-        "kind": "prunefusion.compressed",
-        "name": ctx.spec.name,
-        "job": ctx.spec.model_dump(),
-        "job_sha256": hashlib.sha256(job_text.encode()).hexdigest(),
-        "source": {"path": str(ctx.spec.model_path), "weights_digest": pruned["source_weights_digest"],
-                   "num_layers": pruned["original_num_layers"]},
-        "strategy": pruned["strategy"],
-        "removed": pruned["removed"],
-        "kept": pruned["kept"],
-        "distance": pruned["distance"],
-        "distances": {"file": "measure/distances.json", "samples": distances["samples"],
-                      "best_last_token": best_blocks(distances)},
-        "healing": results.get("heal"),
-        "metrics": metrics,
-        "num_parameters": final["parameters"],
-        "weights_digest": digest_files(weight_files(ctx.work)),
-        "stage_seconds": {stage: r["seconds"] for stage, r in results.items()},
-        "device": ctx.device,
-        "versions": package_versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return JobManifest(
+        name=ctx.spec.name,
+        job=ctx.spec.model_dump(),
+        job_sha256=hashlib.sha256(job_text.encode()).hexdigest(),
+        source=Source(path=str(ctx.spec.model_path), weights_digest=pruned.source_weights_digest,
+                      num_layers=pruned.original_num_layers),
+        strategy=pruned.strategy,
+        removed=pruned.removed,
+        kept=pruned.kept,
+        distance=pruned.distance,
+        distances=Distances(file=measured.distances, samples=distances["samples"],
+                            best_last_token=best_blocks(distances)),
+        healing=heal,
+        metrics=Metrics(held_out_perplexity=final.get("held_out_perplexity"), mean_cosine=final.get("mean_cosine"),
+                        evaluation=evaluation.rows, healing_gap_recovered=gap),
+        num_parameters=final["parameters"],
+        weights_digest=weights_digest(ctx.work),
+        stage_seconds={stage: r.seconds for stage, r in ctx.results.items()},
+        device=ctx.device,
+        versions=package_versions(),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
-def write_report(ctx, manifest: dict, path: Path) -> None:
+def write_report(ctx, manifest: JobManifest, path: Path) -> None:
     m = manifest
-    start, end = m["removed"]
+    start, end = m.removed
     lines = [
-        f"# Compression job `{m['name']}`", "",
-        f"Source `{m['source']['path']}` ({m['source']['num_layers']} layers, weights "
-        f"`{m['source']['weights_digest'][:16]}`). Removed layers **[{start}, {end})** (0-based, half-open) by "
-        f"the `{m['strategy']}` strategy" + (f", angular distance {m['distance']:.4f}" if m["distance"] else "")
-        + f"; kept {m['kept']}.", "",
+        f"# Compression job `{m.name}`", "",
+        f"Source `{m.source.path}` ({m.source.num_layers} layers, weights `{m.source.weights_digest[:16]}`). "
+        f"Removed layers **[{start}, {end})** (0-based, half-open) by the `{m.strategy}` strategy"
+        + (f", angular distance {m.distance:.4f}" if m.distance else "") + f"; kept {m.kept}.", "",
         "Rerun: `prunefusion compress run job.yaml --out DIR` (the job file is beside this report).", "",
         "## Angular distances", "",
-        f"Measured over {m['distances']['samples']} calibration samples (last token; `measure/distances.csv` has "
+        f"Measured over {m.distances.samples} calibration samples (last token; `measure/distances.csv` has "
         "every block and the all-token variant).", "",
         "![d(l, n)](measure/distance_heatmap.png)", "", "![best block per size](measure/best_blocks.png)", "",
         "| n | best start l*(n) | d*(n) |", "|---|---|---|",
-        *(f"| {b['n']} | {b['start']} | {b['distance']:.4f} |" for b in m["distances"]["best_last_token"]), "",
+        *(f"| {b['n']} | {b['start']} | {b['distance']:.4f} |" for b in m.distances.best_last_token), "",
     ]
-    heal = m["healing"]
+    heal = m.healing
     if heal:
-        how = ("distillation toward the original's embeddings" if heal["distilled"] else "next-token loss")
-        merged = next(v for k, v in heal["merge"].items() if k.startswith("max_"))
+        how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"
+        merged = next(v for k, v in heal.merge.items() if k.startswith("max_"))
         lines += ["## Healing", "",
-                  f"{heal['method'].upper()} ({how}), rank {heal['config']['rank']}, {heal['step']} steps of "
-                  f"{heal['config']['batch_size']}, learning rate {heal['config']['learning_rate']:g}; loss "
-                  f"{heal['first_loss']:.3f} -> {heal['final_loss']:.3f} (mean of the last 10); merged vs adapter "
+                  f"{heal.method.upper()} ({how}), rank {heal.config['rank']}, {heal.step} steps of "
+                  f"{heal.config['batch_size']}, learning rate {heal.config['learning_rate']:g}; loss "
+                  f"{heal.first_loss:.3f} -> {heal.final_loss:.3f} (mean of the last 10); merged vs adapter "
                   f"max difference {merged:.1e}.", "",
-                  f"![healing loss]({heal['loss_curve']})", ""]
-    lines += ["## Evaluation", "", *rows_table(m["metrics"]["evaluation"]).splitlines(), ""]
-    if m["metrics"].get("healing_gap_recovered") is not None:
-        lines += [f"Healing recovered **{m['metrics']['healing_gap_recovered']:.0%}** of the perplexity gap "
+                  f"![healing loss]({heal.loss_curve})", ""]
+    lines += ["## Evaluation", "", *rows_table(m.metrics.evaluation).splitlines(), ""]
+    if m.metrics.healing_gap_recovered is not None:
+        lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap "
                   "between the pruned and the original model.", ""]
     lines += ["## Run", "", "| stage | seconds |", "|---|---|",
-              *(f"| {s} | {sec:.1f} |" for s, sec in m["stage_seconds"].items()), "",
-              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; device {m['device']}.",
+              *(f"| {s} | {sec:.1f} |" for s, sec in m.stage_seconds.items()), "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items() if v) + f"; device {m.device}.",
               ""]
     path.write_text("\n".join(lines))

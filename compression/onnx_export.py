@@ -21,6 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
+from prunefusion.atomic import atomic_dir
+
 ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 and most other runtimes load it
@@ -135,7 +137,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int | None = None, ato
     import onnxruntime as ort
     import torch
 
-    from prunefusion.compression.loading import is_causal, load_model
+    from prunefusion.model_kinds import checkpoint_kind
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -143,61 +145,51 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int | None = None, ato
         raise ValueError(f"opset {opset} is not supported: choose one in [{MIN_OPSET}, {MAX_OPSET}]")
     if atol <= 0:
         raise ValueError(f"atol must be positive, got {atol}")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+    kind = checkpoint_kind(model_dir)
     if out_dir.resolve() in (model_dir.resolve(), *model_dir.resolve().parents):
         raise ValueError(f"--out {out_dir} would replace the model directory {model_dir} (or one holding it)")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
 
     started = time.monotonic()
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = kind.load(model_dir)
     model = model.float()  # onnxruntime's CPU kernels have no bfloat16 MatMul; float32 also keeps atol meaningful
-    causal = is_causal(model.config)  # as load_model decided
-    output = "logits" if causal else "last_hidden_state"
-    forward = _wrap(model, output, causal)
+    output = kind.output
+    forward = _wrap(model, output, kind.name == "causal-lm")
     vocab = model.config.get_text_config().vocab_size
     longest = min(16, _max_positions(model.config))
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    onnx_path = tmp / ONNX_NAME
-    _export(forward, sample_inputs(vocab, 2, min(8, longest), seed=0, pad=min(3, longest - 1)), onnx_path, output,
-            opset)
-    onnx_files = consolidate_external_data(onnx_path)
-    size = sum((tmp / name).stat().st_size for name in onnx_files)
+    with atomic_dir(out_dir) as tmp:  # a failed verification leaves OUT.partial for inspection
+        onnx_path = tmp / ONNX_NAME
+        _export(forward, sample_inputs(vocab, 2, min(8, longest), seed=0, pad=min(3, longest - 1)), onnx_path, output,
+                opset)
+        onnx_files = consolidate_external_data(onnx_path)
+        size = sum((tmp / name).stat().st_size for name in onnx_files)
 
-    onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GB
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    cases = [sample_inputs(vocab, 1, min(5, longest), seed=1),
-             sample_inputs(vocab, 3, longest, seed=2, pad=longest // 2),
-             sample_inputs(vocab, 1, 1, seed=3)]
-    diffs = [compare(session, forward, feeds) for feeds in cases]
-    worst = max(diffs, key=lambda d: (math.isnan(d), d))  # a NaN is the worst
-    if not worst <= atol:
-        raise ExportMismatch(f"onnxruntime differs from torch by {worst:.3g} > atol {atol:g} (per input: "
-                             f"{', '.join(f'{d:.3g}' for d in diffs)}); export left in {tmp}")
+        onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GB
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        cases = [sample_inputs(vocab, 1, min(5, longest), seed=1),
+                 sample_inputs(vocab, 3, longest, seed=2, pad=longest // 2),
+                 sample_inputs(vocab, 1, 1, seed=3)]
+        diffs = [compare(session, forward, feeds) for feeds in cases]
+        worst = max(diffs, key=lambda d: (math.isnan(d), d))  # a NaN is the worst
+        if not worst <= atol:
+            raise ExportMismatch(f"onnxruntime differs from torch by {worst:.3g} > atol {atol:g} (per input: "
+                                 f"{', '.join(f'{d:.3g}' for d in diffs)}); export left in {tmp}")
 
-    tokenizer.save_pretrained(tmp)
-    for name in CONFIG_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, tmp / name)
-    summary = {"kind": "prunefusion.onnx", "source": str(model_dir), "path": str(out_dir / ONNX_NAME),
-               "files": onnx_files, "size_bytes": size, "opset": opset, "exporter": "torchscript",
-               "torch": torch.__version__, "task": "causal-lm" if causal else "encoder",
-               "inputs": [i.name for i in session.get_inputs()], "outputs": [o.name for o in session.get_outputs()],
-               "atol": atol, "max_abs_difference": worst,
-               "verified_shapes": [list(c["input_ids"].shape) for c in cases],
-               "seconds": round(time.monotonic() - started, 2)}
-    (tmp / "onnx_export.json").write_text(json.dumps(summary, indent=1) + "\n")
-    del session
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        for name in CONFIG_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        summary = {"kind": "prunefusion.onnx", "source": str(model_dir), "path": str(out_dir / ONNX_NAME),
+                   "files": onnx_files, "size_bytes": size, "opset": opset, "exporter": "torchscript",
+                   "torch": torch.__version__, "task": kind.name,
+                   "inputs": [i.name for i in session.get_inputs()], "outputs": [o.name for o in session.get_outputs()],
+                   "atol": atol, "max_abs_difference": worst,
+                   "verified_shapes": [list(c["input_ids"].shape) for c in cases],
+                   "seconds": round(time.monotonic() - started, 2)}
+        (tmp / "onnx_export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        del session
     return summary
 
 
@@ -213,8 +205,8 @@ def _export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_parser(sub, user_errors) -> None:
-    """The `export-onnx` subcommand on `compress`'s subparsers; `user_errors` wraps it (bad input -> exit 2)."""
+def add_export_parser(sub) -> None:
+    """The `export-onnx` subcommand on `compress`'s subparsers."""
     x = sub.add_parser("export-onnx", help="export a (pruned) checkpoint to ONNX, verified with onnxruntime",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("--model", required=True, help="a Hugging Face model directory (e.g. from `compress prune`)")
@@ -223,4 +215,4 @@ def add_export_parser(sub, user_errors) -> None:
                    f"(default {DEFAULT_OPSET})")
     x.add_argument("--atol", type=float, default=1e-4, help="max abs difference from torch allowed (default 1e-4)")
     x.add_argument("--force", action="store_true", help="replace --out")
-    x.set_defaults(func=user_errors(_export_command))
+    x.set_defaults(func=_export_command)

@@ -7,15 +7,16 @@ strategy needs one) or is given explicitly; the checkpoint is written under a te
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from prunefusion.atomic import atomic_dir
 from prunefusion.compression.layers import prune_layers
 from prunefusion.compression.measure import DistanceTable
-from prunefusion.compression.strategies import NEEDS_TABLE, STRATEGIES, block_size
+from prunefusion.compression.records import PruneResult
+from prunefusion.compression.strategies import STRATEGIES, block_size
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -47,12 +48,12 @@ def choose_block(num_layers: int, *, strategy: str = "angular", n: int | None = 
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
         size = block_size(num_layers, n, fraction)
-        if strategy in NEEDS_TABLE:
+        if STRATEGIES[strategy].needs_table:
             if table is None:
                 raise ValueError(f"strategy {strategy!r} needs a distance table (compress measure)")
             if table.num_layers != num_layers:
                 raise ValueError(f"distances are for {table.num_layers} layers, the model has {num_layers}")
-        start = STRATEGIES[strategy](table, size, num_layers, seed)
+        start = STRATEGIES[strategy].choose(table, size, num_layers, seed)
         end = start + size
     distances = table.all_tokens if strategy == "angular-all-tokens" else table.last_token if table else None
     distance = distances[end - start][start] if distances and end - start in distances else None
@@ -60,24 +61,20 @@ def choose_block(num_layers: int, *, strategy: str = "angular", n: int | None = 
 
 
 def write_pruned(model, tokenizer, block: Block, out: Path, *, source: Path, source_digest: str,
-                 allow_last: bool = False) -> dict:
+                 allow_last: bool = False) -> PruneResult:
     """Prune `model` in place, save to `out` (atomically), verify the reload, write and return its manifest."""
-    from prunefusion.checkpoints import digest_files
+    from prunefusion.checkpoints import weights_digest
 
     pruned, record = prune_layers(model, block.start, block.end, inplace=True, allow_last=allow_last)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pruned.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    verify_reload(pruned, tokenizer, tmp)
-    manifest = {"kind": "prunefusion.pruned", "source": str(source), "source_weights_digest": source_digest,
-                "strategy": block.strategy, **record, "distance": block.distance,
-                "num_parameters": sum(p.numel() for p in pruned.parameters()),
-                "weights_digest": digest_files(sorted(tmp.glob("*.safetensors")))}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        pruned.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        verify_reload(pruned, tokenizer, tmp)
+        manifest = PruneResult(source=str(source), source_weights_digest=source_digest, strategy=block.strategy,
+                               **record, distance=block.distance,
+                               num_parameters=sum(p.numel() for p in pruned.parameters()),
+                               weights_digest=weights_digest(tmp))
+        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
     return manifest
 
 

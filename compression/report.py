@@ -64,15 +64,16 @@ def run_measure(model_dir: Path, out: Path, data: list[str], samples: int, seq_l
                 texts: list[str] | None = None) -> DistanceTable:
     """Measure `model_dir` on calibration text (`texts`, else read from `data`); write distances.json,
     distances.csv and the two plots into out."""
-    from prunefusion.checkpoints import digest_files, weight_files
-    from prunefusion.compression.loading import load_model, load_texts
+    from prunefusion.checkpoints import weights_digest
     from prunefusion.compression.measure import measure, tokenized_batches
+    from prunefusion.model_kinds import load_model
+    from prunefusion.texts import load_texts
 
     model, tokenizer = load_model(model_dir)
     texts = (texts if texts is not None else load_texts(data))[:samples]
     batches = tokenized_batches(tokenizer, texts, seq_len, batch_size)
     table = measure(model, batches, total=len(batches))
-    table.meta = {"model": str(model_dir), "weights_digest": digest_files(weight_files(model_dir)),
+    table.meta = {"model": str(model_dir), "weights_digest": weights_digest(model_dir),
                   "calibration": {"sources": data or ["stdlib corpus"], "seq_len": seq_len, "batch_size": batch_size}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "distances.json").write_text(json.dumps(table.to_json(), indent=1) + "\n")

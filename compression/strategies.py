@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prunefusion.compression.angular import best_block
 from prunefusion.compression.measure import DistanceTable
@@ -40,14 +41,20 @@ def random_block(table: DistanceTable | None, n: int, num_layers: int, seed: int
     return random.Random(seed).randrange(num_layers - n)
 
 
-STRATEGIES: dict[str, Callable[[DistanceTable | None, int, int, int], int]] = {
-    "angular": angular,
-    "angular-all-tokens": angular_all_tokens,
-    "simple": simple,
-    "block-influence": block_influence,
-    "random": random_block,
+@dataclass(frozen=True)
+class Strategy:
+    choose: Callable[[DistanceTable | None, int, int, int], int]
+    needs_table: bool  # reads the distance table of `compress measure`
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "angular": Strategy(angular, needs_table=True),
+    "angular-all-tokens": Strategy(angular_all_tokens, needs_table=True),
+    "simple": Strategy(simple, needs_table=False),
+    "block-influence": Strategy(block_influence, needs_table=True),
+    "random": Strategy(random_block, needs_table=False),
 }
-NEEDS_TABLE = {"angular", "angular-all-tokens", "block-influence"}
+NEEDS_TABLE = frozenset(name for name, strategy in STRATEGIES.items() if strategy.needs_table)
 
 
 def block_size(num_layers: int, n: int | None, fraction: float | None) -> int:

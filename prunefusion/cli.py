@@ -10,6 +10,12 @@
     prunefusion compress measure --model DIR --out runs/measure
     prunefusion compress prune --model DIR --out DIR --fraction 0.25
     prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out DIR
+    prunefusion score data/*.jsonl --out kept.jsonl
+    prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned
+
+Every command has --help. Bad input (a missing file, a value out of range) is one line on stderr and exit status 2.
+
+This is the one module outside server/ that imports prunefusion.server: `serve` starts it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -28,13 +34,9 @@ PRUNED_DEFAULT_JOB, PRUNED_DEFAULT_DIR = "tiny-lm-angular-25", "tiny-lm-pruned" 
 
 def _serve(args: argparse.Namespace) -> int:
     from prunefusion.server.app import serve
-    from prunefusion.server.config import ConfigError, load_config
+    from prunefusion.server.config import load_config
 
-    try:
-        config = load_config(args.config)
-    except (ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,19 +51,16 @@ def _build(args: argparse.Namespace) -> int:
     from prunefusion.models.recipes import RECIPES
 
     if args.recipe not in RECIPES:
-        print(f"error: unknown LM recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
-        return 2
-
+        raise ValueError(f"unknown LM recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
     out = Path(args.out) if args.out else default_model_dir("tiny-lm" if args.recipe == "default"
                                                             else f"tiny-lm-{args.recipe}")
     with_pruned = args.recipe == "default" and not args.out and not args.no_pruned
     try:
         result = build_model(args.recipe, out, steps=args.steps, seed=args.seed, force=args.force,
                              device=args.device)
-    except FileExistsError as err:
+    except FileExistsError:
         if not with_pruned:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+            raise
         print(f"{out} exists; kept (--force rebuilds it)")
     else:
         m = result.manifest
@@ -74,16 +73,11 @@ def _build_transfusion(args: argparse.Namespace) -> int:
     from prunefusion.transfusion.build import RECIPES, build_transfusion
 
     if args.recipe not in RECIPES:
-        print(f"error: unknown Transfusion recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown Transfusion recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
     out = Path(args.out) if args.out else default_model_dir(
         "transfusion" if args.recipe == "default" else f"transfusion-{args.recipe}")
-    try:
-        m = build_transfusion(args.recipe, out, steps=args.steps, seed=args.seed, device=args.device,
-                              dtype=args.dtype, force=args.force)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    m = build_transfusion(args.recipe, out, steps=args.steps, seed=args.seed, device=args.device, dtype=args.dtype,
+                          force=args.force)
     print(f"built {out}: {m['num_parameters']:,} parameters, {m['training']['steps']} steps in "
           f"{m['training']['seconds'] / 60:.1f} min (report.md there)")
     if "evaluation" in m:
@@ -103,8 +97,8 @@ def _build_pruned(force: bool) -> int:
         print(f"{out} exists; kept (--force rebuilds it)")
         return 0
     manifest = build(PRUNED_DEFAULT_JOB, out, force=force)
-    rows = {row["label"]: row["held_out_perplexity"] for row in manifest["metrics"]["evaluation"]}
-    start, end = manifest["removed"]
+    rows = {row["label"]: row["held_out_perplexity"] for row in manifest.metrics.evaluation}
+    start, end = manifest.removed
     print(f"built {out}: layers [{start}, {end}) removed and healed; held-out perplexity original "
           f"{rows['original']:.2f}, pruned {rows['pruned']:.2f}, healed {rows['healed']:.2f} (report.md there)")
     return 0
@@ -169,9 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A command whose first argument is not one of its subcommands runs this one: `score FILES...` = `score files ...`.
+DEFAULT_SUBCOMMANDS = {"score": "files"}
+HELP_FLAGS = ("-h", "--help")
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name (argparse keeps them in its private action list: there is no public API)."""
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def with_default_subcommand(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Insert a command's default subcommand where the command line leaves it out."""
+    if len(argv) < 2 or argv[0] not in DEFAULT_SUBCOMMANDS or argv[1] in HELP_FLAGS:
+        return argv
+    if argv[1] in subcommands(subcommands(parser)[argv[0]]):
+        return argv
+    return [argv[0], DEFAULT_SUBCOMMANDS[argv[0]], *argv[1:]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(with_default_subcommand(parser, argv))
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input: a missing file, a value out of range, a config error
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -66,9 +65,8 @@ def _threshold_pairs(items: list[str]) -> dict[str, float]:
     return pairs
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunefusion score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `prunefusion score [files] FILES...`."""
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="kept documents (JSONL)")
     p.add_argument("--rejected", type=Path, help="rejected documents (JSONL)")
@@ -85,27 +83,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--long-files", type=float, metavar="PERCENT", help="reject the longest PERCENT of documents")
     p.add_argument("--workers", type=int, default=2, help="scoring processes (0: this process)")
     p.add_argument("--batch-size", type=int, default=256)
-    return p
 
 
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from prunefusion.quality.sharma import load_weights
 
-    args = parser().parse_args(argv)
-    try:
-        options = ScoreOptions(methods=tuple(args.methods),
-                               thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
-                               min_score=args.min_score)
-        options.check()
-        if args.drop_bottom_percent is not None:
-            ScoreOptions(drop_bottom_percent=args.drop_bottom_percent, methods=options.methods).check()
-        weights = load_weights(args.weights)
-        records = read_documents(args.files)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    options = ScoreOptions(methods=tuple(args.methods), thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
+                           min_score=args.min_score)
+    options.check()
+    if args.drop_bottom_percent is not None:
+        ScoreOptions(drop_bottom_percent=args.drop_bottom_percent, methods=options.methods).check()
+    weights = load_weights(args.weights)
+    records = read_documents(args.files)
     started = time.perf_counter()
     batches = [records[i:i + args.batch_size] for i in range(0, len(records), args.batch_size)]
     executor = scoring_executor(args.workers)

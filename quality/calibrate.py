@@ -74,7 +74,7 @@ def calibrate(reference_model: Path, texts: list[str], *, max_lines: int | None 
               data_description: str = "", batch_size: int = 32, device: str = "cpu") -> Weights:
     """Weights for the Sharma score from a reference LM directory and calibration documents."""
     from prunefusion.checkpoints import digest_files
-    from prunefusion.compression.loading import load_model
+    from prunefusion.model_kinds import load_model
 
     lines = [line for text in texts for line in split_lines(text)]
     if not lines:

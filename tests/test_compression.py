@@ -178,6 +178,12 @@ def test_measure_and_prune_commands_write_servable_checkpoints(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
     refused = run_cli("prune", "--model", str(source), "--out", str(tmp_path / "x"), "--layers", "4:6")
     assert refused.returncode == 2 and "error: [4, 6) would drop the final layer" in refused.stderr
+    forced = run_cli("prune", "--model", str(source), "--out", str(tmp_path / "x"), "--layers", "4:6", "--force")
+    assert forced.returncode == 2 and "would drop the final layer" in forced.stderr  # --force only replaces --out
+    allowed = run_cli("prune", "--model", str(source), "--out", str(tmp_path / "x"), "--layers", "4:6",
+                      "--allow-last")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["removed"] == [4, 6]
 
 
 def test_pack_documents_ignores_padding_left_on_the_tokenizer(tokenizer):

@@ -3,7 +3,6 @@ plain checkpoint equal to the adapter, trains only the FFN, resumes after a kill
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -136,7 +135,7 @@ def test_lora_wraps_the_ffn_only_and_the_merge_is_plain_and_equal_to_the_adapter
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, models, data, healed):
     teacher, student = models
-    first = distill(student, teacher, tmp_path, data[0], CFG, stop_after=12)  # killed after 12; checkpoint at 10
+    first = distill(student, teacher, tmp_path, data[0], CFG, stop_after_steps=12)  # killed after 12; checkpoint at 10
     assert first["steps_run"] == 12 and "merge" not in first and not (tmp_path / "merged").exists()
     second = distill(student, teacher, tmp_path, data[0], CFG)
     assert second["resumed_from"] == 10 and second["steps_run"] == CFG.steps - 10
@@ -163,12 +162,10 @@ def test_plain_lora_and_a_teacher_that_does_not_fit(tmp_path, models, data):
         distill(student, other, tmp_path / "bad", data[0], cfg)
 
 
-def _heal_args(*argv: str) -> argparse.Namespace:
-    from prunefusion.compression.cli import register
+def _heal(*argv: str) -> int:
+    from prunefusion.cli import main
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["compress", "heal", *argv])
+    return main(["compress", "heal", *argv])
 
 
 def test_compress_heal_distills_encoders_and_needs_the_teacher(tmp_path, models, data, capsys):
@@ -176,12 +173,10 @@ def test_compress_heal_distills_encoders_and_needs_the_teacher(tmp_path, models,
     texts = tmp_path / "sentences.jsonl"
     texts.write_text("\n".join(json.dumps({"text": t}) for t in data[0]) + "\n")
     common = ["--model", str(student), "--data", str(texts), "--steps", "3", "--warmup", "1", "--checkpoint-every", "3"]
-    args = _heal_args(*common, "--out", str(tmp_path / "none"))
-    assert args.func(args) == 2
+    assert _heal(*common, "--out", str(tmp_path / "none")) == 2
     assert "--teacher" in capsys.readouterr().err
-    args = _heal_args(*common, "--out", str(tmp_path / "healed"), "--teacher", str(teacher))
-    assert args.func(args) == 0
-    assert "distilled" in capsys.readouterr().out
+    assert _heal(*common, "--out", str(tmp_path / "healed"), "--teacher", str(teacher)) == 0
+    assert "by distillation toward the original's embeddings" in capsys.readouterr().out
     config = json.loads((tmp_path / "healed" / "heal_config.json").read_text())
     # the encoder's defaults, not the causal LM's: plain LoRA, 32 sentences of up to 128 tokens
     assert config["method"] == "distill" and config["batch_size"] == 32 and config["seq_len"] == 128

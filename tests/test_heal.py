@@ -76,7 +76,7 @@ def test_merged_checkpoint_is_plain_and_equals_the_adapter(healed, pruned_dir):
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, pruned_dir, texts, healed):
-    first = heal(pruned_dir, tmp_path, texts, CFG, stop_after=12)  # killed after step 12; checkpoint at 10
+    first = heal(pruned_dir, tmp_path, texts, CFG, stop_after_steps=12)  # killed after step 12; checkpoint at 10
     assert first["steps_run"] == 12 and "merge" not in first and not (tmp_path / "merged").exists()
     second = heal(pruned_dir, tmp_path, texts, CFG)
     assert second["resumed_from"] == 10 and second["steps_run"] == 50

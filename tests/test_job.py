@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from prunefusion.compression.job import load_job, run_job
+from prunefusion.compression.records import JobManifest
+from prunefusion.model_kinds import CAUSAL_LM
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "compression" / "jobs"
 
@@ -54,19 +56,20 @@ def test_a_job_writes_a_servable_checkpoint_with_manifest_and_report(finished, s
     _, source, _ = setup
     distances = json.loads((out / "measure" / "distances.json").read_text())
     start = distances["best_last_token"]["2"]["start"]
-    assert manifest["removed"] == [start, start + 2] and manifest["strategy"] == "angular"
-    assert manifest["source"]["weights_digest"] == digest_files(weight_files(source))
-    assert manifest["distance"] == pytest.approx(distances["best_last_token"]["2"]["distance"])
-    labels = [row["label"] for row in manifest["metrics"]["evaluation"]]
+    assert manifest.removed == [start, start + 2] and manifest.strategy == "angular"
+    assert manifest.source.weights_digest == digest_files(weight_files(source))
+    assert manifest.distance == pytest.approx(distances["best_last_token"]["2"]["distance"])
+    labels = [row["label"] for row in manifest.metrics.evaluation]
     assert labels == ["original", "pruned", "healed"]
-    healed = manifest["metrics"]["evaluation"][2]
-    assert healed["num_layers"] == 3 and manifest["metrics"]["held_out_perplexity"] == healed["held_out_perplexity"]
-    assert manifest["versions"]["torch"] and manifest["versions"]["peft"]
-    assert json.loads((out / "manifest.json").read_text()) == manifest
+    healed = manifest.metrics.evaluation[2]
+    assert healed["num_layers"] == 3 and manifest.metrics.held_out_perplexity == healed["held_out_perplexity"]
+    assert manifest.versions["torch"] and manifest.versions["peft"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest.to_json()
+    assert JobManifest.load(out / "manifest.json") == manifest  # the typed record reads back whole
     assert (out / "job.yaml").read_text().startswith("calibration")  # the job file itself, as given
     # the directory is the healed model, servable as is; intermediates are gone
     loaded = load_causal_lm(out)
-    assert loaded.num_layers == 3 and loaded.weights_digest == manifest["weights_digest"]
+    assert loaded.num_layers == 3 and loaded.weights_digest == manifest.weights_digest
     assert not (out / "heal" / "checkpoints").exists() and not list((out / "pruned").glob("*.safetensors"))
     report = (out / "report.md").read_text()
     assert f"[{start}, {start + 2})" in report
@@ -79,14 +82,14 @@ def test_a_job_writes_a_servable_checkpoint_with_manifest_and_report(finished, s
 def test_a_killed_job_resumes_and_only_a_finished_one_is_named_out(setup, finished, tmp_path):
     root, source, texts = setup
     job, out = write_job(tmp_path, source, texts), tmp_path / "out"
-    assert run_job(job, out, stop_after="heal") == {}  # killed after healing: nothing named out yet
+    assert run_job(job, out, stop_after="heal") is None  # stopped (as if killed) after healing: no out yet
     assert not out.exists() and (tmp_path / "out.partial" / "stages" / "heal.json").is_file()
     stamps = {s: (tmp_path / "out.partial" / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("measure", "heal")}
     manifest = run_job(job, out)
     for stage, stamp in stamps.items():  # finished stages were not run again
         assert (out / "stages" / f"{stage}.json").stat().st_mtime_ns == stamp
-    assert manifest["removed"] == finished[1]["removed"]
-    assert manifest["weights_digest"] == finished[1]["weights_digest"]  # same job, same seed: same weights
+    assert manifest.removed == finished[1].removed
+    assert manifest.weights_digest == finished[1].weights_digest  # same job, same seed: same weights
     with pytest.raises(FileExistsError, match="finished job"):
         run_job(job, out)
 
@@ -100,8 +103,8 @@ def test_an_unfinished_run_of_another_job_is_not_resumed_by_mistake(setup, tmp_p
     with pytest.raises(ValueError, match="different job"):
         run_job(other, out)
     manifest = run_job(other, out, restart=True)
-    assert manifest["removed"] == [3, 4] and manifest["healing"] is None
-    assert [row["label"] for row in manifest["metrics"]["evaluation"]] == ["original", "pruned"]
+    assert manifest.removed == [3, 4] and manifest.healing is None
+    assert [row["label"] for row in manifest.metrics.evaluation] == ["original", "pruned"]
 
 
 def test_bad_jobs_are_refused_with_the_field_named(tmp_path):
@@ -143,17 +146,17 @@ def test_an_encoder_job_heals_by_distillation_and_reports_cosine(tmp_path):
                           "warmup_steps": 2, "checkpoint_every": 10},
                     evaluate={"data": [str(held_file)]})
     manifest = run_job(job, tmp_path / "out")
-    rows = {row["label"]: row for row in manifest["metrics"]["evaluation"]}
+    rows = {row["label"]: row for row in manifest.metrics.evaluation}
     assert rows["original"]["mean_cosine"] == pytest.approx(1.0)
     assert rows["pruned"]["mean_cosine"] < rows["healed"]["mean_cosine"] < 1.0  # distillation closed part of the gap
-    assert manifest["metrics"]["mean_cosine"] == rows["healed"]["mean_cosine"]
-    assert manifest["healing"]["distilled"] and manifest["healing"]["method"] == "lora"  # encoders: plain LoRA
+    assert manifest.metrics.mean_cosine == rows["healed"]["mean_cosine"]
+    assert manifest.healing.distilled and manifest.healing.method == "lora"  # encoders: plain LoRA
     assert rows["healed"]["num_layers"] == 2 and "mean cosine" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ValueError, match="token_weight"):
         bad = write_job(tmp_path, source, texts, name="lm-heal", heal={"token_weight": 1.0})
         from prunefusion.compression.job import load_job
 
-        load_job(bad).heal.config(causal=True, device="cpu")
+        load_job(bad).heal.config(CAUSAL_LM, device="cpu")
 
 
 def test_compress_evaluate_prints_one_table_for_lms_and_encoders(tmp_path, capsys, pico_dir):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -13,11 +12,9 @@ import transformers
 from pico import pico_family_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from prunefusion.compression.cli import _user_errors
 from prunefusion.compression.layers import prune_layers
 from prunefusion.compression.onnx_export import (
     ExportMismatch,
-    add_export_parser,
     consolidate_external_data,
     export_onnx,
 )
@@ -104,10 +101,9 @@ def test_pruned_bert_encoder_hidden_states_match_torch(tokenizer, tmp_path):
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_export_parser(parser.add_subparsers(), _user_errors)
-    args = parser.parse_args(["export-onnx", *argv])
-    return args.func(args)
+    from prunefusion.cli import main
+
+    return main(["compress", "export-onnx", *argv])
 
 
 def test_bad_input_is_one_clear_line(pruned_llama, tmp_path, capsys):

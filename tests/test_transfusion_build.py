@@ -55,5 +55,5 @@ def test_cli_builds_a_servable_directory_with_report(tmp_path, capsys):
     assert cli_main(["transfusion", "sample", "a red circle on the left", "--model", str(out), "-o",
                      str(tmp_path / "s.png"), "--steps", "2"]) == 0
     assert cli_main(["transfusion", "sample", "a red blob", "--model", str(out), "-o", str(tmp_path / "t.png")]) == 2
-    assert cli_main(["models", "build", "transfusion", "--recipe", "pico", "--out", str(out)]) == 1  # exists
+    assert cli_main(["models", "build", "transfusion", "--recipe", "pico", "--out", str(out)]) == 2  # exists
     assert cli_main(["models", "build", "transfusion", "--recipe", "large"]) == 2  # an LM recipe, not Transfusion

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -43,8 +42,7 @@ def _sample(args: argparse.Namespace) -> int:
     sampler = TransfusionSampler.load(args.model, device=args.device)
     unknown = sampler.tokenizer.unknown_words(args.prompt)
     if unknown:
-        print(f"error: words unknown to the model: {unknown}", file=sys.stderr)
-        return 2
+        raise ValueError(f"words unknown to the model: {unknown}")
     (image,) = sampler.generate_images([ImageRequest(args.prompt, args.steps, args.guidance_scale, args.seed)])
     png, _, _ = encode_png(image, args.size)
     Path(args.output).write_bytes(png)

@@ -4,6 +4,8 @@ a job packaged in compression/jobs/ by its name, or a path to a job YAML)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,61 @@ def transfusion_builds() -> dict[str, str]:
     return {("transfusion" if r == "default" else f"transfusion-{r}"): r for r in RECIPES}
 
 
-def check_build_name(name: str) -> None:
+@dataclass(frozen=True)
+class BuildKind:
+    """One kind of thing a `build:` name can be: which names it knows and how it builds one into a directory."""
+
+    description: str
+    names: Callable[[], list[str]]  # for error messages
+    matches: Callable[[str], bool]
+    build: Callable[[str, Path, bool], object]  # (name, out, force) -> the build's manifest
+
+
+def _build_lm(name: str, out: Path, force: bool):
+    from prunefusion.models.build import build_model
+
+    return build_model(name, out, force=force).manifest
+
+
+def _build_transfusion(name: str, out: Path, force: bool):
+    from prunefusion.transfusion.build import build_transfusion
+
+    return build_transfusion(transfusion_builds()[name], out, force=force)
+
+
+def _run_job(name: str, out: Path, force: bool):
+    try:
+        from prunefusion.compression.job import run_job
+    except ImportError as err:  # pragma: no cover - the compress extra is missing
+        raise RuntimeError(f"building {name!r} needs the compress extra: pip install 'prunefusion[compress]'") from err
+    return run_job(job_file(name), out, force=force)
+
+
+def _lm_recipes() -> list[str]:
     from prunefusion.models.recipes import RECIPES
 
-    if name not in RECIPES and name not in transfusion_builds() and job_file(name) is None:
-        raise ValueError(f"unknown build {name!r}: neither an LM recipe {sorted(RECIPES)}, a Transfusion build "
-                         f"{sorted(transfusion_builds())}, a compression job {sorted(packaged_jobs())} nor a job "
-                         "YAML file")
+    return sorted(RECIPES)
+
+
+BUILD_KINDS = (
+    BuildKind("an LM recipe", _lm_recipes, lambda name: name in _lm_recipes(), _build_lm),
+    BuildKind("a Transfusion build", lambda: sorted(transfusion_builds()), lambda name: name in transfusion_builds(),
+              _build_transfusion),
+    BuildKind("a compression job", lambda: sorted(packaged_jobs()) + ["JOB.yaml"],
+              lambda name: job_file(name) is not None, _run_job),
+)
+
+
+def build_kind(name: str) -> BuildKind:
+    kind = next((k for k in BUILD_KINDS if k.matches(name)), None)
+    if kind is None:
+        known = "; ".join(f"{k.description} {k.names()}" for k in BUILD_KINDS)
+        raise ValueError(f"unknown build {name!r}: not one of: {known}")
+    return kind
+
+
+def check_build_name(name: str) -> None:
+    build_kind(name)
 
 
 def build_if_missing(path: Path, name: str | None, what: str) -> None:
@@ -54,21 +104,6 @@ def build_if_missing(path: Path, name: str | None, what: str) -> None:
     build(name, path)
 
 
-def build(name: str, out: Path, *, force: bool = False) -> dict:
+def build(name: str, out: Path, *, force: bool = False):
     """Make `out` from the recipe or job `name`; return its manifest."""
-    from prunefusion.models.recipes import RECIPES
-
-    check_build_name(name)
-    if name in transfusion_builds():
-        from prunefusion.transfusion.build import build_transfusion
-
-        return build_transfusion(transfusion_builds()[name], out, force=force)
-    if name in RECIPES:
-        from prunefusion.models.build import build_model
-
-        return build_model(name, out, force=force).manifest
-    try:
-        from prunefusion.compression.job import run_job
-    except ImportError as err:  # pragma: no cover - the compress extra is missing
-        raise RuntimeError(f"building {name!r} needs the compress extra: pip install 'prunefusion[compress]'") from err
-    return run_job(job_file(name), out, force=force)
+    return build_kind(name).build(name, Path(out), force)

@@ -1,30 +1,11 @@
-"""Load what the compression commands work on: a checkpoint (causal LM or bare encoder) and calibration text."""
+"""Text to calibrate, heal, evaluate and score on: files in the formats users have, or the project's own corpus."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def is_causal(config) -> bool:
-    return any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
-
-
-def is_causal_checkpoint(model_dir: Path) -> bool:
-    from transformers import AutoConfig
-
-    return is_causal(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-
-
-def load_model(model_dir: Path):
-    """A causal LM, or a bare encoder (BERT/MiniLM) when the checkpoint is not one; safetensors only, offline."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    loader = AutoModelForCausalLM if is_causal_checkpoint(model_dir) else AutoModel
-    model = loader.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+SPLITS = ("train", "held_out")
 
 
 def load_texts(paths: list[str]) -> list[str]:
@@ -55,17 +36,14 @@ def load_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def texts_or_default(paths: list[str], causal: bool, split: str) -> list[str]:
-    """The text in `paths`; none given: the stdlib corpus' `split` ("train" or "held_out"), as documents for causal
-    LMs and as prose sentences for encoders (held-out sentences never occur in training)."""
-    if paths:
-        return load_texts(paths)
+def default_texts(unit: str, split: str) -> list[str]:
+    """The stdlib corpus' `split` ("train" or "held_out") as `unit`s: "documents" (for causal LMs) or "sentences"
+    (prose sentences, for encoders; held-out sentences never occur in training)."""
     from prunefusion.models.corpus import sentence_splits, stdlib_corpus
 
-    if split not in ("train", "held_out"):
+    if split not in SPLITS:
         raise ValueError(f"split is train or held_out, not {split!r}")
-    if causal:
+    if unit == "documents":
         return getattr(stdlib_corpus(), split)
     train, held_out = sentence_splits()
     return train if split == "train" else held_out
-

@@ -1,0 +1,85 @@
+"""The kinds of checkpoint the project prunes, heals, evaluates and serves, in one table: causal LMs and bare
+encoders (BERT-style, e.g. all-MiniLM-L6-v2). Each kind says how it loads, what its output is, what text it gets by
+default, and how a pruned one is healed and evaluated; callers look the kind up instead of branching on it.
+
+Heal and evaluation functions are named as "module:function" and imported when used (as vLLM's model registry
+does), so reading this table imports neither transformers' models nor the compression stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def resolve(ref: str):
+    """"package.module:name" -> the object."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str  # "causal-lm" | "encoder" (also the ONNX export's task)
+    auto_class: str  # the transformers Auto class that loads it
+    output: str  # what its forward returns first: logits, or the last hidden states
+    peft_task_type: str  # peft's LoRA task type
+    text_unit: str  # what the default corpus gives it: "documents" | "sentences" (prunefusion.texts)
+    heal_method: str  # in words, for reports
+    merge_check: str  # the merge stage's check: max difference of `output`, merged vs adapter
+    heal_config: str  # "module:Class" of the healing config (frozen dataclass)
+    heal: str  # "module:function" (pruned_dir, original_dir, out_dir, texts, cfg, stop_after_steps) -> summary dict
+    evaluate: str  # "module:function" (model_dirs, held_out, task) -> one row dict per model
+
+    def auto_model(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def load(self, model_dir: Path, **kwargs):
+        """(model in eval mode, tokenizer), offline, safetensors only."""
+        from prunefusion.checkpoints import load_tokenizer
+
+        model = self.auto_model().from_pretrained(model_dir, use_safetensors=True, local_files_only=True, **kwargs)
+        return model.eval(), load_tokenizer(model_dir)
+
+    def texts(self, paths: list[str], split: str) -> list[str]:
+        """The text in `paths`; none given: the stdlib corpus' `split` in this kind's unit."""
+        from prunefusion.texts import default_texts, load_texts
+
+        return load_texts(paths) if paths else default_texts(self.text_unit, split)
+
+
+CAUSAL_LM = ModelKind(
+    name="causal-lm", auto_class="AutoModelForCausalLM", output="logits", peft_task_type="CAUSAL_LM",
+    text_unit="documents", heal_method="QLoRA on next-token loss", merge_check="max_logit_difference",
+    heal_config="prunefusion.compression.heal:HealConfig", heal="prunefusion.compression.heal:heal_pruned",
+    evaluate="prunefusion.compression.evaluate:evaluate_causal_lms")
+ENCODER = ModelKind(
+    name="encoder", auto_class="AutoModel", output="last_hidden_state", peft_task_type="FEATURE_EXTRACTION",
+    text_unit="sentences", heal_method="distillation toward the original's embeddings",
+    merge_check="max_hidden_difference", heal_config="prunefusion.compression.distill:DistillConfig",
+    heal="prunefusion.compression.distill:heal_pruned", evaluate="prunefusion.compression.evaluate:evaluate_encoders")
+MODEL_KINDS = {kind.name: kind for kind in (CAUSAL_LM, ENCODER)}
+
+
+def kind_of(config) -> ModelKind:
+    """A transformers config's kind: a causal LM when an architecture ends in ForCausalLM / LMHeadModel."""
+    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
+    return CAUSAL_LM if causal else ENCODER
+
+
+def checkpoint_kind(model_dir: Path) -> ModelKind:
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+    return kind_of(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+
+
+def load_model(model_dir: Path):
+    """(model, tokenizer) of a checkpoint as its kind loads it."""
+    return checkpoint_kind(model_dir).load(Path(model_dir))
