@@ -273,3 +273,33 @@ def test_slow_redis_is_skipped_within_the_timeout(cached_server, redis_server):
         sleeper.join()
     assert not response.cached and list(response.token_ids) == list(first.token_ids)
     assert elapsed < 1.0  # served by the model after one timed-out lookup, not after Redis woke up
+
+
+def test_a_generate_request_crosses_at_most_three_async_generators(cached_server, monkeypatch):
+    """servicer -> CachedEngine -> engine: the async generators on the stack when the engine admits a request
+    (a streamed miss, a unary miss, a bypass), innermost first."""
+    import inspect
+    import sys
+
+    engine = cached_server.engine("cached-pico")
+    chains: list[list[str]] = []
+    admit = engine.book.admit
+
+    def recording_admit(*args, **kwargs):
+        frame, names = sys._getframe(1), []
+        while frame is not None:
+            if frame.f_code.co_flags & inspect.CO_ASYNC_GENERATOR:
+                names.append(frame.f_code.co_qualname)
+            frame = frame.f_back
+        chains.append(names)
+        return admit(*args, **kwargs)
+
+    monkeypatch.setattr(engine.book, "admit", recording_admit)
+    with Client(cached_server.target, max_attempts=1) as client:
+        list(client.generate_stream("Three hops, streamed", "cached-pico", GenerateOptions(max_new_tokens=4)))
+        client.generate("Three hops, unary", "cached-pico", GenerateOptions(max_new_tokens=4))
+        client.generate("Three hops, bypass", "cached-pico", GenerateOptions(max_new_tokens=4, cache_policy="bypass"))
+    streamed, unary, bypass = chains
+    assert streamed == ["TorchEngine.generate", "CachedEngine._through_cache", "TextGenerationServicer.GenerateStream"]
+    assert unary == ["TorchEngine.generate", "CachedEngine._through_cache"]  # Generate folds with `collect`
+    assert bypass == ["TorchEngine.generate"]  # an uncached request goes to the engine's own stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -176,3 +177,35 @@ def test_client_cli_image_and_caption(mm_server, tmp_path, capsys):
     assert client_main(["--target", mm_server.target, "caption", str(tmp_path / "missing.png")]) == 2
     assert client_main(["--target", mm_server.target, "image", "a red circle", "--seed", "-1"]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_client_cli_models_lists_text_and_image_models(mm_server, capsys):
+    assert client_main(["--target", mm_server.target, "--json", "models"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["service"], m["name"]) for m in listed] == [("TextGeneration", "pico-lm"), ("Multimodal", "pico-tf")]
+    assert listed[1]["imageSize"] == 32
+    assert client_main(["--target", mm_server.target, "models"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["pico-lm", "pico-tf"]
+    assert "32px up to 128px" in table[2]
+
+
+def test_the_async_client_streams_interleaved_parts_and_lists_image_models(mm_server, mm_client):
+    import asyncio
+
+    from prunefusion_client import AsyncClient
+
+    options = ImageOptions(steps=2, seed=5)
+
+    async def run():
+        async with AsyncClient(mm_server.target, timeout=60, max_attempts=1) as client:
+            parts = [p async for p in client.generate_interleaved("a red circle", options=options, max_tokens=4)]
+            return parts, await client.list_image_models()
+
+    def content(part):  # request ids differ per call
+        return part.text or part.image.png
+
+    parts, models = asyncio.run(run())
+    sync = list(mm_client.generate_interleaved("a red circle", options=options, max_tokens=4))
+    assert [content(p) for p in parts] == [content(p) for p in sync] and parts
+    assert models == mm_client.list_image_models()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -170,3 +171,20 @@ def test_batch_methods_over_grpc(qclient):
     assert {"semdedup", "long_file", "outlier"} <= set(info.methods)
     assert info.default_thresholds["semdedup.eps"] == pytest.approx(0.01)
     assert {"semdedup_duplicate", "long_file", "centroid_outlier"} <= set(info.reason_codes)
+
+
+def test_the_async_client_scores_as_the_sync_one(quality_server, qclient):
+    from prunefusion_client import AsyncClient
+
+    requests = [score_request([(f"{k}-{i}", CLEAN if i % 2 else JUNK) for i in range(3)]) for k in range(2)]
+
+    async def run():
+        async with AsyncClient(quality_server.target, timeout=60, max_attempts=1) as client:
+            one = await client.score(requests[0])
+            streamed = [reply async for reply in client.score_stream(requests)]
+            return one, streamed, await client.quality_info()
+
+    one, streamed, info = asyncio.run(run())
+    assert one.results == qclient.score(requests[0]).results
+    assert [r.results for r in streamed] == [r.results for r in qclient.score_stream(requests)]
+    assert info == qclient.quality_info()

@@ -9,7 +9,6 @@ a GPU.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prunefusion.atomic import partial_dir, publish
 from prunefusion.transfusion import shapes
 from prunefusion.transfusion.model import Transfusion, TransfusionConfig
 from prunefusion.transfusion.tokenizer import WordTokenizer
@@ -195,7 +195,7 @@ def build_transfusion(recipe_name: str, out: Path, *, steps: int | None = None, 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to rebuild it")
-    work = out.with_name(out.name + ".partial")
+    work = partial_dir(out)  # resumed: train() continues from the checkpoint a killed run left there
     work.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
     started = time.time()
@@ -225,7 +225,5 @@ def build_transfusion(recipe_name: str, out: Path, *, steps: int | None = None, 
     (work / "history.json").write_text(json.dumps(history) + "\n")
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (work / "checkpoint.pt").unlink(missing_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    publish(work, out)
     return manifest

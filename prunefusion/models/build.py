@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prunefusion.atomic import atomic_dir
+from prunefusion.checkpoints import weights_digest
 from prunefusion.models.corpus import Corpus, stdlib_corpus
 from prunefusion.models.recipes import RECIPES, LMRecipe
 from prunefusion.models.tokenizer import train_bpe_tokenizer
@@ -154,36 +155,29 @@ def build_model(recipe_name: str, out_dir: Path, *, steps: int | None = None, se
         ebar.update()
     train_seconds = time.time() - started
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.eval().to("cpu")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(tmp)
-    plot_loss(losses, eval_points, tmp / "loss_curve.png", f"{recipe.name} LM on the stdlib corpus")
-    from prunefusion.checkpoints import digest_files
-
-    manifest = {
-        "kind": "prunefusion.lm",
-        "recipe": recipe.to_dict(),
-        "architecture": "LlamaForCausalLM",
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "corpus": {"description": corpus.description, "train_documents": len(corpus.train),
-                   "held_out_documents": len(corpus.held_out), "characters": corpus.num_chars,
-                   "train_tokens": int(train_stream.numel()), "held_out_tokens": int(held_rows.numel())},
-        "training": {"steps": recipe.steps, "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
-                     "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(train_seconds, 1),
-                     "torch_threads": torch.get_num_threads(), "device": device, "loss_curve": "loss_curve.png",
-                     "held_out_curve": eval_points},
-        "metrics": {"held_out_perplexity": held_ppl},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "tokenizers": __import__("tokenizers").__version__},
-        "weights_digest": digest_files(sorted(tmp.glob("*.safetensors"))),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.eval().to("cpu")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         pad_token_id=config.pad_token_id).save_pretrained(tmp)
+        plot_loss(losses, eval_points, tmp / "loss_curve.png", f"{recipe.name} LM on the stdlib corpus")
+        manifest = {
+            "kind": "prunefusion.lm",
+            "recipe": recipe.to_dict(),
+            "architecture": "LlamaForCausalLM",
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "corpus": {"description": corpus.description, "train_documents": len(corpus.train),
+                       "held_out_documents": len(corpus.held_out), "characters": corpus.num_chars,
+                       "train_tokens": int(train_stream.numel()), "held_out_tokens": int(held_rows.numel())},
+            "training": {"steps": recipe.steps, "tokens_seen": recipe.steps * recipe.batch_size * recipe.seq_len,
+                         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(train_seconds, 1),
+                         "torch_threads": torch.get_num_threads(), "device": device, "loss_curve": "loss_curve.png",
+                         "held_out_curve": eval_points},
+            "metrics": {"held_out_perplexity": held_ppl},
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "tokenizers": __import__("tokenizers").__version__},
+            "weights_digest": weights_digest(tmp),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return BuildResult(out_dir, manifest)

@@ -54,14 +54,20 @@ def _summary(message) -> str:
 
 
 def _models(client: Client, args: argparse.Namespace) -> None:
-    models = client.list_models()
+    """Text models (TextGeneration), then image models (Multimodal)."""
+    text, images = client.list_models(), client.list_image_models()
     if args.json:
-        print(json.dumps([MessageToDict(m) for m in models], indent=2))
+        print(json.dumps([{"service": "TextGeneration", **MessageToDict(m)} for m in text]
+                         + [{"service": "Multimodal", **MessageToDict(m)} for m in images], indent=2))
         return
-    print(f"{'name':<20} {'family':<10} {'layers':>6} {'params':>12} {'engine':<7} {'context':>7}  digest")
-    for m in models:
-        print(f"{m.name:<20} {m.family:<10} {m.num_layers:>6} {m.num_parameters:>12,} {m.engine:<7} "
+    print(f"{'name':<20} {'family':<11} {'layers':>6} {'params':>12} {'engine':<7} {'context':>7}  digest")
+    for m in text:
+        print(f"{m.name:<20} {m.family:<11} {m.num_layers:>6} {m.num_parameters:>12,} {m.engine:<7} "
               f"{m.context_length:>7}  {m.weights_digest[:12]}")
+    for m in images:
+        print(f"{m.name:<20} {'image':<11} {'':>6} {m.num_parameters:>12,} {'images':<7} {'':>7}  "
+              f"{m.weights_digest[:12]}  ({m.image_size}px up to {m.max_size}px, {m.default_steps} of at most "
+              f"{m.max_steps} steps)")
 
 
 def _image(client: Client, args: argparse.Namespace) -> None:
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--model", default="")
     caption.add_argument("--max-tokens", type=int)
     caption.set_defaults(func=_caption)
-    models = sub.add_parser("models", help="list the served models")
+    models = sub.add_parser("models", help="list the served models: text (TextGeneration) and image (Multimodal)")
     models.set_defaults(func=_models)
     return parser
 

@@ -221,7 +221,39 @@ class AsyncClient:
 
     async def caption(self, image: bytes, model: str = "", *, max_tokens: int | None = None,
                       timeout: float | None = None) -> mm.CaptionResponse:
+        """Caption PNG or JPEG bytes."""
         return await self._images.Caption(_caption_request(image, model, max_tokens), timeout=timeout or self.timeout)
+
+    async def generate_interleaved(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
+                                   max_tokens: int | None = None, max_images: int | None = None,
+                                   timeout: float | None = None) -> AsyncIterator[mm.InterleavedPart]:
+        request = (options or ImageOptions()).to_interleaved(prompt, model, max_tokens, max_images)
+        call = self._images.GenerateInterleaved(request, timeout=timeout or self.timeout)
+        try:
+            async for part in call:
+                yield part
+        finally:
+            call.cancel()
+
+    async def list_image_models(self, *, timeout: float | None = None) -> list[mm.ImageModelInfo]:
+        response = await self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout)
+        return list(response.models)
+
+    async def score(self, request: qf.ScoreRequest, *, timeout: float | None = None) -> qf.ScoreResponse:
+        """Score a batch (build it with `score_request`)."""
+        return await self._quality.Score(request, timeout=timeout or self.timeout)
+
+    async def score_stream(self, requests, *, timeout: float | None = None) -> AsyncIterator[qf.ScoreResponse]:
+        """Score an iterable (or async iterable) of batches; responses come back in order."""
+        call = self._quality.ScoreStream(requests, timeout=timeout or self.timeout)
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()
+
+    async def quality_info(self, *, timeout: float | None = None) -> qf.QualityInfoResponse:
+        return await self._quality.Info(qf.QualityInfoRequest(), timeout=timeout or self.timeout)
 
     async def close(self) -> None:
         await self._channel.close()
