@@ -11,12 +11,6 @@ import math
 import torch
 
 
-def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[..., D] x [..., D] -> [...]; float64 for a stable arccos near 1."""
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-
-
 def pairwise_angular(states: torch.Tensor) -> torch.Tensor:
     """All position pairs at once. states [P, B, D] -> [B, P, P] with [b, i, j] = d(x^i_b, x^j_b)."""
     unit = torch.nn.functional.normalize(states.double(), dim=-1)

@@ -273,11 +273,6 @@ class C4:
         return failed
 
 
-def c4_clean(text: str, config: C4 | None = None) -> str:
-    """The lines C4 keeps (``C4.clean``), with default thresholds unless ``config`` is given."""
-    return (config or C4()).clean(text)
-
-
 @dataclass(frozen=True)
 class FineWeb:
     """FineWeb's extra rules (Penedo et al. 2024). A document without lines fails ``fineweb_line_punct_ratio``.

@@ -246,7 +246,12 @@ class Weights:
 
 def line_score(line: str, weights: Weights) -> float:
     """sum_i w_i I_i(line) / sum_i w_i, in [0, 1]."""
-    return sum(compress(weights._vector, _evaluate(line)[0])) / weights._total
+    return _weighted(_evaluate(line)[0], weights)
+
+
+def _weighted(passed, weights: Weights) -> float:
+    """The line score of filter outcomes (one bool per filter, in FILTER_NAMES order)."""
+    return sum(compress(weights._vector, passed)) / weights._total
 
 
 # -- documents -------------------------------------------------------------------------------------------------------
@@ -296,7 +301,6 @@ def document_score(text: str, weights: Weights, tokenize: Callable[[str], int] |
     spans = _line_spans(text)
     if not spans:
         return DocumentScore(0.0, (), (), (), dict.fromkeys(FILTER_NAMES, 0.0), 0)
-    vector, total = weights._vector, weights._total
     rows = []
     scores = []
     counts = []
@@ -304,7 +308,7 @@ def document_score(text: str, weights: Weights, tokenize: Callable[[str], int] |
         line = text[s:e]
         signals, n_tokens = _evaluate(line)
         rows.append(signals)
-        scores.append(sum(compress(vector, signals)) / total)
+        scores.append(_weighted(signals, weights))
         counts.append(n_tokens if tokenize is None else tokenize(line))
     if tokenize is not None and any(c < 0 for c in counts):
         raise ValueError("tokenize returned a negative token count")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # every packaged folder but the server itself; the client may not import the server either
-OUTSIDE_SERVER = ["compression", "quality", "transfusion", "loadtest", "prunefusion", "clients/python/prunefusion_client"]
+OUTSIDE_SERVER = ["compression", "quality", "transfusion", "loadtest", "prunefusion",
+                  "clients/python/prunefusion_client"]
 # the command-line entry point wires every part: `prunefusion serve` starts the server
 MAY_IMPORT_SERVER = {ROOT / "prunefusion" / "cli.py"}
 
@@ -42,7 +43,8 @@ def test_nothing_outside_the_server_imports_it():
 def test_the_scan_sees_imports_inside_functions(tmp_path):
     """The rule above would pass vacuously if the scan missed the lazy imports this project uses everywhere."""
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from prunefusion.server.engines.base import collect\n    import prunefusion.server\n")
+    probe.write_text("def f():\n    from prunefusion.server.engines.base import collect\n"
+                     "    import prunefusion.server\n")
     assert {"prunefusion.server.engines.base", "prunefusion.server"} <= imported_modules(probe)
 
 

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
 from pico import FAMILIES, pico_family_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prunefusion.compression.angular import angular_distance, best_block
+from prunefusion.compression.angular import best_block
 from prunefusion.compression.layers import find_layers, prune_layers
 from prunefusion.compression.measure import measure, tokenized_batches
 
 TEXTS = ["The os module provides a portable way of using operating system dependent functionality.",
          "Lists are mutable sequences.", "x", "Raised when an operation or function is applied to an object",
          "The with statement is used to wrap the execution of a block with methods defined by a context manager."]
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The slow, obvious reference: (1/pi) arccos(cos(a, b)) per pair; [..., D] x [..., D] -> [...], float64."""
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
 @pytest.fixture(scope="module")

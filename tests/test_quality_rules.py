@@ -12,7 +12,6 @@ from prunefusion.quality.rules import (
     GopherRepetition,
     all_reason_codes,
     build_filters,
-    c4_clean,
 )
 
 CLEAN = """The small library at the end of our street opened its doors again last spring. Volunteers repainted the \
@@ -120,8 +119,8 @@ def test_c4_clean_keeps_only_the_lines_c4_keeps():
         "And then it went on and on...",
         'She said "soon."',
     ])
-    assert c4_clean(text) == 'The river floods every spring.\nShe said "soon."'
-    assert c4_clean(text, C4(min_words_per_line=4)) == "The river floods every spring."
+    assert C4().clean(text) == 'The river floods every spring.\nShe said "soon."'
+    assert C4(min_words_per_line=4).clean(text) == "The river floods every spring."
 
 
 def test_repetition_ngram_shares_by_hand():

@@ -232,13 +232,6 @@ def attribute_matches(expected: Scene, got: Scene | None) -> dict[str, bool]:
             for name in ("shape", "color", "position")}
 
 
-def sample_batch(scenes: list[Scene], batch_size: int, rng: np.random.Generator,
-                 size: int = IMAGE_SIZE) -> tuple[list[Scene], np.ndarray]:
-    """`batch_size` scenes drawn with replacement and their jittered renders, stacked (B, size, size, 3) uint8."""
-    picked = [scenes[i] for i in rng.integers(len(scenes), size=batch_size)]
-    return picked, np.stack([render(scene, size, rng) for scene in picked])
-
-
 def _wrap(text: str, width: float, measure: Callable[[str], float]) -> list[str]:
     lines: list[str] = []
     for word in text.split():
