@@ -40,11 +40,13 @@ class ModelKind:
         return getattr(transformers, self.auto_class)
 
     def load(self, model_dir: Path, **kwargs):
-        """(model in eval mode, tokenizer), offline, safetensors only."""
+        """(model in eval mode, tokenizer), offline, safetensors only. A missing tokenizer fails before any weights
+        are read."""
         from prunefusion.checkpoints import load_tokenizer
 
+        tokenizer = load_tokenizer(model_dir)
         model = self.auto_model().from_pretrained(model_dir, use_safetensors=True, local_files_only=True, **kwargs)
-        return model.eval(), load_tokenizer(model_dir)
+        return model.eval(), tokenizer
 
     def texts(self, paths: list[str], split: str) -> list[str]:
         """The text in `paths`; none given: the stdlib corpus' `split` in this kind's unit."""

@@ -221,3 +221,21 @@ def test_choice_logprob_equals_the_masked_loss_reference(tokenizer):
     best = max(range(3), key=scores.__getitem__)
     assert mc_accuracy(model, tokenizer, [{"context": context, "choices": choices, "answer": best}]) == 1.0
     assert mc_accuracy(model, tokenizer, [{"context": context, "choices": choices, "answer": (best + 1) % 3}]) == 0.0
+
+
+def test_a_checkpoint_without_a_tokenizer_is_one_clear_error(pico_dir, tmp_path, capsys):
+    import shutil
+
+    from prunefusion.checkpoints import TOKENIZER_FILES
+    from prunefusion.cli import main
+    from prunefusion.server.engines.hf_loading import describe_checkpoint
+
+    bare = tmp_path / "bare"
+    shutil.copytree(pico_dir, bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {bare}"):
+        describe_checkpoint(bare)
+    assert main(["compress", "prune", "--model", str(bare), "--out", str(tmp_path / "out"), "--layers", "0:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no tokenizer in {bare}") and err.count("\n") == 1

@@ -56,6 +56,14 @@ def test_default_cache_is_embedded_and_on():
     ({"models": [{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}]}, "repeated"),
     ({"models": [{"name": "a", "path": "/x", "default_max_new_tokens": 99, "max_new_tokens_limit": 10}]},
      "default_max_new_tokens"),
+    # a section of another engine kind is an error naming it, not silently ignored
+    ({"models": [{"name": "a", "path": "/x", "images": {"max_steps": 5}}]}, "models[0].images"),
+    ({"models": [{"name": "a", "path": "/x", "engine": "torch", "vllm": {"seed": 1}}]}, "models[0].vllm"),
+    ({"models": [{"name": "a", "path": "/x", "engine": "transfusion", "vllm": {}}]}, "models[0].vllm"),
+    ({"models": [{"name": "a", "path": "/x", "engine": "transfusion", "max_new_tokens_limit": 5}]},
+     "models[0].max_new_tokens_limit"),
+    ({"models": [{"name": "a", "path": "/x", "engine": "vllm", "images": {}}]}, "models[0].images"),
+    ({"models": ["a"]}, "models[0]"),
 ])
 def test_invalid_configs_name_the_field(data, named):
     with pytest.raises(ConfigError) as err:
@@ -68,3 +76,22 @@ def test_yaml_file_errors_name_the_file(tmp_path):
     path.write_text("models:\n  - name: a\n    path: /x\n    dtype: float8\n")
     with pytest.raises(ConfigError, match=r"(?s)bad\.yaml.*models\[0\]\.dtype"):
         load_config(path)
+
+
+def test_a_misplaced_section_says_which_engine_takes_it():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [{"name": "a", "path": "/x", "images": {"max_steps": 5}}]})
+    assert "models[0].images: Extra inputs are not permitted (a key of engine: transfusion models)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"models\[0\]\.engine: unknown engine 'tensorrt'; choose one of 'torch'"):
+        parse_config({"models": [{"name": "a", "path": "/x", "engine": "tensorrt"}]})
+
+
+def test_each_engine_kind_gets_its_own_config_and_engine_class():
+    from prunefusion.server.config import TorchModelConfig, TransfusionModelConfig, VllmModelConfig
+    from prunefusion.server.registry import engine_class
+
+    models = parse_config({"models": [{"name": "t", "path": "/x"}, {"name": "v", "path": "/x", "engine": "vllm"},
+                                      {"name": "i", "path": "/x", "engine": "transfusion"}]}).models
+    assert [type(m) for m in models] == [TorchModelConfig, VllmModelConfig, TransfusionModelConfig]
+    assert [engine_class(m).__name__ for m in models] == ["TorchEngine", "VllmEngine", "TransfusionEngine"]
+    assert [engine_class(m).task for m in models] == ["text", "text", "multimodal"]  # from the engine class
