@@ -135,7 +135,7 @@ def test_models_build_is_reproducible_and_complete(tmp_path):
     assert model.config.num_hidden_layers == manifest["recipe"]["num_layers"]
     again = subprocess.run([PYTHON, "-m", "prunefusion.cli", "models", "build", "--recipe", "pico", "--out",
                             str(out)], capture_output=True, text=True, env=env, timeout=60)
-    assert again.returncode == 1 and "exists" in again.stderr
+    assert again.returncode == 2 and "exists" in again.stderr  # bad input: one line, exit 2, as every command
 
 
 @pytest.mark.slow

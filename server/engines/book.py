@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from prunefusion.server.engines.base import (
+    Engine,
     EngineStats,
     EngineUnavailableError,
     FinishReason,
@@ -176,3 +177,30 @@ class RequestBook:
     def publish(self, stats: EngineStats) -> None:
         REQUESTS_RUNNING.labels(self.model).set(stats.running)
         REQUESTS_WAITING.labels(self.model).set(stats.waiting)
+
+
+class BookedEngine(Engine):
+    """What the torch and vLLM engines share around their own scheduling: the model's config (a TextModelConfig),
+    its ModelInfo and the request book, both made from the checkpoint when the engine starts."""
+
+    kind: str  # "torch" | "vllm": ModelInfo.engine
+
+    def __init__(self, cfg):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.info = None
+        self.book: RequestBook | None = None
+
+    @property
+    def finished(self) -> collections.Counter[FinishReason]:
+        return self.book.finished
+
+    def open_book(self, checkpoint, device: str) -> None:
+        """Called by start() once the checkpoint is known (hf_loading.Checkpoint); `device` as the engine runs."""
+        c = self.cfg
+        self.book = RequestBook(self.name, checkpoint, max_running=c.max_batch_size, max_queue=c.max_queue,
+                                max_new_tokens_limit=c.max_new_tokens_limit)
+        self.info = checkpoint.model_info(c, engine=self.kind, device=device)
+
+    def healthy(self) -> bool:
+        return self.stats().healthy

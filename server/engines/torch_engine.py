@@ -29,8 +29,8 @@ import torch
 from transformers import DynamicCache
 
 from prunefusion.server.config import TorchModelConfig
-from prunefusion.server.engines.base import Engine, EngineStats, FinishReason, GenerationChunk, GenerationRequest
-from prunefusion.server.engines.book import RequestBook, TextRequest
+from prunefusion.server.engines.base import EngineStats, FinishReason, GenerationChunk, GenerationRequest
+from prunefusion.server.engines.book import BookedEngine, TextRequest
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.sampling import select_tokens
@@ -46,14 +46,11 @@ class _Sequence(TextRequest):
     cancel_requested: bool = False  # set from the event loop; honoured at the next step
 
 
-class TorchEngine(Engine):
+class TorchEngine(BookedEngine):
     kind = "torch"
 
     def __init__(self, cfg: TorchModelConfig):
-        self.name = cfg.name
-        self.cfg = cfg
-        self.info = None
-        self.book: RequestBook | None = None
+        super().__init__(cfg)
         self._loaded: LoadedModel | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{cfg.name}")
         self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -65,10 +62,6 @@ class TorchEngine(Engine):
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # most rows decoded together in one step
 
-    @property
-    def finished(self) -> collections.Counter[FinishReason]:
-        return self.book.finished
-
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,9 +69,7 @@ class TorchEngine(Engine):
         self._loaded = await loop.run_in_executor(self._executor, lambda: load_causal_lm(
             c.resolved_path, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
             context_length=c.context_length))
-        self.book = RequestBook(self.name, self._loaded, max_running=c.max_batch_size, max_queue=c.max_queue,
-                                max_new_tokens_limit=c.max_new_tokens_limit)
-        self.info = self._loaded.model_info(c, engine=self.kind, device=torch.device(c.device).type)
+        self.open_book(self._loaded, device=torch.device(c.device).type)
         await loop.run_in_executor(self._executor, self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
@@ -98,7 +89,7 @@ class TorchEngine(Engine):
 
     # ---- requests --------------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        prompt_ids = await self.book.encode(request, lambda: self.stats().healthy)
+        prompt_ids = await self.book.encode(request, self.healthy)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         seq = self.book.admit(_Sequence, request, prompt_ids, generator=torch.Generator().manual_seed(seed))
         self._waiting.append(seq)

@@ -28,7 +28,6 @@ from typing import Any
 
 from prunefusion.server.config import VllmModelConfig
 from prunefusion.server.engines.base import (
-    Engine,
     EngineStats,
     EngineUnavailableError,
     FinishReason,
@@ -38,7 +37,7 @@ from prunefusion.server.engines.base import (
     QueueFullError,
     SamplingParams,
 )
-from prunefusion.server.engines.book import RequestBook, TextRequest
+from prunefusion.server.engines.book import BookedEngine, TextRequest
 from prunefusion.server.engines.hf_loading import describe_checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,21 +85,14 @@ class _Request(TextRequest):
     vllm_finished: bool = False  # vLLM reported the request finished (nothing left to abort there)
 
 
-class VllmEngine(Engine):
+class VllmEngine(BookedEngine):
     kind = "vllm"
 
     def __init__(self, cfg: VllmModelConfig):
-        self.name = cfg.name
-        self.cfg = cfg
-        self.info = None
-        self.book: RequestBook | None = None
+        super().__init__(cfg)
         self._llm = None
         self._accepting = False
         self._background: set[asyncio.Task] = set()
-
-    @property
-    def finished(self):
-        return self.book.finished
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,14 +107,12 @@ class VllmEngine(Engine):
         c = self.cfg = c.model_copy(update={"device": platform})
         ckpt = await asyncio.to_thread(describe_checkpoint, c.resolved_path, trust_remote_code=c.trust_remote_code,
                                        context_length=c.context_length)
-        self.book = RequestBook(self.name, ckpt, max_running=c.max_batch_size, max_queue=c.max_queue,
-                                max_new_tokens_limit=c.max_new_tokens_limit)
         args = engine_arguments(c, ckpt.context_length)
         log.info("model %s: starting vLLM with %s", self.name, args)
         # built off the event loop (it starts vLLM's engine-core process and profiles memory: tens of seconds); its
         # output handler then starts with the first request, on this loop
         self._llm = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, AsyncEngineArgs(**args))
-        self.info = ckpt.model_info(c, engine=self.kind, device=c.device)
+        self.open_book(ckpt, device=c.device)
         self._accepting = True
         try:  # the first request also shows whether vLLM can run this model (e.g. its CPU attention head sizes)
             async for _ in self.generate(GenerationRequest(WARM_UP_ID, "Hello", SamplingParams(max_new_tokens=1))):
@@ -159,7 +149,7 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import TokensPrompt
 
-        prompt_ids = await self.book.encode(request, lambda: self.stats().healthy)  # ours first: every engine's
+        prompt_ids = await self.book.encode(request, self.healthy)  # ours first: every text engine's checks
         params = self._vllm_params(request.params)  # then vLLM's own, before the request takes a place
         req = self.book.admit(_Request, request, prompt_ids, started=request.arrival,  # queue time is vLLM's: 0
                               counted=request.request_id != WARM_UP_ID, consumer=asyncio.current_task(),
