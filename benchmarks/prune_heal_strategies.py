@@ -10,13 +10,13 @@ gap healing recovered. Each job's report.md stays in --out. Reruns resume unfini
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
 
 from prunefusion.compression.job import run_job
 from prunefusion.compression.job_report import gap_recovered
+from prunefusion.compression.records import JobManifest
 from prunefusion.models.builds import packaged_jobs
 
 
@@ -39,10 +39,9 @@ def main() -> None:
         path = args.out / f"{job['name']}.yaml"
         path.write_text(f"# {__doc__.splitlines()[0]}\n" + yaml.safe_dump(job, sort_keys=False))
         out = args.out / job["name"]
-        manifest = (json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file()
-                    else run_job(path, out))
-        ppl = {row["label"]: row["held_out_perplexity"] for row in manifest["metrics"]["evaluation"]}
-        rows.append((strategy, manifest["removed"], manifest["distance"], ppl, manifest["stage_seconds"]["heal"]))
+        manifest = JobManifest.load(out / "manifest.json") if (out / "manifest.json").is_file() else run_job(path, out)
+        ppl = {row["label"]: row["held_out_perplexity"] for row in manifest.metrics.evaluation}
+        rows.append((strategy, manifest.removed, manifest.distance, ppl, manifest.stage_seconds["heal"]))
 
     print(f"\n{args.job}, healing as in the job{f' but {args.steps} steps' if args.steps else ''}; held-out "
           f"perplexity (original {rows[0][3]['original']:.2f})")
