@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from prunefusion.model_kinds import CAUSAL_LM, checkpoint_kind, load_model, resolve
+from prunefusion.model_kinds import checkpoint_kind, load_model, resolve
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -70,11 +70,11 @@ def _heal(args: argparse.Namespace) -> int:
         options["quantize"] = args.quantize
     model, out = Path(args.model), Path(args.out)
     kind = checkpoint_kind(model)
-    if kind is CAUSAL_LM and args.teacher:
-        raise ValueError("--teacher is for encoders; a causal LM heals on next-token loss")
-    if kind is not CAUSAL_LM and not args.teacher:
-        raise ValueError(f"{model} is an encoder: it heals by {kind.heal_method}; pass --teacher DIR (the unpruned "
-                         "model)")
+    if args.teacher and not kind.heals_toward_original:
+        raise ValueError(f"--teacher is for encoders; a {kind.name} model heals by {kind.heal_method}")
+    if kind.heals_toward_original and not args.teacher:
+        raise ValueError(f"{model} is an {kind.name}: it heals by {kind.heal_method}; pass --teacher DIR (the "
+                         "unpruned model)")
     summary = resolve(kind.heal)(model, Path(args.teacher) if args.teacher else None, out,
                                  kind.texts(args.data, "train"), resolve(kind.heal_config)(**options),
                                  args.stop_after_steps)
@@ -84,8 +84,8 @@ def _heal(args: argparse.Namespace) -> int:
         print(f"stopped after {summary['steps_run']} steps this run (step {summary['step']}{resumed}); rerun the same "
               f"command to go on from the last checkpoint in {args.out}/checkpoints")
         return 0
-    print(f"healed {args.model} -> {args.out}/merged by {kind.heal_method} ({summary['steps_run']} steps this run"
-          f"{resumed}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter "
+    print(f"{kind.healed} {args.model} -> {args.out}/merged by {kind.heal_method} ({summary['steps_run']} steps "
+          f"this run{resumed}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter "
           f"{kind.merge_check.replace('_', ' ')} {summary['merge'][kind.merge_check]:.1e}")
     return 0
 

@@ -89,8 +89,9 @@ def lora_model(base, cfg: HealConfig, kind: ModelKind = CAUSAL_LM):
 
 
 def _latest_checkpoint(root: Path) -> Path | None:
-    done = sorted((p for p in root.glob("step-*") if (p / "state.pt").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    """The last complete checkpoint: step-N/ with its state; never step-N.partial/ (a kill while it was written)."""
+    done = sorted((p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()
+                   and (p / "state.pt").is_file()), key=lambda p: int(p.name.removeprefix("step-")))
     return done[-1] if done else None
 
 

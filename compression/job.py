@@ -190,7 +190,7 @@ def _heal(ctx: Context) -> HealResult:
     texts = ctx.texts(ctx.spec.heal.data, "train")
     summary = resolve(ctx.kind.heal)(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
     losses = summary.pop("losses")
-    return HealResult(**summary, method="qlora" if cfg.quantize else "lora", distilled=ctx.kind.name == "encoder",
+    return HealResult(**summary, method="qlora" if cfg.quantize else "lora", distilled=ctx.kind.heals_toward_original,
                       config=asdict(cfg), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
                       loss_curve="heal/heal_loss.png")
 

@@ -46,7 +46,7 @@ def prune_layers(model: torch.nn.Module, start: int, end: int, *, inplace: bool 
         raise ValueError(f"layers [{start}, {end}) is not a non-empty block within [0, {total})")
     if end == total and not allow_last:
         raise ValueError(f"[{start}, {end}) would drop the final layer; it is nearly maximally dissimilar (pass "
-                         "allow_last / --force to do it anyway)")
+                         "allow_last=True / --allow-last to do it anyway)")
     if end - start == total:
         raise ValueError("cannot remove every layer")
     if not inplace:

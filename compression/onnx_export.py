@@ -155,7 +155,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int | None = None, ato
     model, tokenizer = kind.load(model_dir)
     model = model.float()  # onnxruntime's CPU kernels have no bfloat16 MatMul; float32 also keeps atol meaningful
     output = kind.output
-    forward = _wrap(model, output, kind.name == "causal-lm")
+    forward = _wrap(model, output, kind.causal)
     vocab = model.config.get_text_config().vocab_size
     longest = min(16, _max_positions(model.config))
 

@@ -74,7 +74,8 @@ def write_pruned(model, tokenizer, block: Block, out: Path, *, source: Path, sou
                                **record, distance=block.distance,
                                num_parameters=sum(p.numel() for p in pruned.parameters()),
                                weights_digest=weights_digest(tmp))
-        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+        record = {k: v for k, v in asdict(manifest).items() if k != "seconds"}  # the stage's time: not the model's
+        (tmp / "manifest.json").write_text(json.dumps(record, indent=1) + "\n")
     return manifest
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -41,9 +41,14 @@ def atomic_dir(out: Path, *, resume: bool = False) -> Iterator[Path]:
     publish(work, out)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a file's content in one step (a reader sees the old or the new file, never a half-written one)."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes the new file beside `path`, which it then replaces in one step: a reader (or a rerun after
+    a kill) sees the old file or the new one, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))

@@ -9,8 +9,8 @@ from pathlib import Path
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt")  # digested for cache keys: changing this list rotates every key
-# any one of these makes a loadable tokenizer (tokenizer_config.json alone does not)
-TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# what a saved tokenizer leaves in a directory, whatever its kind (fast, sentencepiece, BPE, WordPiece, tiktoken)
+TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "vocab*", "merges.txt", "*.tiktoken", "special_tokens_map.json")
 
 
 def digest_files(paths: list[Path]) -> str:
@@ -44,16 +44,16 @@ def present(model_dir: Path, names: tuple[str, ...]) -> list[Path]:
     return [Path(model_dir) / n for n in names if (Path(model_dir) / n).is_file()]
 
 
-def require_tokenizer(model_dir: Path) -> None:
-    """A clear error for a checkpoint saved without its tokenizer (transformers would raise deep inside)."""
-    if not present(model_dir, TOKENIZER_VOCABULARIES):
-        raise FileNotFoundError(f"no tokenizer in {model_dir} (none of {', '.join(TOKENIZER_VOCABULARIES)}); "
-                                "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
+def has_tokenizer_files(model_dir: Path) -> bool:
+    return any(next(Path(model_dir).glob(pattern), None) is not None for pattern in TOKENIZER_PATTERNS)
 
 
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
-    """The directory's tokenizer, offline; a missing one is a FileNotFoundError naming the directory."""
+    """The directory's tokenizer, offline. A directory saved without one is a FileNotFoundError that says so (not
+    transformers' guess at a slow tokenizer to convert); any other failure is transformers' own."""
     from transformers import AutoTokenizer
 
-    require_tokenizer(model_dir)
+    if not has_tokenizer_files(model_dir):
+        raise FileNotFoundError(f"no tokenizer in {model_dir} (no tokenizer.json, vocabulary or sentencepiece model); "
+                                "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)

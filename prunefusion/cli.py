@@ -13,7 +13,8 @@
     prunefusion score data/*.jsonl --out kept.jsonl
     prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned
 
-Every command has --help. Bad input (a missing file, a value out of range) is one line on stderr and exit status 2.
+Every command has --help. Bad input (a missing file, a value out of range) is one line on stderr and exit status 2
+(PRUNEFUSION_DEBUG=1 shows the traceback instead).
 
 This is the one module outside server/ that imports prunefusion.server: `serve` starts it (docs/architecture.md).
 """
@@ -24,10 +25,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from prunefusion.home import default_model_dir, prunefusion_home
+from prunefusion.quality import cli as quality_cli
 
 PRUNED_DEFAULT_JOB, PRUNED_DEFAULT_DIR = "tiny-lm-angular-25", "tiny-lm-pruned"  # as in the default server config
 
@@ -153,18 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from prunefusion.compression.cli import register
     from prunefusion.loadtest.run import register as register_loadtest
-    from prunefusion.quality.cli import register as register_score
     from prunefusion.transfusion.cli import register as register_transfusion
 
     register(sub)
     register_transfusion(sub)
-    register_score(sub)
+    quality_cli.register(sub)
     register_loadtest(sub)
     return parser
 
 
 # A command whose first argument is not one of its subcommands runs this one: `score FILES...` = `score files ...`.
-DEFAULT_SUBCOMMANDS = {"score": "files"}
+DEFAULT_SUBCOMMANDS = {"score": quality_cli.DEFAULT_SUBCOMMAND}
 HELP_FLAGS = ("-h", "--help")
 
 
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input: a missing file, a value out of range, a config error
+        if os.environ.get("PRUNEFUSION_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

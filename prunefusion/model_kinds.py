@@ -24,11 +24,14 @@ def resolve(ref: str):
 @dataclass(frozen=True)
 class ModelKind:
     name: str  # "causal-lm" | "encoder" (also the ONNX export's task)
+    causal: bool  # decodes left to right (a KV cache to switch off when tracing; perplexity is its measure)
     auto_class: str  # the transformers Auto class that loads it
     output: str  # what its forward returns first: logits, or the last hidden states
     peft_task_type: str  # peft's LoRA task type
     text_unit: str  # what the default corpus gives it: "documents" | "sentences" (prunefusion.texts)
     heal_method: str  # in words, for reports
+    heals_toward_original: bool  # healing needs the unpruned model (a teacher), not just text
+    healed: str  # the verb the heal command reports: "healed" | "distilled"
     merge_check: str  # the merge stage's check: max difference of `output`, merged vs adapter
     heal_config: str  # "module:Class" of the healing config (frozen dataclass)
     heal: str  # "module:function" (pruned_dir, original_dir, out_dir, texts, cfg, stop_after_steps) -> summary dict
@@ -56,13 +59,15 @@ class ModelKind:
 
 
 CAUSAL_LM = ModelKind(
-    name="causal-lm", auto_class="AutoModelForCausalLM", output="logits", peft_task_type="CAUSAL_LM",
-    text_unit="documents", heal_method="QLoRA on next-token loss", merge_check="max_logit_difference",
+    name="causal-lm", causal=True, auto_class="AutoModelForCausalLM", output="logits", peft_task_type="CAUSAL_LM",
+    text_unit="documents", heal_method="QLoRA on next-token loss", heals_toward_original=False, healed="healed",
+    merge_check="max_logit_difference",
     heal_config="prunefusion.compression.heal:HealConfig", heal="prunefusion.compression.heal:heal_pruned",
     evaluate="prunefusion.compression.evaluate:evaluate_causal_lms")
 ENCODER = ModelKind(
-    name="encoder", auto_class="AutoModel", output="last_hidden_state", peft_task_type="FEATURE_EXTRACTION",
-    text_unit="sentences", heal_method="distillation toward the original's embeddings",
+    name="encoder", causal=False, auto_class="AutoModel", output="last_hidden_state",
+    peft_task_type="FEATURE_EXTRACTION", text_unit="sentences",
+    heal_method="distillation toward the original's embeddings", heals_toward_original=True, healed="distilled",
     merge_check="max_hidden_difference", heal_config="prunefusion.compression.distill:DistillConfig",
     heal="prunefusion.compression.distill:heal_pruned", evaluate="prunefusion.compression.evaluate:evaluate_encoders")
 MODEL_KINDS = {kind.name: kind for kind in (CAUSAL_LM, ENCODER)}
@@ -71,7 +76,7 @@ MODEL_KINDS = {kind.name: kind for kind in (CAUSAL_LM, ENCODER)}
 def kind_of(config) -> ModelKind:
     """A transformers config's kind: a causal LM when an architecture ends in ForCausalLM / LMHeadModel."""
     causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
-    return CAUSAL_LM if causal else ENCODER
+    return next(kind for kind in MODEL_KINDS.values() if kind.causal == causal)
 
 
 def checkpoint_kind(model_dir: Path) -> ModelKind:

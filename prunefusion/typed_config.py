@@ -32,7 +32,7 @@ def validation_problems(error: ValidationError, *, tags: frozenset[str] = frozen
             where, message = f"{where}.{tag_field}", (f"unknown {tag_field} {e['ctx']['tag']!r}; choose one of "
                                                       f"{e['ctx']['expected_tags']}")
         elif e["type"] == "union_tag_not_found":
-            message = f"must be a mapping with a {tag_field!r} key"
+            message = f"must be a mapping of settings, not {type(e['input']).__name__} {e['input']!r}"
         elif e["type"] == "extra_forbidden" and e["loc"] and (hint := unknown_key_hint(str(e["loc"][-1]))):
             message = f"{message} ({hint})"
         lines.append(f"{where}: {message}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prunefusion.atomic import replace_atomically, write_text_atomic
 from prunefusion.home import prunefusion_home
 
 FP32_NAME = "model.onnx"
@@ -82,9 +83,7 @@ def _read_manifest(out_dir: Path) -> dict:
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    tmp = out_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(out_dir / MANIFEST_NAME)
+    write_text_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
 def _fp32_current(out_dir: Path, manifest: dict, digest: str) -> bool:
@@ -101,15 +100,14 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     renamed, so a crash never leaves a half-written model."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = int8_path.with_name(int8_path.name + ".partial")
     quiet = _DropMessage("pre-processing before quantization")  # shape pre-processing fails on this graph: noise
     logging.getLogger().addFilter(quiet)
     try:
-        quantize_dynamic(fp32_path, tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         extra_options={"MatMulConstBOnly": True})
+        replace_atomically(int8_path, lambda tmp: quantize_dynamic(
+            fp32_path, tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+            extra_options={"MatMulConstBOnly": True}))
     finally:
         logging.getLogger().removeFilter(quiet)
-    tmp.replace(int8_path)
 
 
 class _DropMessage(logging.Filter):

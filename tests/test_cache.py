@@ -55,7 +55,8 @@ def test_key_changes_with_every_input_and_only_then():
     variants = [cache_key("caption", INFO, "hi", PARAMS), cache_key("generate", INFO, "hi!", PARAMS)]
     variants += [cache_key("generate", dataclasses.replace(INFO, **{f: v}), "hi", PARAMS) for f, v in
                  (("name", "m2"), ("weights_digest", "v" * 64), ("tokenizer_digest", "u" * 64),
-                  ("config_digest", "c" * 64), ("engine", "vllm"), ("device", "cuda"), ("dtype", "bfloat16"))]
+                  ("config_digest", "c" * 64), ("engine", "vllm"), ("device", "cuda"), ("dtype", "bfloat16"),
+                  ("context_length", 128), ("max_new_tokens_limit", 50))]
     variants += [cache_key("generate", INFO, "hi", dataclasses.replace(PARAMS, **{f: v})) for f, v in
                  (("max_new_tokens", 11), ("temperature", 0.8), ("top_p", 0.8), ("top_k", 6), ("seed", 2),
                   ("stop", ("y",)), ("stop", ("x", "y")))]
@@ -303,3 +304,27 @@ def test_a_generate_request_crosses_at_most_three_async_generators(cached_server
     assert streamed == ["TorchEngine.generate", "CachedEngine._through_cache", "TextGenerationServicer.GenerateStream"]
     assert unary == ["TorchEngine.generate", "CachedEngine._through_cache"]  # Generate folds with `collect`
     assert bypass == ["TorchEngine.generate"]  # an uncached request goes to the engine's own stream
+
+
+async def test_a_request_the_model_refuses_is_never_served_from_the_cache(engine, pico_dir, redis_server):
+    """The cache does not validate; the engine does. An entry stored under one limit does not answer a model whose
+    lower limit refuses the request, and an invalid request is refused by the engine and stores nothing."""
+    from prunefusion.server.engines.base import InvalidRequestError
+
+    backend = connect(redis_server.url, None, timeout_s=2.0, backoff_initial_s=0.1, backoff_max_s=0.2)
+    cache = ResponseCache(backend, CacheSettings(namespace="limits"))
+    strict = TorchEngine(TorchModelConfig(name="inproc-pico", path=str(pico_dir), max_new_tokens_limit=20,
+                                          default_max_new_tokens=8))
+    await strict.start()
+    try:
+        assert not (await consume(cache, engine, "a", max_new_tokens_override=30))[-1][1]
+        assert (await consume(cache, engine, "b", max_new_tokens_override=30))[-1][1]  # stored under limit 512
+        with pytest.raises(InvalidRequestError, match="max_new_tokens"):  # same name and weights, limit 20
+            await consume(cache, strict, "c", max_new_tokens_override=30)
+        with pytest.raises(InvalidRequestError, match="top_p"):
+            await consume(cache, engine, "d", top_p=0.0)
+        with pytest.raises(InvalidRequestError, match="top_p"):  # refused again: nothing was stored for it
+            await consume(cache, engine, "e", top_p=0.0)
+    finally:
+        await strict.shutdown()
+        await cache.close()

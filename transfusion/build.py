@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from prunefusion.atomic import partial_dir, publish
+from prunefusion.atomic import partial_dir, publish, replace_atomically
 from prunefusion.transfusion import shapes
 from prunefusion.transfusion.model import Transfusion, TransfusionConfig
 from prunefusion.transfusion.tokenizer import WordTokenizer
@@ -161,11 +161,10 @@ def quick_accuracy(model: Transfusion, tok: WordTokenizer, train_scenes, held_sc
 
 
 def _save_checkpoint(path: Path, recipe, model, optimizer, rng, generator, history, step: int, seconds: float):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state(), "history": history,
-                "step": step, "seconds": seconds}, tmp)
-    tmp.replace(path)
+    state = {"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state(), "history": history,
+             "step": step, "seconds": seconds}
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def save_model(model: Transfusion, tok: WordTokenizer, directory: Path) -> None:

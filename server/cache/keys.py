@@ -8,7 +8,7 @@ import json
 from prunefusion.server.engines.base import ModelInfo, SamplingParams
 
 API_VERSION = "prunefusion.v1"
-KEY_SCHEMA = 2  # bump when the serialization below changes, so old entries are never read
+KEY_SCHEMA = 3  # bump when the serialization below changes, so old entries are never read
 
 
 def is_deterministic(params: SamplingParams) -> bool:
@@ -23,7 +23,10 @@ def cache_key(kind: str, model: ModelInfo, prompt: str, params: SamplingParams) 
     re-pruned or re-healed model never hits the entries of its previous weights; the runtime (engine, device type,
     dtype) is included because it changes floating-point results, so replicas sharing a Redis on other hardware
     or dtypes keep separate entries. Every sampling parameter is included, the seed too (greedy requests keep it:
-    it cannot change their output, but a client that sends one sees it honoured).
+    it cannot change their output, but a client that sends one sees it honoured). The model's limits (context
+    length, max_new_tokens_limit) are included too: the cache does not validate requests (the engine does, once),
+    and with every input of the checks in the key, only a request valid under these limits can hit an entry, which
+    exists only because an identical request passed them and ran.
     """
     canonical = {
         "schema": KEY_SCHEMA,
@@ -32,6 +35,7 @@ def cache_key(kind: str, model: ModelInfo, prompt: str, params: SamplingParams) 
         "model": {"name": model.name, "weights": model.weights_digest, "tokenizer": model.tokenizer_digest,
                   "config": model.config_digest},
         "runtime": {"engine": model.engine, "device": model.device, "dtype": model.dtype},
+        "limits": {"context_length": model.context_length, "max_new_tokens_limit": model.max_new_tokens_limit},
         "prompt": prompt,
         "params": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                    "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed, "stop": list(params.stop)},

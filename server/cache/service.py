@@ -8,8 +8,9 @@ every front end gets caching, single-flight and replay by asking the registry fo
 - An entry stores the stream's chunks, so a hit replays as the same stream, every chunk marked `cached`; a unary
   caller (`request.stream` False) gets it as one chunk.
 - Fail-open: with Redis down or slow, requests run uncached (backend.py); nothing here raises because of Redis.
-- Requests are not validated here: the engine does that, once. An invalid request cannot hit (only requests that
-  ran are stored) and the engine refuses it before any model work.
+- Requests are not validated here: the engine does that, once. An invalid request cannot hit: entries exist only
+  for requests that ran, and the key holds every input of the checks, the model's limits included (keys.py); on
+  a miss the engine refuses it before any model work (it then costs one Redis lookup and one lock, like a miss).
 """
 
 from __future__ import annotations

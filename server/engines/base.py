@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from prunefusion.errors import InvalidRequestError
+# defined below every layer (prunefusion/errors.py), part of this module's vocabulary for the engines
+from prunefusion.errors import InvalidRequestError  # noqa: F401
 
 if TYPE_CHECKING:
     import numpy as np
-
-__all__ = ["InvalidRequestError"]  # defined below every layer (prunefusion/errors.py), re-exported here
 
 
 class FinishReason(enum.Enum):

@@ -124,11 +124,11 @@ class RequestBook:
         return len(self._entries)
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    def tokens(self, entry: TextRequest, token_ids: list[int]) -> GenerationChunk | None:
-        """Record sampled tokens; their chunk (final when the request ends within them; None when empty)."""
-        if not token_ids:
-            return None
-        if entry.first_token_at is None:
+    def tokens(self, entry: TextRequest, token_ids: list[int], *, then: FinishReason | None = None
+               ) -> GenerationChunk | None:
+        """Record sampled tokens; their chunk, final when the request ends within them, or after them with `then`
+        (an engine that learned from its backend that the request is over). None when there is nothing to say."""
+        if token_ids and entry.first_token_at is None:
             entry.first_token_at = time.monotonic()
         deltas: list[str] = []
         for i, token in enumerate(token_ids):
@@ -137,6 +137,10 @@ class RequestBook:
             deltas.append(delta)
             if reason is not None:
                 return self.finish(entry, reason, "".join(deltas), tuple(token_ids[:i + 1]))
+        if then is not None:
+            return self.finish(entry, then, "".join(deltas) + entry.text.finish(), tuple(token_ids))
+        if not token_ids:
+            return None
         return self._chunk(entry, GenerationChunk(entry.request_id, "".join(deltas), tuple(token_ids)))
 
     def finish(self, entry: TextRequest, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
@@ -153,10 +157,10 @@ class RequestBook:
             with self._lock:
                 self.finished[reason] += 1
             FINISHED.labels(self.model, reason.value).inc()
-            if entry.first_token_at is not None:
+            if reason is not FinishReason.CANCELLED:  # a request nobody waited for to the end has no latency
                 TIME_TO_FIRST_TOKEN.labels(self.model).observe(timings.time_to_first_token_seconds)
-            E2E_LATENCY.labels(self.model).observe(timings.total_seconds)
-            QUEUE_TIME.labels(self.model).observe(timings.queue_seconds)
+                E2E_LATENCY.labels(self.model).observe(timings.total_seconds)
+                QUEUE_TIME.labels(self.model).observe(timings.queue_seconds)
         return self._chunk(entry, GenerationChunk(entry.request_id, text, token_ids, reason,
                                                   Usage(len(entry.prompt_ids), len(entry.output_ids)), timings))
 
@@ -193,7 +197,7 @@ class BookedEngine(Engine):
 
     @property
     def finished(self) -> collections.Counter[FinishReason]:
-        return self.book.finished
+        return self.book.finished if self.book is not None else collections.Counter()
 
     def open_book(self, checkpoint, device: str) -> None:
         """Called by start() once the checkpoint is known (hf_loading.Checkpoint); `device` as the engine runs."""

@@ -1,8 +1,9 @@
 """The vLLM engine: the same models served through vLLM's async engine (`AsyncLLMEngine`, the v1 `AsyncLLM`).
 
-vLLM schedules and runs the model (in its own engine-core process); this adapter keeps the behaviour every engine
-shares: the same prompt checks and tokenization (`PromptEncoder`), a bounded admission count, streaming deltas,
-abort on client cancel, deadlines, usage and timings. Only the API present in both vllm 0.32 and 0.33 is used:
+vLLM schedules and runs the model (in its own engine-core process); the request book (book.py) gives it what every
+text engine shares: the same prompt checks and tokenization, the bounded admission count, the EOS / stop / length
+rule, usage, timings and metrics. The adapter itself streams vLLM's deltas, aborts on client cancel and enforces
+deadlines. Only the API present in both vllm 0.32 and 0.33 is used:
 `AsyncEngineArgs`, `AsyncLLMEngine.from_engine_args`, `generate(TokensPrompt, SamplingParams(output_kind=DELTA),
 request_id)`, `abort`, `shutdown` and `errored`.
 
@@ -247,13 +248,11 @@ class VllmEngine(BookedEngine):
     def _chunk(self, req: _Request, output) -> GenerationChunk | None:
         """Our chunk for one vLLM delta output (None when it carries nothing)."""
         completion = output.outputs[0]
-        chunk = self.book.tokens(req, list(completion.token_ids))
-        if req.done or not output.finished:
-            return chunk
-        if completion.finish_reason == "error":
-            raise RuntimeError(f"vLLM failed request {req.request_id!r} (finish_reason 'error')")
-        # vLLM ended it before our own rule did: its "stop" is an EOS or stop token id, an abort is ours
-        reason = {"length": FinishReason.LENGTH, "stop": FinishReason.EOS}.get(
-            completion.finish_reason, req.abort_reason or FinishReason.CANCELLED)
-        return self.book.finish(req, reason, (chunk.text if chunk else "") + req.text.finish(),
-                                chunk.token_ids if chunk else ())
+        then = None
+        if output.finished:  # unless our own rule (EOS / stop / length) ends it within these tokens
+            if completion.finish_reason == "error":
+                raise RuntimeError(f"vLLM failed request {req.request_id!r} (finish_reason 'error')")
+            # vLLM's "stop" is an EOS or stop token id; an abort is ours (deadline, shutdown)
+            then = {"length": FinishReason.LENGTH, "stop": FinishReason.EOS}.get(
+                completion.finish_reason, req.abort_reason or FinishReason.CANCELLED)
+        return self.book.tokens(req, list(completion.token_ids), then=then)
