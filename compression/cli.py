@@ -17,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from prunefusion.model_kinds import checkpoint_kind, load_model, resolve
+from prunefusion.lazy import resolve
+from prunefusion.model_kinds import checkpoint_kind, load_model
 
 
 def _measure(args: argparse.Namespace) -> int:

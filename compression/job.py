@@ -33,7 +33,8 @@ from prunefusion.compression.records import (
     PruneResult,
     from_json,
 )
-from prunefusion.model_kinds import ModelKind, resolve
+from prunefusion.lazy import resolve
+from prunefusion.model_kinds import ModelKind
 from prunefusion.typed_config import StrictModel, validation_problems
 
 log = logging.getLogger(__name__)

@@ -2,23 +2,16 @@
 encoders (BERT-style, e.g. all-MiniLM-L6-v2). Each kind says how it loads, what its output is, what text it gets by
 default, and how a pruned one is healed and evaluated; callers look the kind up instead of branching on it.
 
-Heal and evaluation functions are named as "module:function" and imported when used (as vLLM's model registry
-does), so reading this table imports neither transformers' models nor the compression stack.
+Heal and evaluation functions are named as "module:function" and imported when used (prunefusion.lazy.resolve, as
+vLLM's model registry does), so reading this table imports neither transformers' models nor the compression stack.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def resolve(ref: str):
-    """"package.module:name" -> the object."""
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)

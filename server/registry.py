@@ -9,9 +9,9 @@ registry's business: the app does it before a model loads.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 
+from prunefusion.lazy import resolve
 from prunefusion.server.cache.service import CachedEngine, ResponseCache
 from prunefusion.server.config import ModelConfigBase
 from prunefusion.server.engines.base import EngineUnavailableError, ModelInfo, ServingEngine
@@ -28,8 +28,7 @@ class ModelNotFoundError(LookupError):
 def engine_class(cfg: ModelConfigBase) -> type[ServingEngine]:
     """The engine class a model config names ("module:Class"), imported now: a CPU host never imports vLLM's
     adapter unless a model asks for it (and the adapter imports vLLM only when it starts)."""
-    module, _, name = cfg.engine_class.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return resolve(cfg.engine_class)
 
 
 class ModelRegistry:

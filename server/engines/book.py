@@ -84,6 +84,10 @@ class RequestBook:
         self._entries: dict[str, TextRequest] = {}
         self._lock = threading.Lock()
         self.finished: collections.Counter[FinishReason] = collections.Counter()
+        # this model's metric series, looked up once: the inter-token one is observed for every chunk
+        self._runs, self._itl = MODEL_RUNS.labels(model), INTER_TOKEN_LATENCY.labels(model)
+        self._ttft, self._e2e, self._queue = (m.labels(model) for m in (TIME_TO_FIRST_TOKEN, E2E_LATENCY, QUEUE_TIME))
+        self._running, self._waiting = REQUESTS_RUNNING.labels(model), REQUESTS_WAITING.labels(model)
 
     # ---- admission --------------------------------------------------------------------------------------------
     def check_open(self, healthy: bool) -> None:
@@ -110,7 +114,7 @@ class RequestBook:
                                      retry_after_s=1.0)
             self._entries[request.request_id] = entry
         if entry.counted:
-            MODEL_RUNS.labels(self.model).inc()
+            self._runs.inc()
         return entry
 
     def get(self, request_id: str) -> TextRequest | None:
@@ -158,9 +162,9 @@ class RequestBook:
                 self.finished[reason] += 1
             FINISHED.labels(self.model, reason.value).inc()
             if reason is not FinishReason.CANCELLED:  # a request nobody waited for to the end has no latency
-                TIME_TO_FIRST_TOKEN.labels(self.model).observe(timings.time_to_first_token_seconds)
-                E2E_LATENCY.labels(self.model).observe(timings.total_seconds)
-                QUEUE_TIME.labels(self.model).observe(timings.queue_seconds)
+                self._ttft.observe(timings.time_to_first_token_seconds)
+                self._e2e.observe(timings.total_seconds)
+                self._queue.observe(timings.queue_seconds)
         return self._chunk(entry, GenerationChunk(entry.request_id, text, token_ids, reason,
                                                   Usage(len(entry.prompt_ids), len(entry.output_ids)), timings))
 
@@ -174,13 +178,13 @@ class RequestBook:
     def _chunk(self, entry: TextRequest, chunk: GenerationChunk) -> GenerationChunk:
         now = time.monotonic()
         if entry.counted and entry.last_chunk_at is not None and (chunk.text or chunk.token_ids):
-            INTER_TOKEN_LATENCY.labels(self.model).observe(now - entry.last_chunk_at)
+            self._itl.observe(now - entry.last_chunk_at)
         entry.last_chunk_at = now
         return chunk
 
     def publish(self, stats: EngineStats) -> None:
-        REQUESTS_RUNNING.labels(self.model).set(stats.running)
-        REQUESTS_WAITING.labels(self.model).set(stats.waiting)
+        self._running.set(stats.running)
+        self._waiting.set(stats.waiting)
 
 
 class BookedEngine(Engine):

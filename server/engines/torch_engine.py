@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Sequence(TextRequest):
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    generator: torch.Generator | None = None  # the request's own, seeded at admission
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerationChunk | BaseException
     cancel_requested: bool = False  # set from the event loop; honoured at the next step
 
