@@ -3,7 +3,9 @@ with their scores and reasons, and a report (per-reason counts, score histogram)
 
 JSONL files hold one document per line (a "text" field; "id" optional, default FILE:LINE); any other file is one
 document (its id is the path). Every output record is the input record plus a "quality" object: score, keep,
-reasons, and the per-filter signals. --drop-bottom-percent applies to the whole input, not per batch.
+reasons, and the per-filter signals. --drop-bottom-percent applies to the whole input, not per batch. In the
+default rule profile (datatrove) a kept document's "text" is what C4 left of it, as a datatrove pipeline writes it
+(quality.rewritten says so); --keep-text writes the input text instead.
 
 Corpus-level methods, over all inputs together: --semdedup EPS embeds every document with the ONNX MiniLM and
 rejects near-duplicates (reason `semdedup_duplicate`, keeping in each duplicate group the document farthest from its
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from prunefusion.quality.pipeline import (
     score_batch,
     scoring_executor,
 )
+from prunefusion.quality.rule_profiles import DEFAULT_RULE_PROFILE, RULE_PROFILES
 
 
 def read_documents(paths: list[Path]) -> list[dict]:
@@ -61,7 +65,7 @@ def _threshold_pairs(items: list[str]) -> dict[str, float]:
             pairs[key] = float(value)
         except ValueError:
             raise ValueError(f"--threshold {item!r}: expected FAMILY.NAME=NUMBER, e.g. "
-                             "gopher_quality.min_words=20") from None
+                             "gopher_quality.min_doc_words=20") from None
     return pairs
 
 
@@ -74,7 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DOCUMENT_METHODS), choices=DOCUMENT_METHODS,
                    help="default: all of them (the batch methods are --semdedup and --long-files here, over all "
                         "inputs at once, not per chunk)")
-    p.add_argument("--threshold", action="append", default=[], metavar="FAMILY.NAME=VALUE")
+    p.add_argument("--threshold", action="append", default=[], metavar="FAMILY.NAME=VALUE",
+                   help="override a rule threshold, named as the rule profile names it (repeatable)")
+    p.add_argument("--rule-profile", default=DEFAULT_RULE_PROFILE, choices=list(RULE_PROFILES),
+                   help="rule definitions: " + "; ".join(f"{k}: {v.summary}" for k, v in RULE_PROFILES.items())
+                   + f" (default {DEFAULT_RULE_PROFILE})")
+    p.add_argument("--keep-text", action="store_true",
+                   help="write kept documents' input text, not the text the rule filters left (C4's kept lines)")
     p.add_argument("--min-score", type=float)
     p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")
     p.add_argument("--weights", type=Path, help="Sharma weights JSON (default: the shipped calibration)")
@@ -91,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from prunefusion.quality.sharma import load_weights
 
     options = ScoreOptions(methods=tuple(args.methods), thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
-                           min_score=args.min_score)
+                           min_score=args.min_score, rule_profile=args.rule_profile)
     options.check()
     if args.drop_bottom_percent is not None:
-        ScoreOptions(drop_bottom_percent=args.drop_bottom_percent, methods=options.methods).check()
+        dataclasses.replace(options, drop_bottom_percent=args.drop_bottom_percent).check()
     weights = load_weights(args.weights)
     records = read_documents(args.files)
     started = time.perf_counter()
@@ -126,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
             kept_n += keep
             for reason in doc_reasons:
                 counts[reason] = counts.get(reason, 0) + 1
-            line = json.dumps({**record, "quality": {"score": result.score, "keep": keep, "reasons": doc_reasons,
-                                                     "signals": result.signals}}) + "\n"
+            quality = {"score": result.score, "keep": keep, "reasons": doc_reasons, "signals": result.signals}
+            if keep and result.text is not None and not args.keep_text:
+                record, quality["rewritten"] = {**record, "text": result.text}, True
+            line = json.dumps({**record, "quality": quality}) + "\n"
             if keep:
                 kept.write(line)
             elif rejected is not None:
@@ -135,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"documents": len(records), "kept": kept_n, "rejected": len(records) - kept_n,
                "reason_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "seconds": seconds,
                "documents_per_second": len(records) / seconds if seconds else None, "workers": args.workers,
-               "methods": list(options.methods), "weights": weights.provenance.get("data", "uniform")}
+               "methods": list(options.methods), "rule_profile": options.rule_profile,
+               "weights": weights.provenance.get("data", "uniform")}
     if args.report:
         write_report(args.report, summary, scores, np.array([not r for r in reasons]))
     print(f"{len(records)} documents: kept {kept_n}, rejected {len(records) - kept_n} "
@@ -186,7 +199,8 @@ def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarr
         fig.savefig(folder / "score_histogram.png", dpi=120)
         plt.close(fig)
     lines = [f"# Quality scoring: {summary['documents']} documents", "",
-             f"Kept {summary['kept']}, rejected {summary['rejected']}; methods {', '.join(summary['methods'])}; "
+             f"Kept {summary['kept']}, rejected {summary['rejected']}; methods {', '.join(summary['methods'])} "
+             f"(rule profile {summary['rule_profile']}); "
              f"{summary['documents_per_second']:.0f} documents/s with {summary['workers']} workers.", "",
              "| reason | documents |", "|---|---|",
              *[f"| {reason} | {n} |" for reason, n in summary["reason_counts"].items()], "",

@@ -36,7 +36,7 @@ def _clean_documents(rng: random.Random, n: int, sentences: list[str]) -> list[D
     return docs
 
 
-def _code_snippets(limit: int = 400) -> list[str]:
+def code_snippets(limit: int = 400) -> list[str]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -71,7 +71,7 @@ def mixed_corpus(n_documents: int = 2000, junk_fraction: float = 0.4, seed: int 
 
     rng = random.Random(seed)
     sentences = sentences or prose_sentences(stdlib_corpus().train)
-    code = _code_snippets()
+    code = code_snippets()
     n_junk = round(n_documents * junk_fraction)
     docs = _clean_documents(rng, n_documents - n_junk, sentences)
     docs += [Document(_junk(JUNK_KINDS[i % len(JUNK_KINDS)], rng, sentences, code), JUNK_KINDS[i % len(JUNK_KINDS)])

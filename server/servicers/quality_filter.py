@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -20,7 +19,8 @@ from prunefusion.quality.pipeline import (
     score_batch,
     scoring_executor,
 )
-from prunefusion.quality.rules import RULE_FILTERS
+from prunefusion.quality.rule_profiles import RULE_PROFILES, default_thresholds
+from prunefusion.quality.rules import threshold_defaults
 from prunefusion.quality.sharma import load_weights
 from prunefusion.server.config import QualityConfig
 from prunefusion.server.engines.base import InvalidRequestError, QueueFullError
@@ -36,7 +36,7 @@ def _result_pb(result: BatchResult, request_id: str, seconds: float) -> pb.Score
     for r in result.results:
         message = pb.DocumentResult(id=r.id, keep=r.keep, reasons=r.reasons, signals=r.signals,
                                     lines=[pb.LineSpan(start=a, end=b, score=s) for a, b, s in r.lines],
-                                    duplicate_of=r.duplicate_of or "")
+                                    duplicate_of=r.duplicate_of or "", text=r.text)
         if r.score is not None:
             message.score = r.score
         results.append(message)
@@ -77,7 +77,8 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
             methods=tuple(request.methods) or tuple(c.default_methods), thresholds=thresholds,
             min_score=request.min_score if request.HasField("min_score") else None,
             drop_bottom_percent=request.drop_bottom_percent if request.HasField("drop_bottom_percent") else None,
-            drop=request.mode == pb.FILTER_MODE_DROP, line_spans=request.line_spans)
+            drop=request.mode == pb.FILTER_MODE_DROP, line_spans=request.line_spans,
+            rule_profile=request.rule_profile or c.rule_profile)
         try:
             options.check()
         except ValueError as err:
@@ -118,11 +119,11 @@ class QualityFilterServicer(pb_grpc.QualityFilterServicer):
 
     @unary_errors
     async def Info(self, request, context) -> pb.QualityInfoResponse:
-        defaults = {f"{family}.{f.name}": float(f.default) for family, cls in {**RULE_FILTERS, **BATCH_METHODS}.items()
-                    for f in dataclasses.fields(cls)}
         c = self.config
+        defaults = {**default_thresholds(c.rule_profile), **threshold_defaults(BATCH_METHODS)}
         return pb.QualityInfoResponse(
             methods=METHODS, default_methods=c.default_methods, reason_codes=reason_codes(),
             weights=self.weights.values, weights_provenance_json=json.dumps(self.weights.provenance, default=str),
             default_thresholds=defaults, max_batch_documents=c.max_batch_documents, max_batch_bytes=c.max_batch_bytes,
-            max_concurrent_batches=c.max_concurrent_batches)
+            max_concurrent_batches=c.max_concurrent_batches, rule_profiles=list(RULE_PROFILES),
+            default_rule_profile=c.rule_profile)

@@ -77,14 +77,15 @@ def _caption_request(image: bytes, model: str, max_tokens: int | None) -> mm.Cap
 
 def score_request(documents: list[str] | list[tuple[str, str]], *, methods: list[str] | None = None,
                   thresholds: dict[str, float] | None = None, drop: bool = False, min_score: float | None = None,
-                  drop_bottom_percent: float | None = None, line_spans: bool = False) -> qf.ScoreRequest:
+                  drop_bottom_percent: float | None = None, line_spans: bool = False,
+                  rule_profile: str = "") -> qf.ScoreRequest:
     """A QualityFilter request: documents as texts (ids "0", "1", ...) or (id, text) pairs; thresholds as
-    {"family.threshold": value}."""
+    {"family.threshold": value}; rule_profile "" is the server's default ("datatrove" unless configured)."""
     pairs = [(str(i), d) if isinstance(d, str) else d for i, d in enumerate(documents)]
     optional = {k: v for k, v in (("min_score", min_score), ("drop_bottom_percent", drop_bottom_percent))
                 if v is not None}
     return qf.ScoreRequest(documents=[qf.Document(id=i, text=t) for i, t in pairs], methods=methods or [],
-                           thresholds=thresholds or {}, line_spans=line_spans,
+                           thresholds=thresholds or {}, line_spans=line_spans, rule_profile=rule_profile,
                            mode=qf.FILTER_MODE_DROP if drop else qf.FILTER_MODE_ANNOTATE, **optional)
 
 

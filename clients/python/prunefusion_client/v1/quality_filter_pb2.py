@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#prunefusion/v1/quality_filter.proto\x12\x0eprunefusion.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xf3\x02\n\x0cScoreRequest\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.prunefusion.v1.Document\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12@\n\nthresholds\x18\x03 \x03(\x0b\x32,.prunefusion.v1.ScoreRequest.ThresholdsEntry\x12(\n\x04mode\x18\x04 \x01(\x0e\x32\x1a.prunefusion.v1.FilterMode\x12\x16\n\tmin_score\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x64rop_bottom_percent\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nline_spans\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0c\n\n_min_scoreB\x16\n\x14_drop_bottom_percent\"5\n\x08LineSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\"\x86\x02\n\x0e\x44ocumentResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04keep\x18\x03 \x01(\x08\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12<\n\x07signals\x18\x05 \x03(\x0b\x32+.prunefusion.v1.DocumentResult.SignalsEntry\x12\'\n\x05lines\x18\x06 \x03(\x0b\x32\x18.prunefusion.v1.LineSpan\x12\x14\n\x0c\x64uplicate_of\x18\x07 \x01(\t\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_score\"\xe0\x01\n\nBatchStats\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0c\n\x04kept\x18\x02 \x01(\r\x12\x17\n\nmean_score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x43\n\rreason_counts\x18\x04 \x03(\x0b\x32,.prunefusion.v1.BatchStats.ReasonCountsEntry\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x1a\x33\n\x11ReasonCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\r\n\x0b_mean_score\"\x7f\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.prunefusion.v1.DocumentResult\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.prunefusion.v1.BatchStats\"\x14\n\x12QualityInfoRequest\"\xd1\x03\n\x13QualityInfoResponse\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_methods\x18\x02 \x03(\t\x12\x14\n\x0creason_codes\x18\x03 \x03(\t\x12\x41\n\x07weights\x18\x04 \x03(\x0b\x32\x30.prunefusion.v1.QualityInfoResponse.WeightsEntry\x12\x1f\n\x17weights_provenance_json\x18\x05 \x01(\t\x12V\n\x12\x64\x65\x66\x61ult_thresholds\x18\x06 \x03(\x0b\x32:.prunefusion.v1.QualityInfoResponse.DefaultThresholdsEntry\x12\x1b\n\x13max_batch_documents\x18\x07 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16max_concurrent_batches\x18\t \x01(\r\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x44\x65\x66\x61ultThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*<\n\nFilterMode\x12\x18\n\x14\x46ILTER_MODE_ANNOTATE\x10\x00\x12\x14\n\x10\x46ILTER_MODE_DROP\x10\x01\x32\xf6\x01\n\rQualityFilter\x12\x44\n\x05Score\x12\x1c.prunefusion.v1.ScoreRequest\x1a\x1d.prunefusion.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.prunefusion.v1.ScoreRequest\x1a\x1d.prunefusion.v1.ScoreResponse(\x01\x30\x01\x12O\n\x04Info\x12\".prunefusion.v1.QualityInfoRequest\x1a#.prunefusion.v1.QualityInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#prunefusion/v1/quality_filter.proto\x12\x0eprunefusion.v1\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x89\x03\n\x0cScoreRequest\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.prunefusion.v1.Document\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12@\n\nthresholds\x18\x03 \x03(\x0b\x32,.prunefusion.v1.ScoreRequest.ThresholdsEntry\x12(\n\x04mode\x18\x04 \x01(\x0e\x32\x1a.prunefusion.v1.FilterMode\x12\x16\n\tmin_score\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x64rop_bottom_percent\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nline_spans\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x14\n\x0crule_profile\x18\t \x01(\t\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0c\n\n_min_scoreB\x16\n\x14_drop_bottom_percent\"5\n\x08LineSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\"\xa2\x02\n\x0e\x44ocumentResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04keep\x18\x03 \x01(\x08\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12<\n\x07signals\x18\x05 \x03(\x0b\x32+.prunefusion.v1.DocumentResult.SignalsEntry\x12\'\n\x05lines\x18\x06 \x03(\x0b\x32\x18.prunefusion.v1.LineSpan\x12\x14\n\x0c\x64uplicate_of\x18\x07 \x01(\t\x12\x11\n\x04text\x18\x08 \x01(\tH\x01\x88\x01\x01\x1a.\n\x0cSignalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_scoreB\x07\n\x05_text\"\xe0\x01\n\nBatchStats\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0c\n\x04kept\x18\x02 \x01(\r\x12\x17\n\nmean_score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x43\n\rreason_counts\x18\x04 \x03(\x0b\x32,.prunefusion.v1.BatchStats.ReasonCountsEntry\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x1a\x33\n\x11ReasonCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\r\n\x0b_mean_score\"\x7f\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.prunefusion.v1.DocumentResult\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.prunefusion.v1.BatchStats\"\x14\n\x12QualityInfoRequest\"\x86\x04\n\x13QualityInfoResponse\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_methods\x18\x02 \x03(\t\x12\x14\n\x0creason_codes\x18\x03 \x03(\t\x12\x41\n\x07weights\x18\x04 \x03(\x0b\x32\x30.prunefusion.v1.QualityInfoResponse.WeightsEntry\x12\x1f\n\x17weights_provenance_json\x18\x05 \x01(\t\x12V\n\x12\x64\x65\x66\x61ult_thresholds\x18\x06 \x03(\x0b\x32:.prunefusion.v1.QualityInfoResponse.DefaultThresholdsEntry\x12\x1b\n\x13max_batch_documents\x18\x07 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x08 \x01(\x04\x12\x1e\n\x16max_concurrent_batches\x18\t \x01(\r\x12\x15\n\rrule_profiles\x18\n \x03(\t\x12\x1c\n\x14\x64\x65\x66\x61ult_rule_profile\x18\x0b \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x44\x65\x66\x61ultThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*<\n\nFilterMode\x12\x18\n\x14\x46ILTER_MODE_ANNOTATE\x10\x00\x12\x14\n\x10\x46ILTER_MODE_DROP\x10\x01\x32\xf6\x01\n\rQualityFilter\x12\x44\n\x05Score\x12\x1c.prunefusion.v1.ScoreRequest\x1a\x1d.prunefusion.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.prunefusion.v1.ScoreRequest\x1a\x1d.prunefusion.v1.ScoreResponse(\x01\x30\x01\x12O\n\x04Info\x12\".prunefusion.v1.QualityInfoRequest\x1a#.prunefusion.v1.QualityInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,34 +42,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUALITYINFORESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._loaded_options = None
   _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._serialized_options = b'8\001'
-  _globals['_FILTERMODE']._serialized_start=1633
-  _globals['_FILTERMODE']._serialized_end=1693
+  _globals['_FILTERMODE']._serialized_start=1736
+  _globals['_FILTERMODE']._serialized_end=1796
   _globals['_DOCUMENT']._serialized_start=55
   _globals['_DOCUMENT']._serialized_end=91
   _globals['_SCOREREQUEST']._serialized_start=94
-  _globals['_SCOREREQUEST']._serialized_end=465
-  _globals['_SCOREREQUEST_THRESHOLDSENTRY']._serialized_start=378
-  _globals['_SCOREREQUEST_THRESHOLDSENTRY']._serialized_end=427
-  _globals['_LINESPAN']._serialized_start=467
-  _globals['_LINESPAN']._serialized_end=520
-  _globals['_DOCUMENTRESULT']._serialized_start=523
-  _globals['_DOCUMENTRESULT']._serialized_end=785
-  _globals['_DOCUMENTRESULT_SIGNALSENTRY']._serialized_start=729
-  _globals['_DOCUMENTRESULT_SIGNALSENTRY']._serialized_end=775
-  _globals['_BATCHSTATS']._serialized_start=788
-  _globals['_BATCHSTATS']._serialized_end=1012
-  _globals['_BATCHSTATS_REASONCOUNTSENTRY']._serialized_start=946
-  _globals['_BATCHSTATS_REASONCOUNTSENTRY']._serialized_end=997
-  _globals['_SCORERESPONSE']._serialized_start=1014
-  _globals['_SCORERESPONSE']._serialized_end=1141
-  _globals['_QUALITYINFOREQUEST']._serialized_start=1143
-  _globals['_QUALITYINFOREQUEST']._serialized_end=1163
-  _globals['_QUALITYINFORESPONSE']._serialized_start=1166
-  _globals['_QUALITYINFORESPONSE']._serialized_end=1631
-  _globals['_QUALITYINFORESPONSE_WEIGHTSENTRY']._serialized_start=1527
-  _globals['_QUALITYINFORESPONSE_WEIGHTSENTRY']._serialized_end=1573
-  _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._serialized_start=1575
-  _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._serialized_end=1631
-  _globals['_QUALITYFILTER']._serialized_start=1696
-  _globals['_QUALITYFILTER']._serialized_end=1942
+  _globals['_SCOREREQUEST']._serialized_end=487
+  _globals['_SCOREREQUEST_THRESHOLDSENTRY']._serialized_start=400
+  _globals['_SCOREREQUEST_THRESHOLDSENTRY']._serialized_end=449
+  _globals['_LINESPAN']._serialized_start=489
+  _globals['_LINESPAN']._serialized_end=542
+  _globals['_DOCUMENTRESULT']._serialized_start=545
+  _globals['_DOCUMENTRESULT']._serialized_end=835
+  _globals['_DOCUMENTRESULT_SIGNALSENTRY']._serialized_start=770
+  _globals['_DOCUMENTRESULT_SIGNALSENTRY']._serialized_end=816
+  _globals['_BATCHSTATS']._serialized_start=838
+  _globals['_BATCHSTATS']._serialized_end=1062
+  _globals['_BATCHSTATS_REASONCOUNTSENTRY']._serialized_start=996
+  _globals['_BATCHSTATS_REASONCOUNTSENTRY']._serialized_end=1047
+  _globals['_SCORERESPONSE']._serialized_start=1064
+  _globals['_SCORERESPONSE']._serialized_end=1191
+  _globals['_QUALITYINFOREQUEST']._serialized_start=1193
+  _globals['_QUALITYINFOREQUEST']._serialized_end=1213
+  _globals['_QUALITYINFORESPONSE']._serialized_start=1216
+  _globals['_QUALITYINFORESPONSE']._serialized_end=1734
+  _globals['_QUALITYINFORESPONSE_WEIGHTSENTRY']._serialized_start=1630
+  _globals['_QUALITYINFORESPONSE_WEIGHTSENTRY']._serialized_end=1676
+  _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._serialized_start=1678
+  _globals['_QUALITYINFORESPONSE_DEFAULTTHRESHOLDSENTRY']._serialized_end=1734
+  _globals['_QUALITYFILTER']._serialized_start=1799
+  _globals['_QUALITYFILTER']._serialized_end=2045
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("documents", "methods", "thresholds", "mode", "min_score", "drop_bottom_percent", "line_spans", "request_id")
+    __slots__ = ("documents", "methods", "thresholds", "mode", "min_score", "drop_bottom_percent", "line_spans", "request_id", "rule_profile")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ScoreRequest(_message.Message):
     DROP_BOTTOM_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LINE_SPANS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     methods: _containers.RepeatedScalarFieldContainer[str]
     thresholds: _containers.ScalarMap[str, float]
@@ -48,7 +49,8 @@ class ScoreRequest(_message.Message):
     drop_bottom_percent: float
     line_spans: bool
     request_id: str
-    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[FilterMode, str]] = ..., min_score: _Optional[float] = ..., drop_bottom_percent: _Optional[float] = ..., line_spans: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    rule_profile: str
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[FilterMode, str]] = ..., min_score: _Optional[float] = ..., drop_bottom_percent: _Optional[float] = ..., line_spans: _Optional[bool] = ..., request_id: _Optional[str] = ..., rule_profile: _Optional[str] = ...) -> None: ...
 
 class LineSpan(_message.Message):
     __slots__ = ("start", "end", "score")
@@ -61,7 +63,7 @@ class LineSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class DocumentResult(_message.Message):
-    __slots__ = ("id", "score", "keep", "reasons", "signals", "lines", "duplicate_of")
+    __slots__ = ("id", "score", "keep", "reasons", "signals", "lines", "duplicate_of", "text")
     class SignalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class DocumentResult(_message.Message):
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     keep: bool
@@ -83,7 +86,8 @@ class DocumentResult(_message.Message):
     signals: _containers.ScalarMap[str, float]
     lines: _containers.RepeatedCompositeFieldContainer[LineSpan]
     duplicate_of: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., keep: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., signals: _Optional[_Mapping[str, float]] = ..., lines: _Optional[_Iterable[_Union[LineSpan, _Mapping]]] = ..., duplicate_of: _Optional[str] = ...) -> None: ...
+    text: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., keep: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., signals: _Optional[_Mapping[str, float]] = ..., lines: _Optional[_Iterable[_Union[LineSpan, _Mapping]]] = ..., duplicate_of: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class BatchStats(_message.Message):
     __slots__ = ("documents", "kept", "mean_score", "reason_counts", "seconds")
@@ -121,7 +125,7 @@ class QualityInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class QualityInfoResponse(_message.Message):
-    __slots__ = ("methods", "default_methods", "reason_codes", "weights", "weights_provenance_json", "default_thresholds", "max_batch_documents", "max_batch_bytes", "max_concurrent_batches")
+    __slots__ = ("methods", "default_methods", "reason_codes", "weights", "weights_provenance_json", "default_thresholds", "max_batch_documents", "max_batch_bytes", "max_concurrent_batches", "rule_profiles", "default_rule_profile")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +149,8 @@ class QualityInfoResponse(_message.Message):
     MAX_BATCH_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RULE_PROFILES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RULE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     default_methods: _containers.RepeatedScalarFieldContainer[str]
     reason_codes: _containers.RepeatedScalarFieldContainer[str]
@@ -154,4 +160,6 @@ class QualityInfoResponse(_message.Message):
     max_batch_documents: int
     max_batch_bytes: int
     max_concurrent_batches: int
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., default_methods: _Optional[_Iterable[str]] = ..., reason_codes: _Optional[_Iterable[str]] = ..., weights: _Optional[_Mapping[str, float]] = ..., weights_provenance_json: _Optional[str] = ..., default_thresholds: _Optional[_Mapping[str, float]] = ..., max_batch_documents: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_concurrent_batches: _Optional[int] = ...) -> None: ...
+    rule_profiles: _containers.RepeatedScalarFieldContainer[str]
+    default_rule_profile: str
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., default_methods: _Optional[_Iterable[str]] = ..., reason_codes: _Optional[_Iterable[str]] = ..., weights: _Optional[_Mapping[str, float]] = ..., weights_provenance_json: _Optional[str] = ..., default_thresholds: _Optional[_Mapping[str, float]] = ..., max_batch_documents: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_concurrent_batches: _Optional[int] = ..., rule_profiles: _Optional[_Iterable[str]] = ..., default_rule_profile: _Optional[str] = ...) -> None: ...

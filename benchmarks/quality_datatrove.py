@@ -1,0 +1,193 @@
+"""prunefusion's rule filters against datatrove 0.10.1: the same keep/drop decisions, and how much faster.
+
+Agreement: on `rule_corpus(--documents, --seed)` (every rule of every family fires; pick a fresh seed for a figure
+nobody tuned to), the share of documents where our first reason (or keep) equals datatrove's, per family and for
+the chain (one Document through GopherRepetition, GopherQuality, C4 and FineWeb, as a datatrove pipeline runs
+them), for each of our rule profiles; every disagreement of the default profile is written out.
+
+Throughput: documents/s on one core (this process), per family and for the chain, in --rounds interleaved rounds
+(each round times every contender once, in turn, so the machine's drift hits all alike): datatrove with its
+default English tokenizer (spaCy), datatrove with a regex word tokenizer, and our two profiles. Our spaCy chunk
+cache is cleared before every timed run, so no run reuses another's work. Ratios are per round; the table gives
+their median and range.
+
+    .venv/bin/python benchmarks/quality_datatrove.py [--documents 2000] [--seed N] [--rounds 5]
+        [--timing-documents 600] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from datatrove.data import Document
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+)
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from prunefusion.quality import spacy_text
+from prunefusion.quality.rule_corpus import rule_corpus
+from prunefusion.quality.rule_profiles import FAMILIES, RULE_PROFILES, apply_rules, build_rules
+
+DATATROVE = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
+             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
+PREFIX = {"gopher_repetition": "gopher_", "gopher_quality": "", "c4": "c4_", "fineweb": "fineweb_"}
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """A common fast stand-in for spaCy in datatrove pipelines: words are \\w+ runs and runs of other symbols."""
+
+    _words = re.compile(r"\w+|[^\w\s]+")
+    _sentences = re.compile(r"[^.!?]+(?:[.!?]+|$)")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self._words.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s.strip() for s in self._sentences.findall(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in self._sentences.finditer(text) if m.group().strip()]
+
+
+def datatrove_filters(tokenizer=None) -> dict:
+    return {f: cls(**({} if tokenizer is None else {"language": tokenizer})) for f, cls in DATATROVE.items()}
+
+
+def datatrove_run(filters: dict, text: str) -> str | None:
+    """One Document through the filters in order: our code for the dropping filter's reason, None when kept."""
+    document = Document(text=text, id="0")
+    for family, family_filter in filters.items():
+        result = family_filter.filter(document)
+        if result is not True:
+            return PREFIX[family] + result[1]
+    return None
+
+
+def agreement(docs: list[str]) -> dict:
+    filters = datatrove_filters()
+    expected_family = {f: [datatrove_run({f: filters[f]}, t) for t in docs] for f in FAMILIES}
+    expected_chain = [datatrove_run(filters, t) for t in docs]
+    out = {}
+    for profile in RULE_PROFILES:
+        rules = dict(zip(FAMILIES, build_rules(profile, list(FAMILIES)), strict=True))
+        row, disagreements = {}, []
+        for family in FAMILIES:
+            got = [(apply_rules(profile, [rules[family]], t)[0] or [None])[0] for t in docs]
+            same = [g == e for g, e in zip(got, expected_family[family], strict=True)]
+            keep_same = [(g is None) == (e is None) for g, e in zip(got, expected_family[family], strict=True)]
+            row[family] = {"reason": sum(same) / len(docs), "keep_drop": sum(keep_same) / len(docs)}
+            disagreements += [(i, family, e, g) for i, (g, e, s) in
+                              enumerate(zip(got, expected_family[family], same, strict=True)) if not s]
+        chain = [(apply_rules(profile, list(rules.values()), t)[0] or [None])[0] for t in docs]
+        row["chain"] = {"reason": sum(g == e for g, e in zip(chain, expected_chain, strict=True)) / len(docs),
+                        "keep_drop": sum((g is None) == (e is None) for g, e in
+                                         zip(chain, expected_chain, strict=True)) / len(docs)}
+        out[profile] = {"agreement": row, "disagreements": disagreements[:50], "n_disagreements": len(disagreements)}
+    out["datatrove_kept_share"] = sum(e is None for e in expected_chain) / len(docs)
+    return out
+
+
+def contenders() -> dict:
+    """name -> {family or "chain": callable(docs)}; each callable scores every document once."""
+    def ours(profile: str) -> dict:
+        rules = dict(zip(FAMILIES, build_rules(profile, list(FAMILIES)), strict=True))
+
+        def run(chosen: list) -> Callable:
+            def score(docs: list[str]) -> None:
+                spacy_text.words.cache_clear()
+                spacy_text._CHUNKS.clear()
+                for t in docs:
+                    apply_rules(profile, chosen, t)
+            return score
+        return {**{f: run([rules[f]]) for f in FAMILIES}, "chain": run(list(rules.values()))}
+
+    def theirs(tokenizer) -> dict:
+        filters = datatrove_filters(tokenizer)
+
+        def run(chosen: dict) -> Callable:
+            return lambda docs: [datatrove_run(chosen, t) for t in docs]
+        return {**{f: run({f: filters[f]}) for f in FAMILIES}, "chain": run(filters)}
+
+    return {"datatrove (spaCy)": theirs(None), "datatrove (regex words)": theirs(RegexWordTokenizer()),
+            **{f"prunefusion {p}": ours(p) for p in RULE_PROFILES}}
+
+
+def throughput(docs: list[str], rounds: int) -> dict:
+    runs = contenders()
+    for table in runs.values():  # warm-up: imports, spaCy pipelines, numpy
+        table["chain"](docs[:20])
+    rates: dict[str, dict[str, list[float]]] = {name: {k: [] for k in table} for name, table in runs.items()}
+    for _ in range(rounds):
+        for target in [*FAMILIES, "chain"]:
+            for name, table in runs.items():
+                started = time.perf_counter()
+                table[target](docs)
+                rates[name][target].append(len(docs) / (time.perf_counter() - started))
+    return rates
+
+
+def summary(rates: dict) -> list[str]:
+    base = "datatrove (spaCy)"
+    lines = ["| docs/s (median of rounds) | " + " | ".join([*FAMILIES, "chain"]) + " |",
+             "|---|" + "---|" * (len(FAMILIES) + 1)]
+    for name, table in rates.items():
+        cells = []
+        for target, values in table.items():
+            ratios = [v / b for v, b in zip(values, rates[base][target], strict=True)]
+            cell = f"{statistics.median(values):,.0f}"
+            if name != base:
+                cell += f" ({statistics.median(ratios):.1f}x, {min(ratios):.1f}-{max(ratios):.1f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, default=2000, help="agreement corpus size")
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="default: from the clock")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--timing-documents", type=int, default=600, help="the first N documents are timed")
+    parser.add_argument("--out", type=Path, default=None, help="write quality_datatrove.json and .md here")
+    args = parser.parse_args()
+
+    docs = [d.text for d in rule_corpus(args.documents, seed=args.seed)]
+    print(f"rule corpus: {len(docs)} documents, seed {args.seed}, {sum(map(len, docs)) / 1e6:.1f} M characters")
+    agree = agreement(docs)
+    lines = [f"## Agreement with datatrove 0.10.1 ({len(docs)} documents, seed {args.seed}; datatrove keeps "
+             f"{agree['datatrove_kept_share']:.1%})", "",
+             "| profile | " + " | ".join([*FAMILIES, "chain"]) + " |", "|---|" + "---|" * (len(FAMILIES) + 1)]
+    for profile in RULE_PROFILES:
+        row = agree[profile]["agreement"]
+        lines.append(f"| {profile}: same keep/drop | " + " | ".join(f"{row[k]['keep_drop']:.2%}" for k in row) + " |")
+        lines.append(f"| {profile}: same reason | " + " | ".join(f"{row[k]['reason']:.2%}" for k in row) + " |")
+    timed = docs[:args.timing_documents]
+    rates = throughput(timed, args.rounds)
+    lines += ["", f"## Throughput, one core ({len(timed)} documents, {sum(map(len, timed)) / 1e6:.2f} M characters, "
+              f"{args.rounds} interleaved rounds; in brackets: x datatrove (spaCy), median and range)", "",
+              *summary(rates)]
+    print("\n".join(lines))
+    print(f"\ndefault profile disagreements: {agree['datatrove']['n_disagreements']}",
+          agree["datatrove"]["disagreements"][:10])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"seed": args.seed, "documents": len(docs), "timing_documents": len(timed), "rounds": args.rounds,
+                  "agreement": agree, "docs_per_second": rates, "machine": platform.platform(),
+                  "python": platform.python_version()}
+        (args.out / "quality_datatrove.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "quality_datatrove.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

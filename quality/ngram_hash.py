@@ -1,0 +1,133 @@
+"""datatrove's Gopher repetition n-gram measures, exact and fast.
+
+datatrove keys its top 2..4-grams by ``" ".join(words)``: for words without whitespace that is the word tuple, so
+``top_chars`` counts tuples. It keys its duplicated 5..10-grams by ``"".join(words)`` (("ab", "c") and ("a", "bc")
+are one n-gram there), which ``HashedNGrams`` follows without building a string per n-gram: the words are joined
+once, every n-gram is a substring, its key a polynomial hash of that substring (numpy, uint64 arithmetic that
+wraps), the top 4 bits the n, all n in one ``np.unique``. Every group of equal keys that occurs more than once is
+then checked by comparing the substrings' characters; a hash collision (never seen outside the tests, which force
+one) makes the measure fall back to datatrove's own loop (``*_reference``). So the results equal datatrove's by
+construction, not by probability.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible modulo 2**64
+BASE_INVERSE = np.uint64(pow(int(BASE), -1, 2**64))
+_LENGTH_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+class HashedNGrams:
+    """The n-grams (n in `ns`) of one word list, joined by `joiner`."""
+
+    def __init__(self, words: list[str], joiner: str, ns: tuple[int, ...]) -> None:
+        self.words, self.ns = words, [n for n in ns if len(words) >= n]
+        self.stream = joiner.join(words)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.starts = np.concatenate([[0], np.cumsum(lengths + len(joiner))])[:-1]  # word i's first character
+        self.stops = self.starts + lengths  # one past word i's last character
+        self.segments: dict[int, slice] = {}
+        if not self.ns:
+            return
+        self.codes = np.frombuffer(self.stream.encode("utf-32-le"), dtype=np.uint32)
+        codes = self.codes.astype(np.uint64)
+        with np.errstate(over="ignore"):
+            prefix = np.concatenate([[np.uint64(0)], np.cumsum(codes * np.cumprod(np.full(len(codes), BASE)))])
+            inverse_powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(len(codes), BASE_INVERSE))])
+            keys = []
+            for n in self.ns:
+                a, b = self.starts[:len(words) - n + 1], self.stops[n - 1:]
+                h = (prefix[b] - prefix[a]) * inverse_powers[a] ^ (b - a).astype(np.uint64) * _LENGTH_MIX
+                self.segments[n] = slice(sum(map(len, keys)), sum(map(len, keys)) + len(h))
+                keys.append((h >> np.uint64(4)) | np.uint64(n << 60))  # no two n share a key
+        _, self.first, self.ids, self.counts = np.unique(np.concatenate(keys), return_index=True,
+                                                          return_inverse=True, return_counts=True)
+
+    def _text(self, n: int, i: int) -> str:
+        return self.stream[self.starts[i]:self.stops[i + n - 1]]
+
+    def _local(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(group id, the group's first position, the group's size) for each position of the n-grams."""
+        segment = self.segments[n]
+        ids = self.ids[segment]
+        return ids, self.first[ids] - segment.start, self.counts[ids]
+
+    def _collides(self, n: int) -> bool:
+        """Whether some n-gram's key group holds a different string than its first member: every later member's
+        characters against the first's, all at once."""
+        _, first, counts = self._local(n)
+        later = np.nonzero((counts > 1) & (first != np.arange(len(first))))[0]
+        if not len(later):
+            return False
+        a, lengths = self.starts[later], self.stops[later + n - 1] - self.starts[later]
+        head = self.starts[first[later]]
+        if np.any(self.stops[first[later] + n - 1] - head != lengths):
+            return True
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        theirs, ours = np.repeat(head, lengths) + offsets, np.repeat(a, lengths) + offsets
+        return bool(np.any(self.codes[ours] != self.codes[theirs]))
+
+    def duplicate_chars(self, n: int) -> int:
+        """datatrove's ``find_all_duplicate(words, n)``: scanning left to right, the characters of every n-gram
+        seen before, jumping past it so that no word counts twice."""
+        if n not in self.segments:
+            return 0
+        ids, first, counts = self._local(n)
+        if counts.max() < 2:
+            return 0
+        if self._collides(n):
+            return duplicate_chars_reference(self.words, n)
+        # the scan visits only the positions whose n-gram occurred before; every other visited position is new
+        candidates = np.nonzero(first < np.arange(len(ids)))[0].tolist()
+        ids_list = ids.tolist()
+        seen: set[int] = set()
+        chars = i = 0
+        for j in candidates:
+            if j < i:  # inside a repeat already counted
+                continue
+            seen.update(ids_list[i:j])
+            if ids_list[j] in seen:
+                chars += len(self._text(n, j))
+                i = j + n
+            else:
+                seen.add(ids_list[j])
+                i = j + 1
+        return chars
+
+
+def top_chars(words: list[str], n: int) -> int:
+    """datatrove's ``find_top_duplicate(get_n_grams(words, n))``: len(" ".join(most frequent n-gram)) * its count,
+    the one seen first on ties (both Counters keep first-seen order); 0 without n-grams. Counted as word tuples,
+    which is the same for words without whitespace (spaCy's never have any): one C-level Counter pass, no strings."""
+    if len(words) < n:
+        return 0
+    gram, count = Counter(zip(*(words[k:] for k in range(n)), strict=False)).most_common(1)[0]  # shifted copies
+    return (sum(map(len, gram)) + n - 1) * count
+
+
+def top_chars_reference(words: list[str], n: int) -> int:
+    """datatrove's top n-gram loop in effect: the fallback, and what the tests hold the fast path to."""
+    grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0
+    gram, count = Counter(grams).most_common(1)[0]
+    return len(gram) * count
+
+
+def duplicate_chars_reference(words: list[str], n: int) -> int:
+    """datatrove's ``find_all_duplicate`` loop in effect."""
+    unique: set[str] = set()
+    chars = i = 0
+    while i < len(words) - n + 1:
+        gram = "".join(words[i:i + n])
+        if gram in unique:
+            chars += len(gram)
+            i += n
+        else:
+            unique.add(gram)
+            i += 1
+    return chars

@@ -1,0 +1,152 @@
+"""The datatrove rule profile against datatrove 0.10.1 itself: the same keep/drop and reason per family and for the
+chain, on a seeded corpus that makes every rule fire; its fast parts against datatrove's own helpers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from datatrove.data import Document as DatatroveDocument
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+)
+from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
+from datatrove.utils.text import split_into_sentences, split_into_words
+
+from prunefusion.quality import ngram_hash, spacy_text
+from prunefusion.quality.ngram_hash import HashedNGrams
+from prunefusion.quality.rule_corpus import KINDS, rule_corpus
+from prunefusion.quality.rule_profiles import DEFAULT_RULE_PROFILE, apply_rules, build_rules
+from prunefusion.quality.rules_datatrove import RULE_FILTERS
+
+DATATROVE = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
+             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
+# our reason code = this prefix + datatrove's reason name (the README's mapping table)
+PREFIX = {"gopher_repetition": "gopher_", "gopher_quality": "", "c4": "c4_", "fineweb": "fineweb_"}
+
+
+def datatrove_verdict(family_filter, text: str) -> tuple[str | None, str]:
+    """(our code for datatrove's reason or None when kept, the text datatrove passes on)."""
+    document = DatatroveDocument(text=text, id="0")
+    result = family_filter.filter(document)
+    return (None if result is True else result[1]), document.text
+
+
+def ours_first(codes: list[str]) -> str | None:
+    assert len(codes) <= 1  # datatrove stops at the first failed rule
+    return codes[0] if codes else None
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    # the seeded draw, then six documents of each kind (the rare "huge" one: once), so that every rule fires
+    from prunefusion.models.corpus import prose_sentences, stdlib_corpus
+
+    rng = random.Random(11)
+    sentences = prose_sentences(stdlib_corpus().train)
+    each = ["\n".join(make(rng, sentences)) for kind, make in KINDS.items() for _ in range(1 if kind == "huge" else 6)]
+    return [d.text for d in rule_corpus(300, seed=20261202, sentences=sentences)] + each
+
+
+def test_every_family_and_the_chain_decide_as_datatrove(corpus):
+    ours = build_rules(DEFAULT_RULE_PROFILE, list(RULE_FILTERS))
+    filters = {family: cls() for family, cls in DATATROVE.items()}
+    fired: dict[str, set] = {family: set() for family in DATATROVE}
+    mismatches = []
+    for i, text in enumerate(corpus):
+        chain, chain_text = None, text  # one Document through datatrove's four filters, in order
+        for family, rule in zip(RULE_FILTERS, ours, strict=True):
+            reason, kept_text = datatrove_verdict(filters[family], text)
+            expected = None if reason is None else PREFIX[family] + reason
+            codes, our_text = rule.apply(text)
+            fired[family].add(expected)
+            if ours_first(codes) != expected or (expected is None and our_text != kept_text):
+                mismatches.append((i, family, expected, codes))
+            if chain is None:  # the families before C4 keep the text as it is; FineWeb sees what C4 left
+                reason, chain_text = (reason, kept_text) if chain_text == text else datatrove_verdict(
+                    filters[family], chain_text)
+                chain = None if reason is None else PREFIX[family] + reason
+        chain_codes, _ = apply_rules(DEFAULT_RULE_PROFILE, ours, text)
+        if ours_first(chain_codes) != chain:
+            mismatches.append((i, "chain", chain, chain_codes))
+    assert not mismatches, f"{len(mismatches)} disagreements, first: {mismatches[:5]}"
+    for family, cls in RULE_FILTERS.items():  # the corpus made every rule fire, and each document pass somewhere
+        assert fired[family] == {None, *cls.REASON_CODES}, (family, set(cls.REASON_CODES) - fired[family])
+
+
+@pytest.mark.parametrize(("family", "kwargs"), [
+    ("gopher_quality", {"min_doc_words": 20, "min_stop_words": 0, "max_symbol_word_ratio": 0.05}),
+    ("gopher_repetition", {"dup_line_frac": 0, "dup_para_frac": 0.5}),
+    ("c4", {"filter_no_terminal_punct": False}),  # FineWeb's own recipe
+    ("c4", {"min_num_sentences": 2, "min_words_per_line": 5, "remove_citations": False, "filter_policy": False}),
+    ("fineweb", {"line_punct_exclude_zero": True, "short_line_length": 60, "new_line_ratio": 0.1}),
+])
+def test_thresholds_are_datatrove_arguments(corpus, family, kwargs):
+    """The same keyword arguments given to datatrove's filter and as our thresholds make the same decisions."""
+    [ours] = build_rules(DEFAULT_RULE_PROFILE, [family], {family: kwargs})
+    theirs = DATATROVE[family](**kwargs)
+    defaults = DATATROVE[family]()
+    changed = 0
+    for text in corpus[:150]:  # from the seeded draw
+        expected, kept_text = datatrove_verdict(theirs, text)
+        codes, our_text = ours.apply(text)
+        assert ours_first(codes) == (None if expected is None else PREFIX[family] + expected), text[:200]
+        assert expected is not None or our_text == kept_text
+        changed += expected != datatrove_verdict(defaults, text)[0]
+    assert changed  # the override mattered on this corpus
+
+
+TOKENIZER_CORNERS = [
+    ": ) :-) (: ;) <3 </3 o.O O.o", "U.S. A. e.g. i.e. Mr. Dr.", "can't won't y'all cannot Cannot gonna lemme",
+    "a\u00a0b\u2028c\x1cd\x85e", "\t\t x \n\n y  z   ", "'s 'S 're (don't)", "http://x.org/a?b=c. www.x.com",
+    "10km 5.5kg $3.50 3:30pm", "... — :\n) a.b.c.d ca n't <3<3", "日本語 Ünïcödé ǅemal e\u0301 cafe\u0301", "",
+    "Hi.  .", "Hi. .", "Hi.\t.", "“Yes.” he said. ok", "a . . b", "Wait... what?! Yes!!", "x\u00a0. y",
+]
+
+
+def test_words_and_sentences_are_datatrove_english(corpus):
+    """The chunked tokenizer equals spaCy over the whole text and datatrove's split_into_words; the sentence rule
+    equals spaCy's sentencizer and datatrove's split_into_sentences."""
+    for text in [*TOKENIZER_CORNERS, *corpus[:150]]:
+        assert spacy_text.words(text) == spacy_text.words_reference(text)
+        assert list(spacy_text.words(text)) == split_into_words(text)
+        for line in [text, *text.splitlines()[:8]]:
+            if line.strip() and len(line) < 20_000:
+                expected = spacy_text.sentence_count_reference(line.strip())
+                assert spacy_text.sentence_count(line.strip()) == expected == len(split_into_sentences(line.strip()))
+
+
+def _word_lists(seed: int, count: int = 300):
+    """Word lists over a tiny alphabet, so that n-grams repeat and different n-grams share a concatenation."""
+    rng = random.Random(seed)
+    pieces = ["a", "b", "ab", "ba", "aab", "c"]
+    return [[rng.choice(pieces) for _ in range(rng.randint(0, 60))] for _ in range(count)]
+
+
+def test_hashed_ngrams_equal_datatrove_find_top_and_find_all_duplicate():
+    for words in _word_lists(0):
+        duplicated = HashedNGrams(words, "", (5, 6, 7, 8, 9, 10))
+        for n in (2, 3, 4):
+            expected = find_top_duplicate(get_n_grams(words, n)) if len(words) >= n else 0
+            assert ngram_hash.top_chars(words, n) == expected == ngram_hash.top_chars_reference(words, n)
+        for n in range(5, 11):
+            assert duplicated.duplicate_chars(n) == find_all_duplicate(words, n)
+            assert duplicated.duplicate_chars(n) == ngram_hash.duplicate_chars_reference(words, n)
+
+
+def test_a_hash_collision_falls_back_to_the_string_loop(monkeypatch):
+    """With base 1 the hash is a sum of code points: anagrams collide, and the result must still be exact."""
+    import numpy as np
+
+    monkeypatch.setattr(ngram_hash, "BASE", np.uint64(1))
+    monkeypatch.setattr(ngram_hash, "BASE_INVERSE", np.uint64(1))
+    collided = 0
+    for words in _word_lists(1):
+        duplicated = HashedNGrams(words, "", (5, 6, 7, 8, 9, 10))
+        for n in range(5, 11):
+            collided += n in duplicated.segments and duplicated._collides(n)
+            assert duplicated.duplicate_chars(n) == find_all_duplicate(words, n)
+    assert collided  # the fallback ran
