@@ -3,7 +3,8 @@
 Agreement: on `rule_corpus(--documents, --seed)` (every rule of every family fires; pick a fresh seed for a figure
 nobody tuned to), the share of documents where our first reason (or keep) equals datatrove's, per family and for
 the chain (one Document through GopherRepetition, GopherQuality, C4 and FineWeb, as a datatrove pipeline runs
-them), for each of our rule profiles; every disagreement of the default profile is written out.
+them), for each of our rule profiles; the same on --files (one document per file: real text, e.g. the licences and
+READMEs under /usr/share/doc). Every disagreement of the default profile is written out.
 
 Throughput: documents/s on one core (this process), per family and for the chain, in --rounds interleaved rounds
 (each round times every contender once, in turn, so the machine's drift hits all alike): datatrove with its
@@ -12,12 +13,13 @@ cache is cleared before every timed run, so no run reuses another's work. Ratios
 their median and range.
 
     .venv/bin/python benchmarks/quality_datatrove.py [--documents 2000] [--seed N] [--rounds 5]
-        [--timing-documents 600] [--out DIR]
+        [--timing-documents 600] [--files GLOB ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import platform
 import re
@@ -105,8 +107,7 @@ def contenders() -> dict:
 
         def run(chosen: list) -> Callable:
             def score(docs: list[str]) -> None:
-                spacy_text.words.cache_clear()
-                spacy_text._CHUNKS.clear()
+                spacy_text.clear_caches()
                 for t in docs:
                     apply_rules(profile, chosen, t)
             return score
@@ -159,27 +160,41 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="default: from the clock")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timing-documents", type=int, default=600, help="the first N documents are timed")
+    parser.add_argument("--files", nargs="*", default=[], metavar="GLOB",
+                        help="also measure agreement on these files, one document each (real text nobody tuned to, "
+                             "e.g. '/usr/share/doc/*/copyright' '/usr/share/doc/*/README*')")
     parser.add_argument("--out", type=Path, default=None, help="write quality_datatrove.json and .md here")
     args = parser.parse_args()
 
     docs = [d.text for d in rule_corpus(args.documents, seed=args.seed)]
-    print(f"rule corpus: {len(docs)} documents, seed {args.seed}, {sum(map(len, docs)) / 1e6:.1f} M characters")
-    agree = agreement(docs)
-    lines = [f"## Agreement with datatrove 0.10.1 ({len(docs)} documents, seed {args.seed}; datatrove keeps "
-             f"{agree['datatrove_kept_share']:.1%})", "",
-             "| profile | " + " | ".join([*FAMILIES, "chain"]) + " |", "|---|" + "---|" * (len(FAMILIES) + 1)]
-    for profile in RULE_PROFILES:
-        row = agree[profile]["agreement"]
-        lines.append(f"| {profile}: same keep/drop | " + " | ".join(f"{row[k]['keep_drop']:.2%}" for k in row) + " |")
-        lines.append(f"| {profile}: same reason | " + " | ".join(f"{row[k]['reason']:.2%}" for k in row) + " |")
+    paths = sorted({p for pattern in args.files for p in glob.glob(pattern) if Path(p).is_file()})
+    files = [Path(p).read_text(errors="replace") for p in paths]
+    print(f"rule corpus: {len(docs)} documents, seed {args.seed}, {sum(map(len, docs)) / 1e6:.1f} M characters; "
+          f"{len(files)} files")
+    corpora = {f"rule corpus, {len(docs)} documents, seed {args.seed}": docs}
+    if files:
+        corpora[f"{len(files)} files ({', '.join(args.files)})"] = files
+    agree, lines = {}, []
+    for name, texts in corpora.items():
+        agree[name] = found = agreement(texts)
+        lines += [f"## Agreement with datatrove 0.10.1: {name} (datatrove keeps {found['datatrove_kept_share']:.1%})",
+                  "", "| profile | " + " | ".join([*FAMILIES, "chain"]) + " |",
+                  "|---|" + "---|" * (len(FAMILIES) + 1)]
+        for profile in RULE_PROFILES:
+            row = found[profile]["agreement"]
+            lines.append(f"| {profile}: same keep/drop | " + " | ".join(f"{row[k]['keep_drop']:.2%}" for k in row)
+                         + " |")
+            lines.append(f"| {profile}: same reason | " + " | ".join(f"{row[k]['reason']:.2%}" for k in row) + " |")
+        lines.append("")
     timed = docs[:args.timing_documents]
     rates = throughput(timed, args.rounds)
-    lines += ["", f"## Throughput, one core ({len(timed)} documents, {sum(map(len, timed)) / 1e6:.2f} M characters, "
+    lines += [f"## Throughput, one core ({len(timed)} documents, {sum(map(len, timed)) / 1e6:.2f} M characters, "
               f"{args.rounds} interleaved rounds; in brackets: x datatrove (spaCy), median and range)", "",
               *summary(rates)]
     print("\n".join(lines))
-    print(f"\ndefault profile disagreements: {agree['datatrove']['n_disagreements']}",
-          agree["datatrove"]["disagreements"][:10])
+    for name, found in agree.items():
+        print(f"\n{name}: default profile disagreements: {found['datatrove']['n_disagreements']}",
+              found["datatrove"]["disagreements"][:10])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"seed": args.seed, "documents": len(docs), "timing_documents": len(timed), "rounds": args.rounds,

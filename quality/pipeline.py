@@ -46,7 +46,7 @@ def parse_thresholds(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     for key, value in flat.items():
         family, dot, name = key.partition(".")
         if not dot or not family or not name:
-            raise ValueError(f"threshold key {key!r} is not FAMILY.NAME, e.g. gopher_quality.min_words")
+            raise ValueError(f"threshold key {key!r} is not FAMILY.NAME, e.g. gopher_quality.min_doc_words")
         nested.setdefault(family, {})[name] = value
     return nested
 

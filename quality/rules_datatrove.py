@@ -48,8 +48,19 @@ _PARAGRAPHS, _LINES = re.compile(r"\n{2,}"), re.compile("\n+")
 _TOP_NGRAMS, _DUP_NGRAMS = (2, 3, 4), (5, 6, 7, 8, 9, 10)
 
 
+class _FirstFailure:
+    """A family whose ``_first_failure(text)`` names datatrove's reason (or None) and which keeps the text as is."""
+
+    def check(self, text: str) -> list[str]:
+        reason = self._first_failure(text)
+        return [reason] if reason else []
+
+    def apply(self, text: str) -> tuple[list[str], str]:
+        return self.check(text), text
+
+
 @dataclass(frozen=True)
-class GopherQuality:
+class GopherQuality(_FirstFailure):
     """datatrove's ``GopherQualityFilter``: word counts and lengths over words with a non-punctuation character,
     symbol and alpha ratios over all words, bullets and ellipses over all ``splitlines()`` lines, distinct
     case-sensitive stop words."""
@@ -69,10 +80,6 @@ class GopherQuality:
         "gopher_too_many_hashes", "gopher_too_many_ellipsis", "gopher_too_many_bullets",
         "gopher_too_many_end_ellipsis", "gopher_below_alpha_threshold", "gopher_enough_stop_words",
     )
-
-    def check(self, text: str) -> list[str]:
-        reason = self._first_failure(text)
-        return [reason] if reason else []
 
     def _first_failure(self, text: str) -> str | None:
         words = spacy_text.words(text)
@@ -109,12 +116,9 @@ class GopherQuality:
             return "gopher_enough_stop_words"
         return None
 
-    def apply(self, text: str) -> tuple[list[str], str]:
-        return self.check(text), text
-
 
 @dataclass(frozen=True)
-class GopherRepetition:
+class GopherRepetition(_FirstFailure):
     """datatrove's ``GopherRepetitionFilter``: every fraction is over ``len(text)``; paragraphs split on 2+
     newlines of the stripped text, lines on 1+ newlines; the top 2..4-gram weighs its words joined by spaces times
     its count (one occurrence included); duplicated 5..10-grams are datatrove's ``find_all_duplicate``."""
@@ -139,10 +143,6 @@ class GopherRepetition:
         *(f"gopher_duplicated_{n}_n_grams" for n in _DUP_NGRAMS),
     )
 
-    def check(self, text: str) -> list[str]:
-        reason = self._first_failure(text)
-        return [reason] if reason else []
-
     def _first_failure(self, text: str) -> str | None:
         if not text:
             return "gopher_empty"
@@ -163,9 +163,6 @@ class GopherRepetition:
             if duplicated.duplicate_chars(n) / size > getattr(self, f"duplicated_{n}_n_grams"):
                 return f"gopher_duplicated_{n}_n_grams"
         return None
-
-    def apply(self, text: str) -> tuple[list[str], str]:
-        return self.check(text), text
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,7 @@ class C4:
 
 
 @dataclass(frozen=True)
-class FineWeb:
+class FineWeb(_FirstFailure):
     """datatrove's ``FineWebQualityFilter``: lines are the non-blank ``split("\\n")`` pieces, unstripped; the
     terminal set is datatrove's ``TERMINAL_PUNCTUATION``; duplicate-line characters are over the text without
     newlines; the list ratio is newlines per spaCy word."""
@@ -251,10 +248,6 @@ class FineWeb:
         "fineweb_list_ratio",
     )
 
-    def check(self, text: str) -> list[str]:
-        reason = self._first_failure(text)
-        return [reason] if reason else []
-
     def _first_failure(self, text: str) -> str | None:
         lines = [line for line in text.split("\n") if line.strip() != ""]
         if not lines:
@@ -270,9 +263,6 @@ class FineWeb:
         if n_words and text.count("\n") / n_words > self.new_line_ratio:
             return "fineweb_list_ratio"
         return None
-
-    def apply(self, text: str) -> tuple[list[str], str]:
-        return self.check(text), text
 
 
 RULE_FILTERS: dict[str, type] = {  # the order of datatrove's FineWeb pipeline

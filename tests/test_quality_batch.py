@@ -70,3 +70,21 @@ def test_semdedup_and_long_files_over_the_whole_input(tmp_path):
     # d0..d2 are one text up to whitespace and case: exactly two of them are duplicates; d5 is the longest (1 of 6)
     assert sum("semdedup_duplicate" in reasons.get(f"d{i}", []) for i in range(3)) == 2
     assert "long_file" in reasons["d5"] and "d3" not in reasons and "d4" not in reasons
+
+
+def test_kept_text_is_what_c4_left_unless_keep_text_and_profiles_differ(tmp_path):
+    cited = CLEAN.replace("right type", "right type[1]") + "\nMenu"
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"id": "cited", "text": cited}) + "\n" + json.dumps({"id": "junk", "text": JUNK}) + "\n")
+    runs = {}
+    for name, extra in {"datatrove": [], "keep": ["--keep-text"],
+                        "paper": ["--rule-profile", "gopher-paper"]}.items():
+        out, rejected = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-rejected.jsonl"
+        assert main(["score", str(data), "--out", str(out), "--rejected", str(rejected), "--workers", "0", *extra]) == 0
+        runs[name] = ({r["id"]: r for r in map(json.loads, out.read_text().splitlines())},
+                      {r["id"]: r for r in map(json.loads, rejected.read_text().splitlines())})
+    kept, rejected = runs["datatrove"]
+    assert kept["cited"]["text"] == CLEAN.replace("\n\n", "\n") and kept["cited"]["quality"]["rewritten"]
+    assert len(rejected["junk"]["quality"]["reasons"]) == 1  # a datatrove pipeline names the first failed rule
+    assert runs["keep"][0]["cited"]["text"] == cited and "rewritten" not in runs["keep"][0]["cited"]["quality"]
+    assert runs["paper"][0]["cited"]["text"] == cited and len(runs["paper"][1]["junk"]["quality"]["reasons"]) > 1
