@@ -124,13 +124,14 @@ def contenders() -> dict:
             **{f"prunefusion {p}": ours(p) for p in RULE_PROFILES}}
 
 
-def throughput(docs: list[str], rounds: int) -> dict:
+def throughput(docs: list[str], rounds: int, targets: list[str] | None = None) -> dict:
     runs = contenders()
+    targets = targets or [*FAMILIES, "chain"]
     for table in runs.values():  # warm-up: imports, spaCy pipelines, numpy
         table["chain"](docs[:20])
-    rates: dict[str, dict[str, list[float]]] = {name: {k: [] for k in table} for name, table in runs.items()}
+    rates: dict[str, dict[str, list[float]]] = {name: {k: [] for k in targets} for name, table in runs.items()}
     for _ in range(rounds):
-        for target in [*FAMILIES, "chain"]:
+        for target in targets:
             for name, table in runs.items():
                 started = time.perf_counter()
                 table[target](docs)
@@ -159,7 +160,11 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=2000, help="agreement corpus size")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="default: from the clock")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--timing-documents", type=int, default=600, help="the first N documents are timed")
+    parser.add_argument("--timing-documents", type=int, default=600,
+                        help="the first N documents of at most --timing-max-chars are timed")
+    parser.add_argument("--timing-max-chars", type=int, default=100_000,
+                        help="longer documents (the corpus's rare 'huge' kind, ~1.4 MB, most of its characters) "
+                             "are timed apart: up to 3 of them, the chain alone")
     parser.add_argument("--files", nargs="*", default=[], metavar="GLOB",
                         help="also measure agreement on these files, one document each (real text nobody tuned to, "
                              "e.g. '/usr/share/doc/*/copyright' '/usr/share/doc/*/README*')")
@@ -186,11 +191,21 @@ def main() -> None:
                          + " |")
             lines.append(f"| {profile}: same reason | " + " | ".join(f"{row[k]['reason']:.2%}" for k in row) + " |")
         lines.append("")
-    timed = docs[:args.timing_documents]
+    timed = [t for t in docs if len(t) <= args.timing_max_chars][:args.timing_documents]
+    huge = [t for t in docs if len(t) > args.timing_max_chars][:3]
     rates = throughput(timed, args.rounds)
     lines += [f"## Throughput, one core ({len(timed)} documents, {sum(map(len, timed)) / 1e6:.2f} M characters, "
               f"{args.rounds} interleaved rounds; in brackets: x datatrove (spaCy), median and range)", "",
               *summary(rates)]
+    if huge:
+        huge_rates = {name: table["chain"] for name, table in throughput(huge, args.rounds, ["chain"]).items()}
+        base = huge_rates["datatrove (spaCy)"]
+        lines += ["", f"Documents over {args.timing_max_chars:,} characters ({len(huge)}, "
+                  f"{sum(map(len, huge)) / len(huge) / 1e6:.2f} M characters each), the chain: "
+                  + "; ".join(f"{name} {1 / statistics.median(v):.2f} s/doc"
+                              + ("" if name == "datatrove (spaCy)" else
+                                 f" ({statistics.median([x / b for x, b in zip(v, base, strict=True)]):.1f}x)")
+                              for name, v in huge_rates.items())]
     print("\n".join(lines))
     for name, found in agree.items():
         print(f"\n{name}: default profile disagreements: {found['datatrove']['n_disagreements']}",

@@ -158,10 +158,12 @@ class GopherRepetition(_FirstFailure):
         for n in _TOP_NGRAMS:
             if len(words) >= n and top_chars(words, n) / size > getattr(self, f"top_{n}_gram"):
                 return f"gopher_top_{n}_gram"
-        duplicated = HashedNGrams(words, "", _DUP_NGRAMS)
-        for n in _DUP_NGRAMS:
-            if duplicated.duplicate_chars(n) / size > getattr(self, f"duplicated_{n}_n_grams"):
-                return f"gopher_duplicated_{n}_n_grams"
+        # 5-grams alone first: a document that repeats itself stops there, without hashing the longer n-grams
+        for ns in (_DUP_NGRAMS[:1], _DUP_NGRAMS[1:]):
+            duplicated = HashedNGrams(words, "", ns)
+            for n in ns:
+                if duplicated.duplicate_chars(n) / size > getattr(self, f"duplicated_{n}_n_grams"):
+                    return f"gopher_duplicated_{n}_n_grams"
         return None
 
 
