@@ -22,44 +22,55 @@ _LENGTH_MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
 class HashedNGrams:
-    """The n-grams (n in `ns`) of one word list, joined by `joiner`."""
+    """The n-grams of one word list, joined by `joiner`; each group of n in `groups` is hashed (one ``np.unique``)
+    the first time one of its n is asked for, so a rule that fails early skips the rest."""
 
-    def __init__(self, words: list[str], joiner: str, ns: tuple[int, ...]) -> None:
-        self.words, self.ns = words, [n for n in ns if len(words) >= n]
+    def __init__(self, words: list[str], joiner: str, groups: tuple[tuple[int, ...], ...]) -> None:
+        self.words = words
         self.stream = joiner.join(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.starts = np.concatenate([[0], np.cumsum(lengths + len(joiner))])[:-1]  # word i's first character
         self.stops = self.starts + lengths  # one past word i's last character
-        self.segments: dict[int, slice] = {}
-        if not self.ns:
-            return
         self.codes = np.frombuffer(self.stream.encode("utf-32-le"), dtype=np.uint32)
-        codes = self.codes.astype(np.uint64)
-        with np.errstate(over="ignore"):
-            prefix = np.concatenate([[np.uint64(0)], np.cumsum(codes * np.cumprod(np.full(len(codes), BASE)))])
-            inverse_powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(len(codes), BASE_INVERSE))])
-            keys = []
-            for n in self.ns:
-                a, b = self.starts[:len(words) - n + 1], self.stops[n - 1:]
-                h = (prefix[b] - prefix[a]) * inverse_powers[a] ^ (b - a).astype(np.uint64) * _LENGTH_MIX
-                self.segments[n] = slice(sum(map(len, keys)), sum(map(len, keys)) + len(h))
-                keys.append((h >> np.uint64(4)) | np.uint64(n << 60))  # no two n share a key
-        _, self.first, self.ids, self.counts = np.unique(np.concatenate(keys), return_index=True,
-                                                          return_inverse=True, return_counts=True)
+        self._group_of = {n: group for group in groups for n in group}
+        self._prefix: np.ndarray | None = None
+        self._local: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def has(self, n: int) -> bool:
+        return len(self.words) >= n
 
     def _text(self, n: int, i: int) -> str:
         return self.stream[self.starts[i]:self.stops[i + n - 1]]
 
-    def _local(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _substring_hashes(self, n: int) -> np.ndarray:
+        if self._prefix is None:
+            powers, self._inverse_powers = _powers(len(self.codes))
+            with np.errstate(over="ignore"):
+                self._prefix = np.concatenate([[np.uint64(0)], np.cumsum(self.codes * powers, dtype=np.uint64)])
+        a, b = self.starts[:len(self.words) - n + 1], self.stops[n - 1:]
+        with np.errstate(over="ignore"):
+            h = (self._prefix[b] - self._prefix[a]) * self._inverse_powers[a] ^ (b - a).astype(np.uint64) * _LENGTH_MIX
+        return (h >> np.uint64(4)) | np.uint64(n << 60)  # the top 4 bits are n: no two n share a key
+
+    def _groups(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(group id, the group's first position, the group's size) for each position of the n-grams."""
-        segment = self.segments[n]
-        ids = self.ids[segment]
-        return ids, self.first[ids] - segment.start, self.counts[ids]
+        if n not in self._local:
+            ns = [m for m in self._group_of.get(n, (n,)) if self.has(m)]
+            keys = [self._substring_hashes(m) for m in ns]
+            _, first, ids, counts = np.unique(np.concatenate(keys), return_index=True, return_inverse=True,
+                                              return_counts=True)
+            start = 0
+            for m, k in zip(ns, keys, strict=True):
+                local = ids[start:start + len(k)]
+                self._local[m] = (local, first[local] - start, counts[local])
+                start += len(k)
+        return self._local[n]
+
 
     def _collides(self, n: int) -> bool:
         """Whether some n-gram's key group holds a different string than its first member: every later member's
         characters against the first's, all at once."""
-        _, first, counts = self._local(n)
+        _, first, counts = self._groups(n)
         later = np.nonzero((counts > 1) & (first != np.arange(len(first))))[0]
         if not len(later):
             return False
@@ -74,9 +85,9 @@ class HashedNGrams:
     def duplicate_chars(self, n: int) -> int:
         """datatrove's ``find_all_duplicate(words, n)``: scanning left to right, the characters of every n-gram
         seen before, jumping past it so that no word counts twice."""
-        if n not in self.segments:
+        if not self.has(n):
             return 0
-        ids, first, counts = self._local(n)
+        ids, first, counts = self._groups(n)
         if counts.max() < 2:
             return 0
         if self._collides(n):
@@ -97,6 +108,21 @@ class HashedNGrams:
                 seen.add(ids_list[j])
                 i = j + 1
         return chars
+
+
+_POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # BASE -> (BASE**1.., BASE**-0..), grown by doubling
+
+
+def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """BASE**(i + 1) for i < length, and BASE**-i for i <= length (uint64, wrapping)."""
+    cached = _POWERS.get(int(BASE))
+    if cached is None or len(cached[0]) < length:
+        size = max(length, 2 * len(cached[0]) if cached else 1024)
+        with np.errstate(over="ignore"):
+            cached = (np.cumprod(np.full(size, BASE, dtype=np.uint64)),
+                      np.concatenate([[np.uint64(1)], np.cumprod(np.full(size, BASE_INVERSE, dtype=np.uint64))]))
+        _POWERS[int(BASE)] = cached
+    return cached[0][:length], cached[1][:length + 1]
 
 
 def top_chars(words: list[str], n: int) -> int:

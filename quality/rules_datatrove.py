@@ -19,7 +19,8 @@ from typing import ClassVar
 
 from prunefusion.quality import spacy_text
 from prunefusion.quality.ngram_hash import HashedNGrams, top_chars
-from prunefusion.quality.rules import duplicates
+from prunefusion.quality.rules import C4_POLICY, duplicates  # the same policy phrases as datatrove's
+from prunefusion.quality.sharma import STOP_WORDS  # datatrove's eight, matched case-sensitively here
 
 # datatrove.utils.text.PUNCTUATION and TERMINAL_PUNCTUATION (its ``PUNCTUATION_SET`` is their union)
 PUNCTUATION = ('!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„\';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_."}►»'
@@ -40,10 +41,8 @@ TERMINAL_PUNCTUATION = frozenset(
     "\U00016e98\U0001bc9f\U0001da88"
 )
 PUNCTUATION_SET = frozenset(PUNCTUATION) | TERMINAL_PUNCTUATION
-STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # case-sensitive there
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
-C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _PARAGRAPHS, _LINES = re.compile(r"\n{2,}"), re.compile("\n+")
 _TOP_NGRAMS, _DUP_NGRAMS = (2, 3, 4), (5, 6, 7, 8, 9, 10)
 
@@ -158,12 +157,11 @@ class GopherRepetition(_FirstFailure):
         for n in _TOP_NGRAMS:
             if len(words) >= n and top_chars(words, n) / size > getattr(self, f"top_{n}_gram"):
                 return f"gopher_top_{n}_gram"
-        # 5-grams alone first: a document that repeats itself stops there, without hashing the longer n-grams
-        for ns in (_DUP_NGRAMS[:1], _DUP_NGRAMS[1:]):
-            duplicated = HashedNGrams(words, "", ns)
-            for n in ns:
-                if duplicated.duplicate_chars(n) / size > getattr(self, f"duplicated_{n}_n_grams"):
-                    return f"gopher_duplicated_{n}_n_grams"
+        # 5-grams hashed alone first: a document that repeats itself stops there, before the longer n-grams
+        duplicated = HashedNGrams(words, "", groups=(_DUP_NGRAMS[:1], _DUP_NGRAMS[1:]))
+        for n in _DUP_NGRAMS:
+            if duplicated.duplicate_chars(n) / size > getattr(self, f"duplicated_{n}_n_grams"):
+                return f"gopher_duplicated_{n}_n_grams"
         return None
 
 

@@ -128,7 +128,7 @@ def _word_lists(seed: int, count: int = 300):
 
 def test_hashed_ngrams_equal_datatrove_find_top_and_find_all_duplicate():
     for words in _word_lists(0):
-        duplicated = HashedNGrams(words, "", (5, 6, 7, 8, 9, 10))
+        duplicated = HashedNGrams(words, "", groups=((5,), (6, 7, 8, 9, 10)))
         for n in (2, 3, 4):
             expected = find_top_duplicate(get_n_grams(words, n)) if len(words) >= n else 0
             assert ngram_hash.top_chars(words, n) == expected == ngram_hash.top_chars_reference(words, n)
@@ -145,8 +145,23 @@ def test_a_hash_collision_falls_back_to_the_string_loop(monkeypatch):
     monkeypatch.setattr(ngram_hash, "BASE_INVERSE", np.uint64(1))
     collided = 0
     for words in _word_lists(1):
-        duplicated = HashedNGrams(words, "", (5, 6, 7, 8, 9, 10))
+        duplicated = HashedNGrams(words, "", groups=((5, 6, 7, 8, 9, 10),))
         for n in range(5, 11):
-            collided += n in duplicated.segments and duplicated._collides(n)
+            collided += duplicated.has(n) and duplicated._collides(n)
             assert duplicated.duplicate_chars(n) == find_all_duplicate(words, n)
     assert collided  # the fallback ran
+
+
+def test_the_constants_are_datatrove_s():
+    from datatrove.pipeline.filters import c4_filters, gopher_quality_filter
+    from datatrove.utils import text as datatrove_text
+
+    from prunefusion.quality import rules_datatrove as ours
+
+    assert ours.PUNCTUATION == datatrove_text.PUNCTUATION
+    assert ours.TERMINAL_PUNCTUATION == datatrove_text.TERMINAL_PUNCTUATION
+    assert ours.PUNCTUATION_SET == datatrove_text.PUNCTUATION_SET
+    assert set(gopher_quality_filter.STOP_WORDS) == ours.STOP_WORDS
+    assert list(ours.C4_POLICY) == c4_filters.POLICY_SUBSTRINGS
+    assert ours.C4_END_PUNCTUATION == c4_filters.END_PUNCTUATION
+    assert ours.CITATION.pattern == c4_filters.CITATION_REGEX.pattern
