@@ -20,9 +20,9 @@ def english():
     """spaCy's blank English pipeline with a sentencizer, made once per process (about 50 ms)."""
     try:
         import spacy
-    except ImportError as err:  # a base install without the quality extra
-        raise ValueError("the datatrove rule profile needs spaCy: install prunefusion[quality] "
-                         "(or pick rule_profile 'gopher-paper')") from err
+    except ImportError as err:  # spaCy is a dependency of prunefusion; an environment that lost it
+        raise ValueError("the datatrove rule profile needs spaCy (a dependency of prunefusion: reinstall it), "
+                         "or pick rule_profile 'gopher-paper'") from err
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
     return nlp
