@@ -104,6 +104,8 @@ TOKENIZER_CORNERS = [
     "a\u00a0b\u2028c\x1cd\x85e", "\t\t x \n\n y  z   ", "'s 'S 're (don't)", "http://x.org/a?b=c. www.x.com",
     "10km 5.5kg $3.50 3:30pm", "... — :\n) a.b.c.d ca n't <3<3", "日本語 Ünïcödé ǅemal e\u0301 cafe\u0301", "",
     "Hi.  .", "Hi. .", "Hi.\t.", "“Yes.” he said. ok", "a . . b", "Wait... what?! Yes!!", "x\u00a0. y",
+    # special cases that span tokens, next to other chunks (a review found a chunk-at-a-time tokenizer wrong here)
+    ":\n(:t", ": (:t", "He said: x.H is here.", "The main finding of the gene: p.Arg loss is large.", ": - ) :-)",
 ]
 
 
@@ -117,6 +119,26 @@ def test_words_and_sentences_are_datatrove_english(corpus):
             if line.strip() and len(line) < 20_000:
                 expected = spacy_text.sentence_count_reference(line.strip())
                 assert spacy_text.sentence_count(line.strip()) == expected == len(split_into_sentences(line.strip()))
+
+
+def test_special_cases_next_to_other_chunks_decide_as_datatrove():
+    """Texts whose tokens depend on the neighbouring chunk: the same verdicts as datatrove, whatever was scored
+    before (a cache of per-chunk tokens got these wrong, depending on the order of documents)."""
+    prose = ["The study looked at how the p.Arg change affects protein folding in cells and tissue samples over time.",
+             "Researchers from several groups measured the folding rate with careful methods and they repeated each "
+             "test twice.", "Most of the results agreed with earlier work that had been published by other teams."]
+    texts = ["\n".join([*prose, "The main finding of the gene: p.Arg loss is large."]),
+             "The cat sat down.\nThe dog ran off.\nA bird flew by.\nHe said: x.H is here.",
+             " ".join(f"word{i}" for i in range(47)) + " 1234 5678 " + " , " * 8 + " :\n(:t"]
+    ours = build_rules(DEFAULT_RULE_PROFILE, list(RULE_FILTERS))
+    filters = {family: cls() for family, cls in DATATROVE.items()}
+    for warm in ("", ": x ( : p"):
+        spacy_text.clear_caches()
+        spacy_text.words(warm)
+        for text in texts:
+            for family, rule in zip(RULE_FILTERS, ours, strict=True):
+                reason, _ = datatrove_verdict(filters[family], text)
+                assert ours_first(rule.apply(text)[0]) == (None if reason is None else PREFIX[family] + reason)
 
 
 def _word_lists(seed: int, count: int = 300):
