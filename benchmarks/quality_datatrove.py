@@ -29,22 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datatrove.data import Document
-from datatrove.pipeline.filters import (
-    C4QualityFilter,
-    FineWebQualityFilter,
-    GopherQualityFilter,
-    GopherRepetitionFilter,
-)
+from datatrove.pipeline import filters as datatrove_filters_module
 from datatrove.utils.text import split_into_parts
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from prunefusion.quality import spacy_text
 from prunefusion.quality.rule_corpus import rule_corpus
 from prunefusion.quality.rule_profiles import FAMILIES, RULE_PROFILES, apply_rules, build_rules
+from prunefusion.quality.rules_datatrove import RULE_FILTERS
 
-DATATROVE = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
-             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
-PREFIX = {"gopher_repetition": "gopher_", "gopher_quality": "", "c4": "c4_", "fineweb": "fineweb_"}
+DATATROVE = {family: getattr(datatrove_filters_module, cls.DATATROVE_FILTER) for family, cls in RULE_FILTERS.items()}
+PREFIX = {family: cls.REASON_PREFIX for family, cls in RULE_FILTERS.items()}  # our code = prefix + theirs
 
 
 class RegexWordTokenizer(WordTokenizer):

@@ -13,6 +13,7 @@ construction, not by probability.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class HashedNGrams:
     """The n-grams of one word list, joined by `joiner`; each group of n in `groups` is hashed (one ``np.unique``)
     the first time one of its n is asked for, so a rule that fails early skips the rest."""
 
-    def __init__(self, words: list[str], joiner: str, groups: tuple[tuple[int, ...], ...]) -> None:
+    def __init__(self, words: Sequence[str], joiner: str, groups: tuple[tuple[int, ...], ...]) -> None:
         self.words = words
         self.stream = joiner.join(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
@@ -92,22 +93,7 @@ class HashedNGrams:
             return 0
         if self._collides(n):
             return duplicate_chars_reference(self.words, n)
-        # the scan visits only the positions whose n-gram occurred before; every other visited position is new
-        candidates = np.nonzero(first < np.arange(len(ids)))[0].tolist()
-        ids_list = ids.tolist()
-        seen: set[int] = set()
-        chars = i = 0
-        for j in candidates:
-            if j < i:  # inside a repeat already counted
-                continue
-            seen.update(ids_list[i:j])
-            if ids_list[j] in seen:
-                chars += len(self._text(n, j))
-                i = j + n
-            else:
-                seen.add(ids_list[j])
-                i = j + 1
-        return chars
+        return repeat_scan_chars(ids.tolist(), first, n, lambda j: len(self._text(n, j)))
 
 
 _POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # BASE -> (BASE**1.., BASE**-0..), grown by doubling
@@ -125,7 +111,28 @@ def _powers(length: int) -> tuple[np.ndarray, np.ndarray]:
     return cached[0][:length], cached[1][:length + 1]
 
 
-def top_chars(words: list[str], n: int) -> int:
+def repeat_scan_chars(ids: list[int], first: np.ndarray, n: int, chars_at: Callable[[int], int]) -> int:
+    """datatrove's ``find_all_duplicate`` scan over n-gram ids (equal ids = equal n-grams; ``first[i]``: where the
+    n-gram at position i first occurs): left to right, a position whose n-gram was seen before adds its
+    characters (``chars_at``) and jumps past it, so that no word counts twice. Only the positions whose n-gram
+    occurred earlier can be repeats; every other visited position is new, so the scan visits those alone."""
+    candidates = np.nonzero(first < np.arange(len(ids)))[0].tolist()
+    seen: set[int] = set()
+    chars = i = 0
+    for j in candidates:
+        if j < i:  # inside a repeat already counted
+            continue
+        seen.update(ids[i:j])
+        if ids[j] in seen:
+            chars += chars_at(j)
+            i = j + n
+        else:
+            seen.add(ids[j])
+            i = j + 1
+    return chars
+
+
+def top_chars(words: Sequence[str], n: int) -> int:
     """datatrove's ``find_top_duplicate(get_n_grams(words, n))``: len(" ".join(most frequent n-gram)) * its count,
     the one seen first on ties (both Counters keep first-seen order); 0 without n-grams. Counted as word tuples,
     which is the same for words without whitespace (spaCy's never have any): one C-level Counter pass, no strings."""
@@ -135,7 +142,7 @@ def top_chars(words: list[str], n: int) -> int:
     return (sum(map(len, gram)) + n - 1) * count
 
 
-def top_chars_reference(words: list[str], n: int) -> int:
+def top_chars_reference(words: Sequence[str], n: int) -> int:
     """datatrove's top n-gram loop in effect: the fallback, and what the tests hold the fast path to."""
     grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
@@ -144,7 +151,7 @@ def top_chars_reference(words: list[str], n: int) -> int:
     return len(gram) * count
 
 
-def duplicate_chars_reference(words: list[str], n: int) -> int:
+def duplicate_chars_reference(words: Sequence[str], n: int) -> int:
     """datatrove's ``find_all_duplicate`` loop in effect."""
     unique: set[str] = set()
     chars = i = 0

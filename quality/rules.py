@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from prunefusion.quality.ngram_hash import repeat_scan_chars
 from prunefusion.quality.sharma import STOP_WORDS, split_lines, split_words
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -172,23 +173,8 @@ class GopherRepetition:
         grams = _ngrams(words, n) if grams is None else grams
         if not len(grams.keys) or grams.counts.max() < 2:  # no n-gram repeats (most clean text)
             return 0
-        # positions whose n-gram occurred earlier: only these can be repeats; every other visited position is new
-        candidates = np.nonzero(grams.first[grams.keys] < np.arange(len(grams.keys)))[0].tolist()
         ends = list(accumulate(map(len, words), initial=0))  # chars of words[a:b] = ends[b] - ends[a]
-        keys = grams.keys.tolist()
-        seen: set[int] = set()
-        chars = i = 0
-        for j in candidates:
-            if j < i:  # inside a repeat already counted
-                continue
-            seen.update(keys[i:j])
-            if keys[j] in seen:
-                chars += ends[j + n] - ends[j]
-                i = j + n
-            else:
-                seen.add(keys[j])
-                i = j + 1
-        return chars
+        return repeat_scan_chars(grams.keys.tolist(), grams.first[grams.keys], n, lambda j: ends[j + n] - ends[j])
 
 
 @dataclass(frozen=True)

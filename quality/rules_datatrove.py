@@ -74,6 +74,8 @@ class GopherQuality(_FirstFailure):
     max_non_alpha_words_ratio: float = 0.8  # datatrove's name; the share of words with a letter must reach it
     min_stop_words: int = 2
 
+    DATATROVE_FILTER: ClassVar[str] = "GopherQualityFilter"  # in datatrove.pipeline.filters
+    REASON_PREFIX: ClassVar[str] = ""  # our reason code = this + datatrove's reason name
     REASON_CODES: ClassVar[tuple[str, ...]] = (
         "gopher_short_doc", "gopher_long_doc", "gopher_below_avg_threshold", "gopher_above_avg_threshold",
         "gopher_too_many_hashes", "gopher_too_many_ellipsis", "gopher_too_many_bullets",
@@ -136,6 +138,8 @@ class GopherRepetition(_FirstFailure):
     duplicated_9_n_grams: float = 0.11
     duplicated_10_n_grams: float = 0.10
 
+    DATATROVE_FILTER: ClassVar[str] = "GopherRepetitionFilter"  # in datatrove.pipeline.filters
+    REASON_PREFIX: ClassVar[str] = "gopher_"  # our reason code = this + datatrove's reason name
     REASON_CODES: ClassVar[tuple[str, ...]] = (
         "gopher_empty", "gopher_dup_para_frac", "gopher_dup_para_char_frac", "gopher_dup_line_frac",
         "gopher_dup_line_char_frac", *(f"gopher_top_{n}_gram" for n in _TOP_NGRAMS),
@@ -153,7 +157,7 @@ class GopherRepetition(_FirstFailure):
                 return f"gopher_dup_{unit}_frac"
             if char_frac and dup_chars / size > char_frac:
                 return f"gopher_dup_{unit}_char_frac"
-        words = list(spacy_text.words(text))
+        words = spacy_text.words(text)
         for n in _TOP_NGRAMS:
             if len(words) >= n and top_chars(words, n) / size > getattr(self, f"top_{n}_gram"):
                 return f"gopher_top_{n}_gram"
@@ -183,6 +187,8 @@ class C4:
     filter_curly_bracket: bool = True
     filter_policy: bool = True
 
+    DATATROVE_FILTER: ClassVar[str] = "C4QualityFilter"  # in datatrove.pipeline.filters
+    REASON_PREFIX: ClassVar[str] = "c4_"  # our reason code = this + datatrove's reason name
     REASON_CODES: ClassVar[tuple[str, ...]] = ("c4_lorem_ipsum", "c4_curly_bracket", "c4_too_few_sentences")
 
     def apply(self, text: str) -> tuple[list[str], str]:
@@ -243,6 +249,8 @@ class FineWeb(_FirstFailure):
     char_duplicates_ratio: float = 0.01
     new_line_ratio: float = 0.3
 
+    DATATROVE_FILTER: ClassVar[str] = "FineWebQualityFilter"  # in datatrove.pipeline.filters
+    REASON_PREFIX: ClassVar[str] = "fineweb_"  # our reason code = this + datatrove's reason name
     REASON_CODES: ClassVar[tuple[str, ...]] = (
         "fineweb_empty", "fineweb_line_punct_ratio", "fineweb_short_line_ratio", "fineweb_char_dup_ratio",
         "fineweb_list_ratio",

@@ -7,12 +7,7 @@ import random
 
 import pytest
 from datatrove.data import Document as DatatroveDocument
-from datatrove.pipeline.filters import (
-    C4QualityFilter,
-    FineWebQualityFilter,
-    GopherQualityFilter,
-    GopherRepetitionFilter,
-)
+from datatrove.pipeline import filters as datatrove_filters_module
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
 from datatrove.utils.text import split_into_sentences, split_into_words
 
@@ -22,10 +17,8 @@ from prunefusion.quality.rule_corpus import KINDS, rule_corpus
 from prunefusion.quality.rule_profiles import DEFAULT_RULE_PROFILE, apply_rules, build_rules
 from prunefusion.quality.rules_datatrove import RULE_FILTERS
 
-DATATROVE = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
-             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
-# our reason code = this prefix + datatrove's reason name (the README's mapping table)
-PREFIX = {"gopher_repetition": "gopher_", "gopher_quality": "", "c4": "c4_", "fineweb": "fineweb_"}
+DATATROVE = {family: getattr(datatrove_filters_module, cls.DATATROVE_FILTER) for family, cls in RULE_FILTERS.items()}
+PREFIX = {family: cls.REASON_PREFIX for family, cls in RULE_FILTERS.items()}  # our code = prefix + theirs
 
 
 def datatrove_verdict(family_filter, text: str) -> tuple[str | None, str]:
