@@ -1,59 +1,49 @@
-"""`prunefusion score FILES...`: score JSONL and text files on every core, write the kept and rejected documents
-with their scores and reasons, and a report (per-reason counts, score histogram).
+"""`prunefusion score FILES...`: score JSONL, Parquet, `datasets` folders and text files on local worker processes
+or on Ray, write the kept and rejected documents with their scores and reasons, and a report (per-reason counts,
+score histogram).
 
-JSONL files hold one document per line (a "text" field; "id" optional, default FILE:LINE); any other file is one
+Inputs (corpus_sources.py): JSONL files hold one document per line (a "text" field; "id" optional, default
+FILE:LINE), Parquet files and `datasets` save_to_disk folders one per row (default id FILE:ROW); any other file is one
 document (its id is the path). Every output record is the input record plus a "quality" object: score, keep,
-reasons, and the per-filter signals. --drop-bottom-percent applies to the whole input, not per batch. In the
-default rule profile (datatrove) a kept document's "text" is what C4 left of it, as a datatrove pipeline writes it
-(quality.rewritten says so); --keep-text writes the input text instead.
+reasons, and the per-filter signals. In the default rule profile (datatrove) a kept document's "text" is what C4
+left of it, as a datatrove pipeline writes it (quality.rewritten says so); --keep-text writes the input text instead.
 
-Corpus-level methods, over all inputs together: --semdedup EPS embeds every document with the ONNX MiniLM and
-rejects near-duplicates (reason `semdedup_duplicate`, keeping in each duplicate group the document farthest from its
-cluster centroid); --long-files PERCENT rejects the longest PERCENT of documents (reason `long_file`).
+The run streams: units of --batch-size documents are scored and written to a work folder (default OUT.work,
+removed after a successful run), then merged in input order (corpus_work.py). A killed run, rerun with the same
+command, resumes without rescoring finished units. `--shard RANK/WORLD --work DIR` scores only every WORLD-th unit
+(a Slurm array task, a k8s indexed Job's pod); `prunefusion score merge --work DIR --out ...` then writes the
+outputs once every shard has finished.
+
+Corpus-level decisions, over all inputs together and exact however the units were scheduled:
+--drop-bottom-percent (the lowest Sharma scores), --semdedup EPS (near-duplicates by the ONNX MiniLM embeddings,
+reason `semdedup_duplicate`, keeping in each duplicate group the document farthest from its cluster centroid; the
+kept one is named in quality.duplicate_of) and --long-files PERCENT (the longest documents, reason `long_file`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from prunefusion.quality.pipeline import (
-    BOTTOM_PERCENTILE,
-    DOCUMENT_METHODS,
-    ScoreOptions,
-    parse_thresholds,
-    score_batch,
-    scoring_executor,
+from prunefusion.quality.corpus_executors import EXECUTORS
+from prunefusion.quality.corpus_work import (
+    MergeOptions,
+    MergeResult,
+    ScoringJob,
+    is_done,
+    load_manifest,
+    merge,
+    open_work,
+    scoring_options,
 )
+from prunefusion.quality.pipeline import DOCUMENT_METHODS, ScoreOptions, parse_thresholds
 from prunefusion.quality.rule_profiles import DEFAULT_RULE_PROFILE, RULE_PROFILES
-
-
-def read_documents(paths: list[Path]) -> list[dict]:
-    """Records with "id" and "text" (other JSONL fields kept)."""
-    records: list[dict] = []
-    for path in paths:
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
-                records.append({**record, "id": str(record.get("id", f"{path}:{number}")), "text": text})
-        else:
-            records.append({"id": str(path), "text": path.read_text(errors="replace")})
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError("document ids must be unique across the inputs")
-    return records
 
 
 def _threshold_pairs(items: list[str]) -> dict[str, float]:
@@ -69,12 +59,36 @@ def _threshold_pairs(items: list[str]) -> dict[str, float]:
     return pairs
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `prunefusion score [files] FILES...`."""
-    p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="kept documents (JSONL)")
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    rank, _, world = value.partition("/")
+    try:
+        rank_n, world_n = int(rank), int(world)
+    except ValueError:
+        raise ValueError(f"--shard {value!r}: expected RANK/WORLD, e.g. 0/4") from None
+    if not 0 <= rank_n < world_n:
+        raise ValueError(f"--shard {value!r}: RANK must be in [0, WORLD)")
+    return rank_n, world_n
+
+
+def add_output_arguments(p: argparse.ArgumentParser, *, out_required: bool) -> None:
+    """The options of the merge: outputs and the corpus-level decisions (shared by `score files` and `score merge`)."""
+    p.add_argument("--out", type=Path, required=out_required, help="kept documents (JSONL)")
     p.add_argument("--rejected", type=Path, help="rejected documents (JSONL)")
     p.add_argument("--report", type=Path, help="a folder for summary.json, report.md and score_histogram.png")
+    p.add_argument("--keep-text", action="store_true",
+                   help="write kept documents' input text, not the text the rule filters left (C4's kept lines)")
+    p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")
+    p.add_argument("--semdedup", type=float, metavar="EPS", help="reject near-duplicates: cosine > 1 - EPS "
+                   "(e.g. 0.01) to a kept document of the same cluster")
+    p.add_argument("--long-files", type=float, metavar="PERCENT", help="reject the longest PERCENT of documents")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `prunefusion score [files] FILES...`."""
+    p.add_argument("files", nargs="+", type=Path, help="JSONL, Parquet or text files, or `datasets` folders")
+    add_output_arguments(p, out_required=False)
     p.add_argument("--methods", nargs="+", default=list(DOCUMENT_METHODS), choices=DOCUMENT_METHODS,
                    help="default: all of them (the batch methods are --semdedup and --long-files here, over all "
                         "inputs at once, not per chunk)")
@@ -83,16 +97,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule-profile", default=DEFAULT_RULE_PROFILE, choices=list(RULE_PROFILES),
                    help="rule definitions: " + "; ".join(f"{k}: {v.summary}" for k, v in RULE_PROFILES.items())
                    + f" (default {DEFAULT_RULE_PROFILE})")
-    p.add_argument("--keep-text", action="store_true",
-                   help="write kept documents' input text, not the text the rule filters left (C4's kept lines)")
     p.add_argument("--min-score", type=float)
-    p.add_argument("--drop-bottom-percent", type=float, help="reject the lowest-scoring percent of all documents")
     p.add_argument("--weights", type=Path, help="Sharma weights JSON (default: the shipped calibration)")
-    p.add_argument("--semdedup", type=float, metavar="EPS", help="reject near-duplicates: cosine > 1 - EPS "
-                   "(e.g. 0.01) to a kept document of the same cluster")
-    p.add_argument("--long-files", type=float, metavar="PERCENT", help="reject the longest PERCENT of documents")
-    p.add_argument("--workers", type=int, default=2, help="scoring processes (0: this process)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                   help="local: worker processes here; ray: Ray Data actors (pip install 'prunefusion[ray]')")
+    p.add_argument("--address", help="--executor ray: an existing Ray cluster (auto, or ray://HOST:10001); "
+                   "default: start a local Ray with --workers CPUs")
+    p.add_argument("--workers", type=int, default=2, help="scoring processes or Ray actors (local: 0 is this process)")
+    p.add_argument("--batch-size", type=int, default=256, help="documents per work unit (the unit of scheduling "
+                   "and of resume)")
+    p.add_argument("--work", type=Path, help="the work folder (default OUT.work, removed after a successful run; "
+                   "one you name is kept)")
+    p.add_argument("--shard", metavar="RANK/WORLD", help="score only units RANK, RANK+WORLD, ... into --work, then "
+                   "stop: `prunefusion score merge --work DIR --out ...` once every shard has finished")
+
+
+def _merge_options(args: argparse.Namespace) -> MergeOptions:
+    if args.drop_bottom_percent is not None:
+        ScoreOptions(methods=("sharma",), drop_bottom_percent=args.drop_bottom_percent).check()
+    for name, value in (("--long-files", args.long_files), ("--semdedup", args.semdedup)):
+        if value is not None and not 0 <= value <= (2 if name == "--semdedup" else 100):
+            raise ValueError(f"{name} out of range: {value}")
+    return MergeOptions(args.drop_bottom_percent, args.long_files, args.semdedup, args.keep_text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,78 +129,70 @@ def run(args: argparse.Namespace) -> int:
     options = ScoreOptions(methods=tuple(args.methods), thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
                            min_score=args.min_score, rule_profile=args.rule_profile)
     options.check()
-    if args.drop_bottom_percent is not None:
-        dataclasses.replace(options, drop_bottom_percent=args.drop_bottom_percent).check()
+    if args.drop_bottom_percent is not None and "sharma" not in options.methods:
+        raise ValueError("--drop-bottom-percent needs the 'sharma' method")
+    merge_options = _merge_options(args)
+    shard = _shard(args.shard)
+    if shard is None and args.out is None:
+        raise ValueError("--out is required (only a --shard run writes no outputs)")
+    if shard is not None and args.work is None:
+        raise ValueError("--shard needs --work DIR: a folder every shard and the merge can reach")
     weights = load_weights(args.weights)
-    records = read_documents(args.files)
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    units, _ = open_work(work, args.files, scoring_options(options, args.weights, weights, args.semdedup is not None),
+                         args.batch_size)
+    mine = [u for u in units if shard is None or u.index % shard[1] == shard[0]]
+    todo = [u for u in mine if not is_done(work, u.index)]
+    job = ScoringJob(str(work), options, weights, embeddings=args.semdedup is not None)
     started = time.perf_counter()
-    batches = [records[i:i + args.batch_size] for i in range(0, len(records), args.batch_size)]
-    executor = scoring_executor(args.workers)
-    results = []
-    with executor, tqdm(total=len(records), desc="score", unit="doc") as bar:
-        jobs = [executor.submit(score_batch, [(r["id"], r["text"]) for r in b], options, weights) for b in batches]
-        for job in jobs:  # in order
-            results += job.result().results
-            bar.update(len(results) - bar.n)
+    total = sum(u.documents for u in mine)
+    with tqdm(total=total, initial=total - sum(u.documents for u in todo), desc="score", unit="doc") as bar:
+        EXECUTORS[args.executor](todo, job, args.workers, args.address, lambda s: bar.update(s["documents"]))
     seconds = time.perf_counter() - started
-    reasons = [list(r.reasons) for r in results]
-    scores = np.array([r.score if r.score is not None else np.nan for r in results])
-    if args.drop_bottom_percent:
-        cutoff = np.nanpercentile(scores, args.drop_bottom_percent)
-        for doc_reasons, score in zip(reasons, scores, strict=True):
-            if score < cutoff:
-                doc_reasons.append(BOTTOM_PERCENTILE)
-    corpus_reasons(records, reasons, args)
-    counts: dict[str, int] = {}
-    kept_n = 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as files:  # both files closed however the loop ends
-        kept = files.enter_context(open(args.out, "w"))
-        rejected = files.enter_context(open(args.rejected, "w")) if args.rejected else None
-        for record, result, doc_reasons in zip(records, results, reasons, strict=True):
-            keep = not doc_reasons
-            kept_n += keep
-            for reason in doc_reasons:
-                counts[reason] = counts.get(reason, 0) + 1
-            quality = {"score": result.score, "keep": keep, "reasons": doc_reasons, "signals": result.signals}
-            if keep and result.text is not None and not args.keep_text:
-                record, quality["rewritten"] = {**record, "text": result.text}, True
-            line = json.dumps({**record, "quality": quality}) + "\n"
-            if keep:
-                kept.write(line)
-            elif rejected is not None:
-                rejected.write(line)
-    summary = {"documents": len(records), "kept": kept_n, "rejected": len(records) - kept_n,
-               "reason_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "seconds": seconds,
-               "documents_per_second": len(records) / seconds if seconds else None, "workers": args.workers,
-               "methods": list(options.methods), "rule_profile": options.rule_profile,
-               "weights": weights.provenance.get("data", "uniform")}
-    if args.report:
-        write_report(args.report, summary, scores, np.array([not r for r in reasons]))
-    print(f"{len(records)} documents: kept {kept_n}, rejected {len(records) - kept_n} "
-          f"({summary['documents_per_second']:.0f} docs/s with {args.workers} workers)")
-    for reason, n in summary["reason_counts"].items():
-        print(f"  {reason:<32} {n}")
+    scored = sum(u.documents for u in todo)
+    rate = f"{scored / seconds:.0f} docs/s" if scored and seconds else "nothing left to score"
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: {len(todo)} of its {len(mine)} units scored ({rate}, "
+              f"{args.executor} executor, {args.workers} workers) into {work}")
+        return 0
+    _finish(work, merge_options, args, {
+        "seconds": seconds, "documents_scored": scored, "units_resumed": len(units) - len(todo),
+        "documents_per_second": scored / seconds if scored and seconds else None, "executor": args.executor,
+        "workers": args.workers})
+    print(f"({rate} with {args.workers} {args.executor} workers; {len(units) - len(todo)} units resumed)")
+    if args.work is None:
+        shutil.rmtree(work)
     return 0
 
 
-def corpus_reasons(records: list[dict], reasons: list[list[str]], args: argparse.Namespace) -> None:
-    """Add the corpus-level reasons (SemDeDup, long files) in place."""
-    from prunefusion.quality import semdedup
+def _finish(work: Path, merge_options: MergeOptions, args: argparse.Namespace, run_info: dict) -> None:
+    """Merge, then write the report (the summary with `run_info`: how pass 1 ran) and print the counts."""
+    manifest = load_manifest(work)
+    started = time.perf_counter()
+    result: MergeResult = merge(work, merge_options, args.out, args.rejected)
+    options = manifest["scoring"]["options"]
+    summary = {"documents": result.documents, "kept": result.kept, "rejected": result.documents - result.kept,
+               "reason_counts": result.reason_counts, "units": result.units,
+               "merge_seconds": time.perf_counter() - started, "methods": list(options["methods"]),
+               "rule_profile": options["rule_profile"], "weights": manifest["scoring"]["weights_data"],
+               "corpus_decisions": dataclasses.asdict(merge_options),
+               "peak_rss_mb_per_worker": result.peak_rss_mb_per_worker, **run_info}
+    if args.report:
+        write_report(args.report, summary, result.scores, result.keep)
+    print(f"{result.documents} documents: kept {result.kept}, rejected {result.documents - result.kept}")
+    for reason, n in summary["reason_counts"].items():
+        print(f"  {reason:<32} {n}")
 
-    if args.long_files:
-        keep = semdedup.long_file_mask([len(r["text"]) for r in records], args.long_files)
-        for doc_reasons, kept in zip(reasons, keep, strict=True):
-            if not kept:
-                doc_reasons.append("long_file")
-    if args.semdedup is not None:
-        from prunefusion.quality.embeddings import default_embedder
 
-        embeddings = default_embedder().embed([r["text"] for r in records])
-        result = semdedup.semdedup(embeddings, eps=args.semdedup)
-        for doc_reasons, kept in zip(reasons, result.keep, strict=True):
-            if not kept:
-                doc_reasons.append("semdedup_duplicate")
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `prunefusion score merge`."""
+    p.add_argument("--work", type=Path, required=True, help="the work folder every shard wrote into")
+    add_output_arguments(p, out_required=True)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    _finish(args.work, _merge_options(args), args, {"merged_from": str(args.work)})
+    return 0
 
 
 def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarray) -> None:
@@ -201,7 +219,8 @@ def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarr
     lines = [f"# Quality scoring: {summary['documents']} documents", "",
              f"Kept {summary['kept']}, rejected {summary['rejected']}; methods {', '.join(summary['methods'])} "
              f"(rule profile {summary['rule_profile']}); "
-             f"{summary['documents_per_second']:.0f} documents/s with {summary['workers']} workers.", "",
+             + (f"{summary['documents_per_second']:.0f} documents/s with {summary['workers']} {summary['executor']} "
+              "workers." if summary.get("documents_per_second") else "Merged from units scored earlier."), "",
              "| reason | documents |", "|---|---|",
              *[f"| {reason} | {n} |" for reason, n in summary["reason_counts"].items()], "",
              "![score histogram](score_histogram.png)", ""]

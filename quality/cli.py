@@ -2,6 +2,9 @@
 
     prunefusion score data/*.jsonl --out kept.jsonl --rejected rejected.jsonl --report runs/score
     prunefusion score docs/*.txt --out kept.jsonl --methods sharma --drop-bottom-percent 40
+    prunefusion score corpus.parquet hf_dataset_dir --out kept.jsonl --executor ray --workers 8
+    prunefusion score data/*.jsonl --work /shared/w --shard 3/16          # one of 16 array tasks, then:
+    prunefusion score merge --work /shared/w --out kept.jsonl --rejected rejected.jsonl
     prunefusion score calibrate --reference-model DIR --data corpus.jsonl --out weights.json
     prunefusion score calibrate --reference-model DIR --mixed-corpus 2000 --out weights.json   # the shipped defaults
 
@@ -44,9 +47,15 @@ def _score(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from prunefusion.quality.batch import run_merge
+
+    return run_merge(args)
+
+
 def register(sub) -> None:
     from prunefusion.quality.batch import __doc__ as batch_doc
-    from prunefusion.quality.batch import add_arguments
+    from prunefusion.quality.batch import add_arguments, add_merge_arguments
 
     score = sub.add_parser("score", help="score files for text quality (keep/reject with reasons), or calibrate the "
                            "Sharma weights (`score calibrate`)", description=__doc__,
@@ -57,6 +66,10 @@ def register(sub) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(files)
     files.set_defaults(func=_score)
+    m = ssub.add_parser("merge", help="write the kept and rejected files from a work folder that `score --shard` "
+                        "runs filled (every shard must have finished)")
+    add_merge_arguments(m)
+    m.set_defaults(func=_merge)
     c = ssub.add_parser("calibrate", help="Sharma filter weights from a reference LM: "
                         "w_i = max(0, (PPL_all - PPL_i) / PPL_all)")
     c.add_argument("--reference-model", type=Path, required=True, help="a causal LM directory (HF format)")

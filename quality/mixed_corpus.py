@@ -78,3 +78,16 @@ def mixed_corpus(n_documents: int = 2000, junk_fraction: float = 0.4, seed: int 
              for i in range(n_junk)]
     rng.shuffle(docs)
     return docs
+
+
+def with_near_duplicates(docs: list[Document], fraction: float = 0.1, seed: int = 0) -> list[Document]:
+    """`docs` plus near-copies of a seeded `fraction` of them (whitespace doubled, a word's case changed; kind
+    "near_duplicate"), each inserted at a random place, so a corpus split into units has its copies in other units."""
+    rng = random.Random(seed)
+    out = list(docs)
+    for doc in rng.sample(docs, round(len(docs) * fraction)):
+        words = doc.text.split(" ")
+        i = rng.randrange(len(words))
+        words[i] = words[i].upper()
+        out.insert(rng.randrange(len(out) + 1), Document("  ".join(words), "near_duplicate"))
+    return out

@@ -67,7 +67,7 @@ def reason_codes() -> list[str]:
 
 
 @functools.cache
-def _embedder():
+def embedder():
     """The batch methods' MiniLM (ONNX), one per process; one thread: the scoring workers are the parallelism."""
     from prunefusion.quality.embeddings import default_embedder
 
@@ -162,7 +162,7 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
             scored.append([doc_id, None, reasons, {}, (), None, rewritten])
     if batch:
         texts = [text for _, text in documents]
-        verdicts = apply_batch_methods(texts, batch, lambda: _embedder().embed(texts))
+        verdicts = apply_batch_methods(texts, batch, lambda: embedder().embed(texts))
         for row, verdict in zip(scored, verdicts, strict=True):
             row[2] += verdict.reasons
             row[3].update(verdict.signals)
