@@ -43,10 +43,9 @@ def atomic_dir(out: Path, *, resume: bool = False) -> Iterator[Path]:
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes the new file beside `path`, which it then replaces in one step: a reader (or a rerun after
-    a kill) sees the old file or the new one, never a half-written one. The temporary name holds the process id, so
-    processes writing the same file at once (shards creating one manifest) do not rename each other's file."""
+    a kill) sees the old file or the new one, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(path.name + ".partial")
     write(tmp)
     os.replace(tmp, path)
 

@@ -135,15 +135,22 @@ def run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     if shard is None and args.out is None:
         raise ValueError("--out is required (only a --shard run writes no outputs)")
-    if shard is not None and args.work is None:
-        raise ValueError("--shard needs --work DIR: a folder every shard and the merge can reach")
+    if shard is not None:
+        if args.work is None:
+            raise ValueError("--shard needs --work DIR: a folder every shard and the merge can reach")
+        merge_only = [f"--{k.replace('_', '-')}" for k in ("out", "rejected", "report", "drop_bottom_percent",
+                                                           "long_files", "keep_text") if getattr(args, k)]
+        if merge_only:
+            raise ValueError(f"{', '.join(merge_only)}: options of `prunefusion score merge`, not of a --shard run")
     weights = load_weights(args.weights)
     work = args.work or args.out.with_name(args.out.name + ".work")
-    units, _ = open_work(work, args.files, scoring_options(options, args.weights, weights, args.semdedup is not None),
-                         args.batch_size)
+    outputs = tuple(p for p in (work, args.out, args.rejected, args.report) if p is not None)
+    units = open_work(work, args.files, scoring_options(options, args.weights, weights), args.batch_size,
+                      exclude=outputs, replace_other=args.work is None)
+    embeddings = args.semdedup is not None
     mine = [u for u in units if shard is None or u.index % shard[1] == shard[0]]
-    todo = [u for u in mine if not is_done(work, u.index)]
-    job = ScoringJob(str(work), options, weights, embeddings=args.semdedup is not None)
+    todo = [u for u in mine if not is_done(work, u.index, embeddings)]
+    job = ScoringJob(str(work.resolve()), options, weights, embeddings)
     started = time.perf_counter()
     total = sum(u.documents for u in mine)
     with tqdm(total=total, initial=total - sum(u.documents for u in todo), desc="score", unit="doc") as bar:
@@ -191,6 +198,9 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    methods = load_manifest(args.work)["scoring"]["options"]["methods"]
+    if args.drop_bottom_percent is not None and "sharma" not in methods:
+        raise ValueError(f"--drop-bottom-percent needs the 'sharma' method; {args.work} was scored with {methods}")
     _finish(args.work, _merge_options(args), args, {"merged_from": str(args.work)})
     return 0
 

@@ -61,8 +61,8 @@ def register(sub) -> None:
                            "Sharma weights (`score calibrate`)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ssub = score.add_subparsers(dest="score_command", required=True)
-    files = ssub.add_parser("files", help="score JSONL and text files; write kept and rejected documents and a report "
-                            "(the default: `score FILES...`)", description=batch_doc,
+    files = ssub.add_parser("files", help="score JSONL, Parquet, `datasets` folders and text files; write kept and "
+                            "rejected documents and a report (the default: `score FILES...`)", description=batch_doc,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(files)
     files.set_defaults(func=_score)

@@ -25,6 +25,7 @@ from prunefusion.quality.corpus_work import ScoringJob, score_unit
 from prunefusion.quality.pipeline import scoring_executor
 
 OnDone = Callable[[dict], None]
+MAX_RESTARTS = 2  # an actor killed mid-unit (out of memory, a node lost) restarts and retries: this often, not forever
 
 
 def run_local(units: list[Unit], job: ScoringJob, workers: int, address: str | None, on_done: OnDone) -> None:
@@ -59,18 +60,23 @@ class RayUnitScorer:
 def _ray(local: bool):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports sent out
     if local:  # a local Ray on 127.0.0.1: Ray's own switch (read at import) for a single-node Ray on loopback
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
         import ray.data
+        from ray._private import ray_constants
     except ImportError:
         raise ValueError("--executor ray needs Ray: pip install 'prunefusion[ray]'") from None
+    if local and ray_constants.ENABLE_RAY_CLUSTER:
+        logging.getLogger(__name__).warning("Ray was imported before this run: the local Ray binds to the node's "
+                                            "address, not 127.0.0.1")
     return ray
 
 
 def run_ray(units: list[Unit], job: ScoringJob, workers: int, address: str | None, on_done: OnDone) -> None:
     if workers < 1:
         raise ValueError(f"--executor ray needs --workers >= 1 (Ray actors), got {workers}")
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`: that cluster
     ray = _ray(local=not address)
     started_here = not ray.is_initialized()
     if started_here:
@@ -84,7 +90,8 @@ def run_ray(units: list[Unit], job: ScoringJob, workers: int, address: str | Non
         rows = [{"unit": json.dumps(u.to_dict())} for u in units]
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         scored = dataset.map_batches(RayUnitScorer, fn_constructor_args=(job,), batch_size=1, num_cpus=1,
-                                     compute=ray.data.ActorPoolStrategy(size=workers))
+                                     compute=ray.data.ActorPoolStrategy(size=workers), max_restarts=MAX_RESTARTS,
+                                     max_task_retries=MAX_RESTARTS)
         for row in scored.iter_rows():
             summary = json.loads(row["summary"])
             if "error" in summary:

@@ -13,7 +13,9 @@ A unit is a list of segments (a byte range of a JSONL file, a row range of a Par
 holding at most `docs_per_unit` documents; a segment is never split, so a unit of small files packs several. The
 plan depends only on the files and `docs_per_unit`, so every process that plans the same inputs (a Slurm array's
 ranks, a Ray driver) gets the same units. Planning reads JSONL files once to find line offsets and only the
-metadata of Parquet and Arrow files; reading a unit touches only its own byte or row ranges.
+metadata of Parquet and Arrow files. Reading a unit touches only its own byte range of a JSONL file; of a Parquet
+file it decodes the row groups that hold its rows (write Parquet with row groups of about --batch-size rows, or
+every unit decodes a whole large group); Arrow files are memory-mapped and sliced.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Segment:
     kind: str  # a key of SOURCES
-    path: str
+    path: str  # absolute: a worker on another node or in another working directory reads the same file
+    name: str  # the path as the user gave it: default ids and error messages
     start: int = 0  # jsonl: byte offset; parquet, arrow: first row (0-based)
     stop: int = 0  # jsonl: byte offset past the last line; parquet, arrow: past the last row
     first_line: int = 1  # jsonl: the line number at `start`
@@ -73,10 +76,10 @@ def _plan_jsonl(path: Path, per_unit: int) -> Iterator[Segment]:
             number += 1
             documents += bool(line.strip())
             if documents == per_unit:
-                yield Segment("jsonl", str(path), start, offset, first, documents)
+                yield Segment("jsonl", str(path.resolve()), str(path), start, offset, first, documents)
                 start, first, documents = offset, number, 0
     if documents:
-        yield Segment("jsonl", str(path), start, offset, first, documents)
+        yield Segment("jsonl", str(path.resolve()), str(path), start, offset, first, documents)
 
 
 def _read_jsonl(s: Segment) -> list[dict]:
@@ -87,7 +90,7 @@ def _read_jsonl(s: Segment) -> list[dict]:
     for number, raw in enumerate(data.split(b"\n"), s.first_line):
         if not raw.strip():
             continue
-        where = f"{s.path}:{number}"
+        where = f"{s.name}:{number}"
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -111,7 +114,7 @@ def _pyarrow():
 def _row_segments(kind: str, path: Path, rows: int, per_unit: int) -> Iterator[Segment]:
     for start in range(0, rows, per_unit):
         stop = min(rows, start + per_unit)
-        yield Segment(kind, str(path), start, stop, documents=stop - start)
+        yield Segment(kind, str(path.resolve()), str(path), start, stop, documents=stop - start)
 
 
 def _plan_parquet(path: Path, per_unit: int) -> Iterator[Segment]:
@@ -130,9 +133,9 @@ def _plan_arrow(path: Path, per_unit: int) -> Iterator[Segment]:
 def _rows(s: Segment, table, table_first_row: int = 0) -> list[dict]:
     """The segment's rows of `table`, whose first row is row `table_first_row` of the file."""
     if "text" not in table.column_names:
-        raise ValueError(f"{s.path}: no 'text' column (columns: {table.column_names})")
+        raise ValueError(f"{s.name}: no 'text' column (columns: {table.column_names})")
     rows = table.slice(s.start - table_first_row, s.stop - s.start).to_pylist()
-    return [_record(f"{s.path}:{s.start + i + 1}", row, f"{s.path}:{s.start + i + 1}") for i, row in enumerate(rows)]
+    return [_record(f"{s.name}:{s.start + i + 1}", row, f"{s.name}:{s.start + i + 1}") for i, row in enumerate(rows)]
 
 
 def _read_parquet(s: Segment) -> list[dict]:
@@ -154,11 +157,11 @@ def _read_arrow(s: Segment) -> list[dict]:
 # --- plain files: one document each ---
 
 def _plan_text(path: Path, per_unit: int) -> Iterator[Segment]:
-    yield Segment("text", str(path))
+    yield Segment("text", str(path.resolve()), str(path))
 
 
 def _read_text(s: Segment) -> list[dict]:
-    return [{"id": s.path, "text": Path(s.path).read_text(errors="replace")}]
+    return [{"id": s.name, "text": Path(s.path).read_text(errors="replace")}]
 
 
 SOURCES: dict[str, tuple[Callable[[Path, int], Iterator[Segment]], Callable[[Segment], list[dict]]]] = {
@@ -185,25 +188,28 @@ def dataset_files(folder: Path) -> list[Path]:
     return [folder / f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
 
 
-def _folder_inputs(folder: Path) -> list[tuple[str, Path]]:
+def _folder_inputs(folder: Path, exclude: tuple[Path, ...]) -> list[tuple[str, Path]]:
     """A `datasets` folder's Arrow files, or a plain folder's corpus files (FOLDER_SUFFIXES, sorted, recursive,
-    hidden ones skipped); ValueError when it holds none."""
+    hidden ones and those under `exclude` skipped); ValueError when it holds none."""
     if is_dataset_folder(folder):
         return [("arrow", f) for f in dataset_files(folder)]
+    excluded = [e.resolve() for e in exclude]
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in FOLDER_SUFFIXES
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                   and not any(f.resolve().is_relative_to(e) for e in excluded))
     if not files:
         raise ValueError(f"{folder}: no corpus files in it ({', '.join(FOLDER_SUFFIXES)}) and not a `datasets` "
                          "save_to_disk folder")
     return input_files(files)
 
 
-def input_files(paths: list[Path]) -> list[tuple[str, Path]]:
-    """(kind, file) for every input, folders expanded; ValueError for a missing path."""
+def input_files(paths: list[Path], exclude: tuple[Path, ...] = ()) -> list[tuple[str, Path]]:
+    """(kind, file) for every input, folders expanded (leaving out `exclude`: the run's own outputs and work
+    folder, when they sit inside an input folder); ValueError for a missing path."""
     files = []
     for path in paths:
         if path.is_dir():
-            files += _folder_inputs(path)
+            files += _folder_inputs(path, exclude)
         elif path.is_file():
             files.append((SUFFIX_KINDS.get(path.suffix, "text"), path))
         else:
@@ -211,13 +217,13 @@ def input_files(paths: list[Path]) -> list[tuple[str, Path]]:
     return files
 
 
-def plan_units(paths: list[Path], docs_per_unit: int) -> list[Unit]:
+def plan_units(paths: list[Path], docs_per_unit: int, exclude: tuple[Path, ...] = ()) -> list[Unit]:
     """The inputs' segments packed in input order into units of at most `docs_per_unit` documents."""
     if docs_per_unit < 1:
         raise ValueError(f"documents per unit must be >= 1, got {docs_per_unit}")
     units: list[Unit] = []
     current: list[Segment] = []
-    for kind, path in input_files(paths):
+    for kind, path in input_files(paths, exclude):
         for segment in SOURCES[kind][0](path, docs_per_unit):
             if current and sum(s.documents for s in current) + segment.documents > docs_per_unit:
                 units.append(Unit(len(units), tuple(current)))

@@ -22,7 +22,10 @@ import hashlib
 import json
 import os
 import resource
+import shutil
+import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,8 +61,9 @@ def unit_path(work: str | Path, index: int, suffix: str) -> Path:
     return Path(work) / "units" / f"u{index:06d}{suffix}"
 
 
-def is_done(work: str | Path, index: int) -> bool:
-    return unit_path(work, index, ".json").is_file()
+def is_done(work: str | Path, index: int, embeddings: bool = False) -> bool:
+    """The unit's summary is in place (written last), and its embeddings too when they are needed."""
+    return unit_path(work, index, ".json").is_file() and (not embeddings or unit_path(work, index, ".npy").is_file())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -80,7 +84,7 @@ def score_unit(unit: dict, job: ScoringJob) -> dict:
     lines = []
     for record, r in zip(records, result.results, strict=True):
         quality = {"score": r.score, "keep": r.keep, "reasons": list(r.reasons), "signals": r.signals}
-        lines.append(json.dumps([record, quality, r.text]) + "\n")
+        lines.append(json.dumps([record, quality, r.text], default=str) + "\n")  # Parquet dates, decimals: as text
     replace_atomically(unit_path(job.work, u.index, ".jsonl"), lambda tmp: tmp.write_text("".join(lines)))
     if job.embeddings:
         from prunefusion.quality.embeddings import EMBEDDING_DIM
@@ -90,7 +94,8 @@ def score_unit(unit: dict, job: ScoringJob) -> dict:
         replace_atomically(unit_path(job.work, u.index, ".npy"), lambda tmp: _save_npy(tmp, vectors))
     summary = {"unit": u.index, "documents": len(records), "ids": [r["id"] for r in records],
                "scores": [r.score for r in result.results], "lengths": [len(r["text"]) for r in records],
-               "started": started, "finished": time.time(), "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+               "started": started, "finished": time.time(), "worker": f"{socket.gethostname()}:{os.getpid()}",
+               "peak_rss_mb": peak_rss_mb()}
     write_text_atomic(unit_path(job.work, u.index, ".json"), json.dumps(summary))
     return {k: v for k, v in summary.items() if k not in ("ids", "scores", "lengths")}
 
@@ -99,32 +104,48 @@ def _file_digest(path: str | None) -> str | None:
     return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def open_work(work: Path, paths: list[Path], job_options: dict, docs_per_unit: int) -> tuple[list[Unit], dict]:
-    """Plan the run and create or check the work folder's manifest; ValueError when it holds another run."""
+def open_work(work: Path, paths: list[Path], job_options: dict, docs_per_unit: int, *,
+              exclude: tuple[Path, ...] = (), replace_other: bool = False) -> list[Unit]:
+    """Plan the run and create or check the work folder's manifest. A folder holding another run (other inputs or
+    scoring options) is a ValueError, or with `replace_other` (a default work folder, which no one named) removed
+    and started afresh. Shards starting at once all create the same manifest: the first link wins, the others check
+    theirs against it."""
     inputs = [{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-              for _, p in input_files(paths)]
+              for _, p in input_files(paths, exclude)]
     scoring = {**job_options, "docs_per_unit": docs_per_unit}
     digest = hashlib.sha256(json.dumps([inputs, scoring], sort_keys=True).encode()).hexdigest()
     manifest_path = work / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("digest") != digest:
+    if not manifest_path.is_file():
+        units = plan_units(paths, docs_per_unit, exclude)
+        manifest = {"version": MANIFEST_VERSION, "digest": digest, "inputs": inputs, "scoring": scoring,
+                    "units": [u.to_dict() for u in units]}
+        (work / "units").mkdir(parents=True, exist_ok=True)
+        tmp = work / f".manifest.{uuid.uuid4().hex}.partial"  # unique: pods all run as pid 1 on one volume
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            os.link(tmp, manifest_path)  # fails if another shard made it first: never replaces one
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links (some bucket mounts): a rename, the last one wins
+            os.replace(tmp, manifest_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("digest") != digest:
+        if not replace_other:
             raise ValueError(f"{work} holds a run of other inputs or scoring options (its manifest.json differs): "
                              "remove the folder or choose another --work")
-        return [Unit.from_dict(u) for u in manifest["units"]], manifest
-    units = plan_units(paths, docs_per_unit)
-    manifest = {"version": MANIFEST_VERSION, "digest": digest, "inputs": inputs, "scoring": scoring,
-                "units": [u.to_dict() for u in units]}
-    (work / "units").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    return units, manifest
+        print(f"{work} held a run of other inputs or options: starting afresh")
+        shutil.rmtree(work)
+        return open_work(work, paths, job_options, docs_per_unit, exclude=exclude)
+    return [Unit.from_dict(u) for u in manifest["units"]]
 
 
-def scoring_options(options: ScoreOptions, weights_path: str | None, weights: Weights, embeddings: bool) -> dict:
-    """The manifest's record of what pass 1 computes (a change invalidates the scored units)."""
+def scoring_options(options: ScoreOptions, weights_path: str | None, weights: Weights) -> dict:
+    """The manifest's record of what pass 1 computes (a change invalidates the scored units). Embeddings are not
+    part of it: a rerun with --semdedup embeds the units that lack them."""
     return {"options": asdict(options), "weights": str(weights_path) if weights_path else None,
-            "weights_digest": _file_digest(weights_path),
-            "weights_data": weights.provenance.get("data", "uniform"), "embeddings": embeddings}
+            "weights_digest": _file_digest(weights_path), "weights_data": weights.provenance.get("data", "uniform")}
 
 
 def load_manifest(work: Path) -> dict:
@@ -155,7 +176,8 @@ def corpus_reasons(metas: list[dict], work: Path, merge: MergeOptions) -> tuple[
     if merge.semdedup is not None and ids:
         missing = [m["unit"] for m in metas if not unit_path(work, m["unit"], ".npy").is_file()]
         if missing:
-            raise ValueError(f"{work}: units {missing[:5]} were scored without embeddings; rescore with --semdedup")
+            raise ValueError(f"{work}: units {missing[:5]} were scored without embeddings: rerun `prunefusion score` "
+                             "with --semdedup and this --work (it embeds only those units)")
         vectors = np.concatenate([np.load(unit_path(work, m["unit"], ".npy")) for m in metas])
         result = sd.semdedup(vectors, eps=merge.semdedup)
         for i, kept in enumerate(result.keep):
@@ -170,7 +192,7 @@ class MergeResult:
     scores: np.ndarray  # every document's Sharma score (NaN without it), in input order
     keep: np.ndarray  # the final decision
     reason_counts: dict[str, int]  # most frequent first
-    peak_rss_mb_per_worker: dict[str, float]  # worker pid -> its peak resident memory over its units
+    peak_rss_mb_per_worker: dict[str, float]  # HOST:PID -> the worker's peak resident memory over its units
     units: int
 
     @property
@@ -239,5 +261,5 @@ def _write_outputs(work: Path, indices: list[int], extra: list[list[str]], dupli
 def _peak_per_worker(metas: list[dict]) -> dict[str, float]:
     peaks: dict[str, float] = {}
     for m in metas:
-        peaks[str(m["pid"])] = max(peaks.get(str(m["pid"]), 0.0), m["peak_rss_mb"])
+        peaks[m["worker"]] = max(peaks.get(m["worker"], 0.0), m["peak_rss_mb"])
     return peaks

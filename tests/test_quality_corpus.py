@@ -10,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_quality_server import CLEAN, JUNK
 
 from prunefusion.cli import main
 from prunefusion.quality.corpus_sources import plan_units, read_unit
 from prunefusion.quality.mixed_corpus import mixed_corpus, with_near_duplicates
+from prunefusion.quality.pipeline import ScoreOptions, score_batch
+from prunefusion.quality.sharma import load_weights
 
 
 def _inputs(tmp_path: Path) -> tuple[list[Path], list[dict]]:
@@ -41,9 +44,9 @@ def _inputs(tmp_path: Path) -> tuple[list[Path], list[dict]]:
     pq.write_table(table, parquet, row_group_size=4)
     expected += [{**r, "id": f"{parquet}:{i + 1}"} for i, r in enumerate(pq.read_table(parquet).to_pylist())]
     hf = tmp_path / "hf"
-    datasets.Dataset.from_dict({"id": [f"h{i}" for i in range(5)], "text": [JUNK[: 30 + i] for i in range(5)]}) \
-        .save_to_disk(str(hf))
-    expected += [dict(r) for r in datasets.load_from_disk(str(hf))]
+    datasets.Dataset.from_dict({"text": [JUNK[: 30 + i] for i in range(5)]}).save_to_disk(str(hf))
+    arrow = hf / json.loads((hf / "state.json").read_text())["_data_files"][0]["filename"]
+    expected += [{**r, "id": f"{arrow}:{i + 1}"} for i, r in enumerate(datasets.load_from_disk(str(hf)))]
     page = tmp_path / "page.txt"
     page.write_text(CLEAN)
     expected.append({"id": str(page), "text": CLEAN})
@@ -73,6 +76,10 @@ def test_bad_records_name_where_and_what(tmp_path, capsys):
     assert main(["score", str(bad), "--out", str(tmp_path / "k.jsonl"), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "'text' must be a string" in err
+    assert (tmp_path / "k.jsonl.work" / "manifest.json").is_file()  # the default work folder stays for a rerun
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "fixed"}) + "\n")
+    assert main(["score", str(bad), "--out", str(tmp_path / "k.jsonl"), "--workers", "0"]) == 0  # fixed: runs
+    assert "starting afresh" in capsys.readouterr().out and len((tmp_path / "k.jsonl").read_text().splitlines()) <= 2
     folder = tmp_path / "plain"
     (folder / ".hidden").mkdir(parents=True)
     (folder / ".hidden" / "x.jsonl").write_text(json.dumps({"text": CLEAN}) + "\n")
@@ -82,6 +89,30 @@ def test_bad_records_name_where_and_what(tmp_path, capsys):
     assert "--shard needs --work" in capsys.readouterr().err
     assert main(["score", str(bad), "--shard", "2/2", "--work", str(tmp_path / "w")]) == 2
     assert "RANK must be in [0, WORLD)" in capsys.readouterr().err
+    assert main(["score", str(bad), "--shard", "0/2", "--work", str(tmp_path / "w"), "--out", "x.jsonl"]) == 2
+    assert "--out: options of `prunefusion score merge`" in capsys.readouterr().err
+
+
+def test_parquet_and_datasets_folders_through_the_cli(tmp_path):
+    import datetime
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "p.parquet"
+    day = datetime.date(2026, 12, 2)
+    pq.write_table(pa.table({"text": [CLEAN, JUNK], "day": [day, day]}), parquet)  # a date: not a JSON type
+    hf = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": ["t"], "text": [CLEAN]}),
+                          "test": datasets.Dataset.from_dict({"id": ["u"], "text": [JUNK]})}).save_to_disk(str(hf))
+    out, rejected = tmp_path / "kept.jsonl", tmp_path / "rejected.jsonl"
+    assert main(["score", str(parquet), str(hf), "--out", str(out), "--rejected", str(rejected), "--workers", "0",
+                 "--keep-text"]) == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    dropped = [json.loads(line) for line in rejected.read_text().splitlines()]
+    assert [r["id"] for r in kept] == [f"{parquet}:1", "t"] and [r["id"] for r in dropped] == [f"{parquet}:2", "u"]
+    assert kept[0]["day"] == "2026-12-02" and kept[0]["text"] == CLEAN
 
 
 def _corpus(tmp_path: Path, n: int, seed: int) -> Path:
@@ -116,10 +147,25 @@ def test_shards_then_merge_write_what_one_run_writes(tmp_path, capsys):
     assert main(merge) == 0
     assert _outputs(merged) == _outputs(one)
     kept, rejected = (list(map(json.loads, b.decode().splitlines())) for b in _outputs(one))
-    reasons = {r for doc in rejected for r in doc["quality"]["reasons"]}
-    assert {"sharma_bottom_percentile", "long_file"} <= reasons and len(kept) + len(rejected) == 69
+    assert len(kept) + len(rejected) == 69
     summary = json.loads((merged / "report" / "summary.json").read_text())
     assert summary["documents"] == 69 and summary["kept"] == len(kept) and summary["units"] == 10
+    # the corpus-level decisions are those over the whole corpus at once, not per unit of 7
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    whole = score_batch([(r["id"], r["text"]) for r in records], ScoreOptions(), load_weights(None)).results
+    cutoff = np.nanpercentile([r.score for r in whole], 15)
+    longest = sorted(records, key=lambda r: len(r["text"]))[-3:]  # 5% of 69 documents: 3
+    reasons = {doc["id"]: doc["quality"]["reasons"] for doc in rejected}
+    assert {i for i, rs in reasons.items() if "sharma_bottom_percentile" in rs} == {
+        r.id for r in whole if r.score < cutoff}
+    assert {i for i, rs in reasons.items() if "long_file" in rs} == {r["id"] for r in longest}
+    assert {i for i, rs in reasons.items() if set(rs) - {"sharma_bottom_percentile", "long_file"}} == {
+        r.id for r in whole if r.reasons}
+    # the merge's options can change without rescoring: every unit is resumed
+    assert main(["score", str(data), "--out", str(merged / "kept.jsonl"), "--work", str(work), "--report",
+                 str(merged / "report"), *common, "--long-files", "20"]) == 0
+    summary = json.loads((merged / "report" / "summary.json").read_text())
+    assert summary["units_resumed"] == 10 and summary["reason_counts"]["long_file"] == 13
     # another run's options in the same work folder are refused, not mixed in
     assert main(["score", str(data), "--shard", "0/3", "--work", str(work), "--workers", "0", "--batch-size", "8"]) == 2
     assert "holds a run of other inputs or scoring options" in capsys.readouterr().err
@@ -138,14 +184,15 @@ def test_a_killed_run_resumes_without_rescoring_or_duplicating(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = {p: p.stat().st_mtime_ns for p in (work / "units").glob("u*")}
+    finished = {p.stem for p in (work / "units").glob("u*.json")}  # a unit is done once its summary is in place
+    done = {p: p.stat().st_mtime_ns for p in (work / "units").glob("u*") if p.stem in finished}
     units = len(json.loads((work / "manifest.json").read_text())["units"])
-    assert 5 <= len([p for p in done if p.suffix == ".json"]) < units  # killed part way
+    assert 5 <= len(finished) < units  # killed part way
     assert not (out / "kept.jsonl").exists()
     assert main(command[1:]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished units were not rescored
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["units_resumed"] == len([p for p in done if p.suffix == ".json"])
+    assert summary["units_resumed"] == len(finished)
     fresh = tmp_path / "fresh"
     assert main(["score", str(data), "--out", str(fresh / "kept.jsonl"), "--rejected", str(fresh / "rejected.jsonl"),
                  "--workers", "0", "--batch-size", "25", *CORPUS_DECISIONS]) == 0
