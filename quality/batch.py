@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prunefusion.quality.batch_methods import LongFile, SemDedup
 from prunefusion.quality.corpus_executors import EXECUTORS
 from prunefusion.quality.corpus_work import (
     MergeOptions,
@@ -112,12 +113,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "stop: `prunefusion score merge --work DIR --out ...` once every shard has finished")
 
 
-def _merge_options(args: argparse.Namespace) -> MergeOptions:
-    if args.drop_bottom_percent is not None:
-        ScoreOptions(methods=("sharma",), drop_bottom_percent=args.drop_bottom_percent).check()
-    for name, value in (("--long-files", args.long_files), ("--semdedup", args.semdedup)):
-        if value is not None and not 0 <= value <= (2 if name == "--semdedup" else 100):
-            raise ValueError(f"{name} out of range: {value}")
+def _merge_options(args: argparse.Namespace, methods: tuple[str, ...]) -> MergeOptions:
+    """The corpus-level options, checked by the per-request checks of the same options (a percentile needs the
+    'sharma' method among the `methods` the units were scored with; SemDeDup's eps and the long-file percent their
+    ranges)."""
+    dataclasses.replace(ScoreOptions(methods=methods), drop_bottom_percent=args.drop_bottom_percent).check()
+    if args.semdedup is not None:
+        SemDedup(eps=args.semdedup)
+    if args.long_files is not None:
+        LongFile(drop_top_percent=args.long_files)
     return MergeOptions(args.drop_bottom_percent, args.long_files, args.semdedup, args.keep_text)
 
 
@@ -129,9 +133,7 @@ def run(args: argparse.Namespace) -> int:
     options = ScoreOptions(methods=tuple(args.methods), thresholds=parse_thresholds(_threshold_pairs(args.threshold)),
                            min_score=args.min_score, rule_profile=args.rule_profile)
     options.check()
-    if args.drop_bottom_percent is not None and "sharma" not in options.methods:
-        raise ValueError("--drop-bottom-percent needs the 'sharma' method")
-    merge_options = _merge_options(args)
+    merge_options = _merge_options(args, options.methods)
     shard = _shard(args.shard)
     if shard is None and args.out is None:
         raise ValueError("--out is required (only a --shard run writes no outputs)")
@@ -198,10 +200,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    methods = load_manifest(args.work)["scoring"]["options"]["methods"]
-    if args.drop_bottom_percent is not None and "sharma" not in methods:
-        raise ValueError(f"--drop-bottom-percent needs the 'sharma' method; {args.work} was scored with {methods}")
-    _finish(args.work, _merge_options(args), args, {"merged_from": str(args.work)})
+    methods = tuple(load_manifest(args.work)["scoring"]["options"]["methods"])
+    _finish(args.work, _merge_options(args, methods), args, {"merged_from": str(args.work)})
     return 0
 
 

@@ -54,14 +54,15 @@ class Unit:
         return cls(d["index"], tuple(Segment(**s) for s in d["segments"]))
 
 
-def _record(where: str, record: object, default_id: str) -> dict:
-    """An input record checked and given its id; ValueError naming where it came from and what is wrong."""
+def _record(where: str, record: object) -> dict:
+    """An input record checked and given its id (its own, else `where`: FILE:LINE or FILE:ROW); ValueError naming
+    where it came from and what is wrong."""
     if not isinstance(record, dict) or "text" not in record:
         raise ValueError(f"{where}: expected an object with a 'text' field")
     if not isinstance(record["text"], str):
         raise ValueError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
     doc_id = record.get("id")
-    return {**record, "id": default_id if doc_id is None else str(doc_id), "text": record["text"]}
+    return {**record, "id": where if doc_id is None else str(doc_id), "text": record["text"]}
 
 
 # --- JSON Lines: lines are split at b"\n" only (the JSON Lines rule; "\r\n" ends a line too) ---
@@ -95,7 +96,7 @@ def _read_jsonl(s: Segment) -> list[dict]:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{where}: not a JSON object ({err})") from None
-        records.append(_record(where, record, where))
+        records.append(_record(where, record))
     return records
 
 
@@ -135,7 +136,7 @@ def _rows(s: Segment, table, table_first_row: int = 0) -> list[dict]:
     if "text" not in table.column_names:
         raise ValueError(f"{s.name}: no 'text' column (columns: {table.column_names})")
     rows = table.slice(s.start - table_first_row, s.stop - s.start).to_pylist()
-    return [_record(f"{s.name}:{s.start + i + 1}", row, f"{s.name}:{s.start + i + 1}") for i, row in enumerate(rows)]
+    return [_record(f"{s.name}:{s.start + i + 1}", row) for i, row in enumerate(rows)]
 
 
 def _read_parquet(s: Segment) -> list[dict]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from prunefusion.atomic import replace_atomically, write_text_atomic
+from prunefusion.checkpoints import digest_files
 from prunefusion.quality.corpus_sources import Unit, input_files, plan_units, read_unit
 from prunefusion.quality.pipeline import BOTTOM_PERCENTILE, ScoreOptions, embedder, score_batch
 from prunefusion.quality.sharma import Weights
@@ -100,10 +101,6 @@ def score_unit(unit: dict, job: ScoringJob) -> dict:
     return {k: v for k, v in summary.items() if k not in ("ids", "scores", "lengths")}
 
 
-def _file_digest(path: str | None) -> str | None:
-    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def open_work(work: Path, paths: list[Path], job_options: dict, docs_per_unit: int, *,
               exclude: tuple[Path, ...] = (), replace_other: bool = False) -> list[Unit]:
     """Plan the run and create or check the work folder's manifest. A folder holding another run (other inputs or
@@ -145,7 +142,8 @@ def scoring_options(options: ScoreOptions, weights_path: str | None, weights: We
     """The manifest's record of what pass 1 computes (a change invalidates the scored units). Embeddings are not
     part of it: a rerun with --semdedup embeds the units that lack them."""
     return {"options": asdict(options), "weights": str(weights_path) if weights_path else None,
-            "weights_digest": _file_digest(weights_path), "weights_data": weights.provenance.get("data", "uniform")}
+            "weights_digest": digest_files([Path(weights_path)]) if weights_path else None,
+            "weights_data": weights.provenance.get("data", "uniform")}
 
 
 def load_manifest(work: Path) -> dict:
@@ -155,15 +153,15 @@ def load_manifest(work: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def corpus_reasons(metas: list[dict], work: Path, merge: MergeOptions) -> tuple[list[list[str]], list[str | None]]:
-    """The corpus-level reasons of every document (in unit order) and, for SemDeDup duplicates, the kept id."""
+def corpus_reasons(metas: list[dict], ids: list[str], scores: np.ndarray, work: Path,
+                   merge: MergeOptions) -> tuple[list[list[str]], list[str | None]]:
+    """The corpus-level reasons of every document (in unit order: `ids`, `scores`) and, for SemDeDup duplicates,
+    the kept id."""
     from prunefusion.quality import semdedup as sd
 
-    ids = [i for m in metas for i in m["ids"]]
     extra: list[list[str]] = [[] for _ in ids]
     duplicate_of: list[str | None] = [None] * len(ids)
     if merge.drop_bottom_percent and ids:
-        scores = np.array([np.nan if s is None else s for m in metas for s in m["scores"]], dtype=float)
         cutoff = np.nanpercentile(scores, merge.drop_bottom_percent)
         for reasons, score in zip(extra, scores, strict=True):
             if score < cutoff:
@@ -213,14 +211,15 @@ def merge(work: Path, merge_options: MergeOptions, out: Path, rejected: Path | N
         raise ValueError(f"{work}: {len(missing)} of {len(indices)} units not scored yet (first: {missing[:5]}); "
                          "run every shard first")
     metas = [json.loads(unit_path(work, i, ".json").read_text()) for i in indices]
+    ids = [i for m in metas for i in m["ids"]]
     seen: set[str] = set()
-    for doc_id in (i for m in metas for i in m["ids"]):
+    for doc_id in ids:
         if doc_id in seen:
             raise ValueError(f"document ids must be unique across the inputs: {doc_id!r} appears twice")
         seen.add(doc_id)
-    extra, duplicate_of = corpus_reasons(metas, work, merge_options)
-    keeps, counts = _write_outputs(work, indices, extra, duplicate_of, merge_options.keep_text, out, rejected)
     scores = np.array([np.nan if s is None else s for m in metas for s in m["scores"]], dtype=float)
+    extra, duplicate_of = corpus_reasons(metas, ids, scores, work, merge_options)
+    keeps, counts = _write_outputs(work, indices, extra, duplicate_of, merge_options.keep_text, out, rejected)
     return MergeResult(scores, np.array(keeps, dtype=bool), counts, _peak_per_worker(metas), len(indices))
 
 
