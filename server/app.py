@@ -3,6 +3,9 @@
 Start-up order: bind the port (health NOT_SERVING), open the cache, then for each model: build it if its directory
 is missing and its config names a build (a one-time step of `serve`, done here, before the engine loads), load it
 into the registry; then SERVING.
+
+Security (README, "Security"): with `server.auth` one interceptor checks API keys on every call but health; with
+`server.tls` the port speaks TLS (mutual with a client CA); `server.health_port` adds a plaintext health-only port.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from prunefusion.home import expand_path
+from prunefusion.server.auth.interceptor import AccessControl
+from prunefusion.server.auth.keys import KeyLimits, KeySource
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
-from prunefusion.server.config import AppConfig, CacheConfig, ModelConfigBase
+from prunefusion.server.config import AppConfig, CacheConfig, ConfigError, ModelConfigBase
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
@@ -78,6 +83,12 @@ class PrunefusionServer:
         self._stopping = False
         self._health_watch: asyncio.Task | None = None
         self._quality = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        self.access: AccessControl | None = None
+        self._key_source: KeySource | None = None
+        self._key_watch: asyncio.Task | None = None
+        self._key_signature: tuple | None = None
         # the services this server answers (health and reflection list exactly these)
         self.services = SERVED_SERVICES + ((QUALITY_SERVICE,) if config.quality.enabled else ())
 
@@ -95,7 +106,9 @@ class PrunefusionServer:
     async def _start(self) -> None:
         cfg = self.config.server
         limit = cfg.max_message_mb * 1024 * 1024
-        self._server = grpc.aio.server(options=[
+        logging.getLogger("prunefusion.server.requests").setLevel(logging.INFO if cfg.log_requests else logging.WARNING)
+        interceptors = self._access_control()
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
@@ -112,15 +125,24 @@ class PrunefusionServer:
         reflection.enable_server_reflection((*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
         await self._set_health(False)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        self.port = self._bind(self._server, cfg.host, cfg.port)
         await self._server.start()
-        log.info("listening on %s:%d (NOT_SERVING until models are ready)", cfg.host, self.port)
+        log.info("listening on %s:%d (%s; NOT_SERVING until models are ready)", cfg.host, self.port, self._security())
+        if cfg.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            host = cfg.health_host or cfg.host
+            self.health_port = self._bind(self._health_server, host, cfg.health_port, plaintext=True)
+            await self._health_server.start()
+            log.info("health (grpc.health.v1 only, plaintext) on %s:%d", host, self.health_port)
         if cfg.metrics_port is not None:
-            self._metrics_http, _ = start_metrics_server(cfg.host, cfg.metrics_port)
+            allowed = None
+            if cfg.auth is not None and cfg.auth.metrics_requires_key:
+                allowed = lambda header: self.access.authenticate([header] if header else [])  # noqa: E731
+            self._metrics_http, _ = start_metrics_server(cfg.metrics_host, cfg.metrics_port, allowed)
             self.metrics_port = self._metrics_http.server_port
-            log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics%s", cfg.metrics_host, self.metrics_port,
+                     " (API key required)" if allowed else "")
         self.cache = await open_cache(self.config.cache)
         for model in self.config.models:  # one at a time: memory
             await asyncio.to_thread(build_missing, model)
@@ -129,7 +151,68 @@ class PrunefusionServer:
             return
         await self._set_health(True)
         self._health_watch = asyncio.create_task(self._watch_health())
+        if self._key_source is not None and self._key_source.file is not None:
+            self._key_watch = asyncio.create_task(self._watch_keys(cfg.auth.reload_seconds))
         log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))
+
+    def _access_control(self) -> list[grpc.aio.ServerInterceptor]:
+        """The interceptor (API keys, access log) when either is on; an unreadable keys file stops the start."""
+        cfg = self.config.server
+        keys = None
+        if cfg.auth is not None:
+            limits = KeyLimits(**cfg.auth.default_limits.model_dump())
+            self._key_source = KeySource.of(cfg.auth.api_keys_file, cfg.auth.api_keys_env, limits)
+            self._key_signature = self._key_source.signature()
+            try:
+                keys = self._key_source.load()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            log.info("API keys required (%d keys: %s)", len(keys.keys), ", ".join(k.name for k in keys.keys))
+        if keys is None and not cfg.access_log:
+            return []
+        self.access = AccessControl(keys, model_of=self.registry.model_for, access_log_on=cfg.access_log,
+                                    reflection_requires_key=cfg.auth is None or cfg.auth.reflection_requires_key)
+        return [self.access]
+
+    def _bind(self, server: grpc.aio.Server, host: str, port: int, plaintext: bool = False) -> int:
+        tls = self.config.server.tls
+        if tls is None or plaintext:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            from prunefusion.server.auth.tls import server_credentials
+
+            try:
+                bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if bound == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        return bound
+
+    def _security(self) -> str:
+        cfg = self.config.server
+        tls = "plaintext" if cfg.tls is None else ("mutual TLS" if cfg.tls.client_auth_required else "TLS")
+        return f"{tls}, {'API keys' if cfg.auth else 'no API keys'}"
+
+    def reload_keys(self) -> bool:
+        """Re-read the API keys (SIGHUP, or the file changed); a bad file keeps the keys in force. True if loaded."""
+        if self._key_source is None:
+            return False
+        self._key_signature = self._key_source.signature()
+        try:
+            keys = self._key_source.load()
+        except ValueError as err:
+            log.error("API keys not reloaded, the previous ones stay in force: %s", err)
+            return False
+        self.access.replace_keys(keys)
+        log.info("API keys reloaded (%d keys: %s)", len(keys.keys), ", ".join(k.name for k in keys.keys))
+        return True
+
+    async def _watch_keys(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self._key_source.signature() != self._key_signature:
+                self.reload_keys()
 
     async def _watch_health(self, every_s: float = 1.0) -> None:
         """Report NOT_SERVING if an engine stops being healthy (e.g. its loop died), SERVING again if it recovers."""
@@ -150,13 +233,16 @@ class PrunefusionServer:
         if not self._started.is_set():  # a signal during start-up: let loading finish, then drain at once
             log.info("stop requested while starting; stopping once start-up has finished")
             await self._started.wait()
-        if self._health_watch is not None:
-            self._health_watch.cancel()
+        for task in (self._health_watch, self._key_watch):
+            if task is not None:
+                task.cancel()
         grace = self.config.server.drain_seconds if grace is None else grace
         log.info("draining (up to %.0f s for in-flight requests)", grace)
         await self._set_health(False)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.registry.shutdown()
         if self._quality is not None:
             self._quality.close()
@@ -183,5 +269,6 @@ async def serve(config: AppConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     await server.start()
     await server.wait_stopped()

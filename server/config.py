@@ -79,7 +79,7 @@ class TorchModelConfig(TextModelConfig):
 
 # AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)
 VLLM_ARGS_FROM_MODEL = {"model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "trust_remote_code",
-                        "disable_log_stats"}
+                        "disable_log_stats", "load_format"}
 
 
 class VllmOptions(StrictModel):
@@ -214,6 +214,52 @@ class QualityConfig(StrictModel):
         return value
 
 
+class KeyLimits(StrictModel):
+    """Per-key limits; a key's own line in the keys file overrides these defaults (unset: unlimited)."""
+
+    requests_per_second: Annotated[float, Field(gt=0)] | None = None  # token bucket refill rate
+    burst: Annotated[int, Field(ge=1)] | None = None  # bucket size; default: max(1, requests_per_second)
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # calls in flight at once
+
+
+class AuthConfig(StrictModel):
+    """API keys (README, "Security"): `authorization: Bearer KEY` on every call but grpc.health.v1."""
+
+    # One key a line: "NAME sha256:HEX [rps=R] [burst=B] [concurrent=N] [models=a,b]" (the hash, never the key;
+    # `prunefusion keys create NAME --file F` writes one). Reloaded when the file changes or on SIGHUP.
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None  # or: the name of an environment variable holding such lines (a k8s Secret)
+    reload_seconds: Annotated[float, Field(gt=0)] = 2.0  # how often the file is checked for changes
+    reflection_requires_key: bool = True
+    metrics_requires_key: bool = False  # the /metrics endpoint asks for the same keys (Prometheus: bearer_token)
+    default_limits: KeyLimits = KeyLimits()
+
+    @model_validator(mode="after")
+    def _some_keys(self) -> AuthConfig:
+        if self.api_keys_file is None and self.api_keys_env is None:
+            raise ValueError("set api_keys_file or api_keys_env (or remove server.auth to turn keys off)")
+        return self
+
+
+class TlsConfig(StrictModel):
+    """TLS on the gRPC port; the files are re-read when they change (new connections get the new certificate)."""
+
+    cert_file: str  # PEM certificate chain
+    key_file: str  # PEM private key
+    client_ca_file: str | None = None  # set: client certificates are verified against it (mutual TLS)
+    require_client_auth: bool | None = None  # default: true when client_ca_file is set
+
+    @model_validator(mode="after")
+    def _ca_for_client_auth(self) -> TlsConfig:
+        if self.require_client_auth and self.client_ca_file is None:
+            raise ValueError("require_client_auth needs client_ca_file")
+        return self
+
+    @property
+    def client_auth_required(self) -> bool:
+        return self.client_ca_file is not None if self.require_client_auth is None else self.require_client_auth
+
+
 class ServerConfig(StrictModel):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port (tests)
@@ -221,6 +267,15 @@ class ServerConfig(StrictModel):
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM, how long in-flight requests may finish
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 9464  # Prometheus /metrics; null: off, 0: any
+    metrics_host: str = "127.0.0.1"  # localhost unless opened on purpose (0.0.0.0 for a Prometheus elsewhere)
+    # A plaintext listener serving only grpc.health.v1 (Kubernetes' gRPC probe cannot do TLS or present a client
+    # certificate); null: none. Bound to health_host (default: host).
+    health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    health_host: str | None = None
+    auth: AuthConfig | None = None  # null: no API keys (anyone who reaches the port may call)
+    tls: TlsConfig | None = None  # null: plaintext
+    access_log: bool = False  # one INFO line per call: method, key name, peer, client certificate, status, time
+    log_requests: bool = False  # per-request lines with request ids at INFO (off: never logged at INFO)
 
 
 class AppConfig(StrictModel):

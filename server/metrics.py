@@ -6,9 +6,11 @@ Module-level objects: one set per process, labelled by model, as Prometheus expe
 from __future__ import annotations
 
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -37,7 +39,33 @@ CACHE_LOOKUP_LATENCY = Histogram("prunefusion_cache_lookup_seconds", "Redis GET 
 CACHE_STORES = Counter("prunefusion_cache_stores_total", "Entries written", [])
 CACHE_SKIPPED = Counter("prunefusion_cache_store_skipped_total", "Results not stored, by reason", ["reason"])
 
+# API keys (server/auth): the key's name, never the key; "-" for calls without a valid key
+API_REQUESTS = Counter("prunefusion_api_requests_total", "Calls checked by API key, by key name and result (ok, "
+                       "unauthenticated, rate_limited, concurrency_limited, permission_denied)", ["key", "result"])
 
-def start_metrics_server(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics over HTTP; port 0 picks a free one (read it from the returned server)."""
-    return start_http_server(port, addr=host)
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass
+
+
+def _require_bearer(app, allowed: Callable[[str | None], bool]):
+    def guarded(environ, start_response):
+        if allowed(environ.get("HTTP_AUTHORIZATION")):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Type", "text/plain")])
+        return [b"missing or invalid API key\n"]
+
+    return guarded
+
+
+def start_metrics_server(host: str, port: int,
+                         allowed: Callable[[str | None], bool] | None = None) -> tuple[ThreadingWSGIServer,
+                                                                                        threading.Thread]:
+    """Serve /metrics over HTTP; port 0 picks a free one (read it from the returned server). `allowed` (given the
+    Authorization header) guards it with API keys."""
+    app = make_wsgi_app() if allowed is None else _require_bearer(make_wsgi_app(), allowed)
+    httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics")
+    thread.start()
+    return httpd, thread

@@ -39,6 +39,9 @@ class ModelRegistry:
 
     async def load(self, cfg: ModelConfigBase, cache: ResponseCache) -> ServingEngine:
         """Start the model's engine (load and warm up) and serve it."""
+        if getattr(cfg, "trust_remote_code", False):
+            log.warning("model %s: trust_remote_code is on: Python code shipped in %s runs in this server", cfg.name,
+                        cfg.resolved_path)
         engine = engine_class(cfg)(cfg)
         await engine.start()
         if engine.task == "text":
@@ -71,6 +74,12 @@ class ModelRegistry:
         if engine is None:
             raise EngineUnavailableError(f"model {name!r} is still loading")
         return engine
+
+    def model_for(self, service: str, name: str) -> str:
+        """The model a call to `service` ("prunefusion.v1.Multimodal") asking for `name` will use ('' = the first)."""
+        task = next((t for t, s in SERVICE_OF_TASK.items() if service.endswith(f".{s}")), None)
+        names = self._names(task) if task else []
+        return name or (names[0] if names else "")
 
     def engines(self, task: str) -> list:
         return [self._engines[n] for n in self._names(task) if n in self._engines]

@@ -62,6 +62,7 @@ def engine_arguments(cfg: VllmModelConfig, context_length: int, environ=os.envir
         max_num_seqs=cfg.max_batch_size, seed=v.seed, trust_remote_code=cfg.trust_remote_code,
         tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
         disable_log_stats=True,  # our own metrics cover the requests; vLLM's would log every few seconds
+        load_format="safetensors",  # never pickled .bin weights (they can run code), as the torch engine
         kv_cache_memory_bytes=v.kv_cache_memory_bytes, gpu_memory_utilization=v.gpu_memory_utilization,
         max_num_batched_tokens=v.max_num_batched_tokens, enable_prefix_caching=v.enable_prefix_caching)
     if cfg.device == "cpu" and args["kv_cache_memory_bytes"] is None and "VLLM_CPU_KVCACHE_SPACE" not in environ:

@@ -29,6 +29,7 @@ from prunefusion_client.v1 import multimodal_pb2 as pb
 from prunefusion_client.v1 import multimodal_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("prunefusion.server.requests")  # INFO only with server.log_requests
 MAX_INTERLEAVED_IMAGES = 4
 
 
@@ -78,7 +79,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         request_id = request.request_id or uuid.uuid4().hex
         timings = pb.ImageTimings(queue_seconds=result.queue_seconds, total_seconds=time.monotonic() - arrival,
                                   batch_size=result.batch_size)
-        log.info("image %s model=%s steps=%d guidance=%.1f seed=%d batch=%d total=%.0fms", request_id,
+        request_log.info("image %s model=%s steps=%d guidance=%.1f seed=%d batch=%d total=%.0fms", request_id,
                  engine.name, steps, guidance, seed, result.batch_size, timings.total_seconds * 1e3)
         return pb.GenerateImageResponse(request_id=request_id, model=engine.name, png=png, width=width, height=height,
                                         steps=steps, guidance_scale=guidance, seed=seed, timings=timings)

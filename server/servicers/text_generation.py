@@ -31,6 +31,7 @@ from prunefusion_client.v1 import text_generation_pb2 as pb
 from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("prunefusion.server.requests")  # INFO only with server.log_requests
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -102,7 +103,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     @staticmethod
     async def _end(context: grpc.aio.ServicerContext, model: str, domain: GenerationRequest, reason: FinishReason,
                    usage: Usage, timings: Timings, cached: bool) -> None:
-        log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms "
+        request_log.info("request %s model=%s finish=%s prompt_tokens=%d completion_tokens=%d ttft=%.1fms total=%.1fms "
                  "cached=%s", domain.request_id, model, reason.value, usage.prompt_tokens, usage.completion_tokens,
                  timings.time_to_first_token_seconds * 1e3, timings.total_seconds * 1e3, cached)
         if reason is FinishReason.DEADLINE:

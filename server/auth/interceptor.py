@@ -1,0 +1,211 @@
+"""One server interceptor for every RPC, unary and streaming: API keys, per-key quotas and model allow-lists, and
+the access log.
+
+Order of checks: the key (from metadata, before the request is even parsed) -> the key's request rate -> (once the
+request is parsed) its model allow-list and concurrency. Refusals never say more than the status needs: a missing
+and a wrong key get the same UNAUTHENTICATED message, and no key material reaches logs, metrics or errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from prunefusion.server.auth.keys import ApiKey, KeyStore, TokenBucket
+from prunefusion.server.auth.tls import peer_identity
+from prunefusion.server.metrics import API_REQUESTS
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("prunefusion.server.access")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")  # RpcMethodHandler's behaviour fields
+UNAUTHENTICATED = "missing or invalid API key (metadata 'authorization: Bearer KEY')"
+ANONYMOUS = "-"
+
+
+class Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.code, self.retry_after_s = code, retry_after_s
+
+
+def bearer_token(values: list) -> str | None:
+    """The key in exactly one `authorization: Bearer KEY` value (scheme case-insensitive, RFC 7235), else None."""
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    scheme, _, token = values[0].partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+@dataclass
+class _KeyState:
+    key: ApiKey
+    bucket: TokenBucket | None
+    in_flight: int = 0
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    return next(kind for kind in KINDS if getattr(handler, kind) is not None)
+
+
+def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if code is None:
+        code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class AccessControl(grpc.aio.ServerInterceptor):
+    """`keys` None: no authentication (the interceptor then only writes the access log)."""
+
+    def __init__(self, keys: KeyStore | None, *, model_of: Callable[[str, str], str],
+                 reflection_requires_key: bool = True, access_log_on: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        self._model_of = model_of  # (service, requested name) -> the model the call will use
+        self._open = {HEALTH_SERVICE, *(() if reflection_requires_key else REFLECTION_SERVICES)}
+        self._access_log = access_log_on
+        self._clock = clock
+        self._states: dict[str, _KeyState] = {}
+        self.keys = None
+        self.replace_keys(keys)
+
+    def replace_keys(self, keys: KeyStore | None) -> None:
+        """Swap the key store (a reload); a key keeps its bucket and in-flight count unless its limits changed."""
+        states = {}
+        for key in keys.keys if keys else ():
+            old = self._states.get(key.name)
+            if old is not None and old.key.limits == key.limits:
+                states[key.name] = _KeyState(key, old.bucket, old.in_flight)
+                continue
+            size = key.limits.bucket_size
+            bucket = None if size is None else TokenBucket(key.limits.requests_per_second, size, self._clock())
+            states[key.name] = _KeyState(key, bucket, old.in_flight if old else 0)
+        self._states, self.keys = states, keys
+
+    def authenticate(self, authorization: list) -> ApiKey | None:
+        """The key named by the `authorization` values (metadata entries, or an HTTP header), or None."""
+        token = bearer_token(authorization)
+        return None if token is None or self.keys is None else self.keys.match(token)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:  # unknown method: UNIMPLEMENTED, as without the interceptor
+            return None
+        service = details.method.split("/")[1] if details.method.count("/") == 2 else ""
+        if self.keys is None or service in self._open:
+            return self._wrap(handler, details.method, service, None) if self._access_log else handler
+        key = self.authenticate([m.value for m in details.invocation_metadata or () if m.key == "authorization"])
+        if key is None:
+            API_REQUESTS.labels(key=ANONYMOUS, result="unauthenticated").inc()
+            return self._refuse(handler, details.method, Refusal(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED))
+        state = self._states[key.name]
+        wait = 0.0 if state.bucket is None else state.bucket.take(self._clock())
+        if wait > 0:
+            API_REQUESTS.labels(key=key.name, result="rate_limited").inc()
+            return self._refuse(handler, details.method, Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"key {key.name!r} is over its {key.limits.requests_per_second:g} requests/s; retry in {wait:.2f} s",
+                retry_after_s=wait))
+        return self._wrap(handler, details.method, service, state)
+
+    def _admit(self, state: _KeyState | None, service: str, request) -> None:
+        """The parsed request's checks: the key's model allow-list and its concurrency."""
+        if state is None:
+            return
+        key = state.key
+        if key.models is not None and "model" in getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", ()):
+            model = self._model_of(service, request.model)
+            if model not in key.models:
+                API_REQUESTS.labels(key=key.name, result="permission_denied").inc()
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                              f"key {key.name!r} may not use model {model[:64]!r}; it may use {sorted(key.models)}")
+        limit = key.limits.max_concurrent
+        if limit is not None and state.in_flight >= limit:
+            API_REQUESTS.labels(key=key.name, result="concurrency_limited").inc()
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"key {key.name!r} already has {limit} calls in flight (its limit); retry when one ends",
+                          retry_after_s=0.1)
+        API_REQUESTS.labels(key=key.name, result="ok").inc()
+        state.in_flight += 1
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+        if refusal.retry_after_s is not None:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(refusal.retry_after_s * 1000))),))
+        await context.abort(refusal.code, str(refusal))
+
+    def _log(self, method: str, state: _KeyState | None, context, error, started: float) -> None:
+        if self._access_log:
+            access_log.info("%s key=%s peer=%s client_cert=%s status=%s %.1fms", method,
+                            state.key.name if state else ANONYMOUS, context.peer(), peer_identity(context),
+                            _status(context, error), (time.perf_counter() - started) * 1e3)
+
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal) -> grpc.RpcMethodHandler:
+        """A handler of the same kind that answers `refusal` without parsing the request."""
+        kind = _kind(handler)
+
+        async def unary(request, context):
+            started = time.perf_counter()
+            try:
+                await self._abort(context, refusal)
+            finally:
+                self._log(method, None, context, refusal, started)
+
+        async def stream(request, context):
+            await unary(request, context)
+            yield  # pragma: no cover - abort raised above
+
+        return handler._replace(request_deserializer=None, **{kind: stream if kind.endswith("stream") else unary})
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, service: str,
+              state: _KeyState | None) -> grpc.RpcMethodHandler:
+        kind = _kind(handler)
+        inner = getattr(handler, kind)
+        unary_request = kind.startswith("unary")
+
+        async def unary(request, context):
+            started, error, admitted = time.perf_counter(), None, False
+            try:
+                self._admit(state, service, request if unary_request else None)
+                admitted = True
+                return await inner(request, context)
+            except Refusal as refusal:
+                error = refusal
+                await self._abort(context, refusal)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if admitted and state is not None:
+                    state.in_flight -= 1
+                self._log(method, state, context, error, started)
+
+        async def stream(request, context):
+            started, error, admitted = time.perf_counter(), None, False
+            try:
+                self._admit(state, service, request if unary_request else None)
+                admitted = True
+                result = inner(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for message in result:
+                        yield message
+                else:  # a method that writes with context.write (grpc.health's Watch)
+                    await result
+            except Refusal as refusal:
+                error = refusal
+                await self._abort(context, refusal)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if admitted and state is not None:
+                    state.in_flight -= 1
+                self._log(method, state, context, error, started)
+
+        return handler._replace(**{kind: stream if kind.endswith("stream") else unary})
