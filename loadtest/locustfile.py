@@ -33,7 +33,7 @@ import gevent.pool  # noqa: E402
 import grpc  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
-from prunefusion_client import Client, GenerateOptions, ImageOptions, score_request  # noqa: E402
+from prunefusion_client import Client, GenerateOptions, ImageOptions, connection, score_request  # noqa: E402
 
 # a fixed vocabulary: seeded prompts of a controlled length, never served from the cache by accident (bypass)
 WORDS = ("the", "module", "function", "returns", "value", "list", "object", "string", "file", "path", "error", "class",
@@ -60,6 +60,7 @@ def _options(parser) -> None:
     parser.add_argument("--pf-cache", default="bypass", choices=["default", "bypass", "refresh"])
     parser.add_argument("--pf-seed", type=int, default=0)
     parser.add_argument("--pf-records", default="", help="append one JSON line per request to this file")
+    connection.add_arguments(parser, prefix="pf-")  # the key itself comes through $PRUNEFUSION_API_KEY
 
 
 @events.test_start.add_listener
@@ -112,7 +113,8 @@ class _Calls(User):
         o = self.environment.parsed_options
         self.opts = o
         self.rng = random.Random(o.pf_seed * 1_000_003 + next(_user_ids))
-        self.api = Client(self.host, max_attempts=1, timeout=300)  # no retries: a load test counts failures
+        self.api = Client(self.host, max_attempts=1, timeout=300,  # no retries: a load test counts failures
+                          connection=connection.from_args(o, prefix="pf-"))
         self.weights = {"GenerateStream": o.pf_stream_weight, "Generate": o.pf_unary_weight,
                         "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight}
         if sum(self.weights.values()) <= 0:

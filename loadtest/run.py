@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from prunefusion.loadtest.stats import kept_records, pooled_stats, run_stats
+from prunefusion_client import connection
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 QUALITY = "QualityFilter"  # a pseudo-model: --quality load-tests the QualityFilter service's Score
@@ -35,6 +36,7 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
     """One headless locust run at ("closed", users) or ("open", requests/s); returns its output (diagnostics)."""
     records.unlink(missing_ok=True)
     mode, level = load
+    conn = connection.from_args(args)
     users, user_class = (int(level), "PrunefusionUser") if mode == "closed" else (1, "PoissonArrivals")
     none = ["--pf-stream-weight", "0", "--pf-unary-weight", "0"]
     if model == QUALITY:
@@ -50,9 +52,10 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
                "--host", target, "--pf-prompt-words", str(args.prompt_words),
                "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
                "--pf-image-steps", str(args.image_steps), "--pf-rate", str(level if mode == "open" else 1.0),
-               "--pf-records", str(records), *weights]
+               "--pf-records", str(records), *weights, *connection.as_arguments(conn, "pf-")]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180,
+                              env=connection.child_environment(conn))
     except subprocess.TimeoutExpired as err:
         raise RuntimeError(f"locust did not finish within {args.duration + 180} s ({model}, "
                            f"{load_label(*load)})") from err
@@ -64,11 +67,11 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
     return done.stderr
 
 
-def served_models(target: str) -> tuple[dict[str, int], set[str]]:
+def served_models(target: str, conn: connection.Connection | None = None) -> tuple[dict[str, int], set[str]]:
     """(text model -> layer count, Transfusion model names) of the server at `target`."""
     from prunefusion_client import Client
 
-    with Client(target, max_attempts=1) as client:
+    with Client(target, max_attempts=1, connection=conn) as client:
         return ({info.name: info.num_layers for info in client.list_models()},
                 {info.name for info in client.list_image_models()})
 
@@ -222,7 +225,7 @@ def _summary(args: argparse.Namespace, loads: list[tuple[str, float]], slo: dict
 def run_against(target: str, args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
-    layers, image_models = served_models(target)
+    layers, image_models = served_models(target, connection.from_args(args))
     if not layers and not image_models:
         raise RuntimeError(f"the server at {target} serves no model yet (still loading? it reports NOT_SERVING "
                            "until its models are ready)")
@@ -281,6 +284,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("loadtest", help="locust load test of a running server, a report per model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="localhost:50051", help="host:port of a running server")
+    connection.add_arguments(p)
     p.add_argument("--serve", nargs="?", const="default", help="start `prunefusion serve` for the test (the embedded "
                    "default config, or this config file) instead of using --target")
     p.add_argument("--models", nargs="*", default=[], help="model names; the first is the baseline")

@@ -12,6 +12,7 @@
     prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out DIR
     prunefusion score data/*.jsonl --out kept.jsonl
     prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned
+    prunefusion keys create alice --file keys.txt   # an API key (server.auth.api_keys_file); printed once
 
 Every command has --help. Bad input (a missing file, a value out of range) is one line on stderr and exit status 2
 (PRUNEFUSION_DEBUG=1 shows the traceback instead).
@@ -121,6 +122,19 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _create_key(args: argparse.Namespace) -> int:
+    from prunefusion.server.auth.keys import KeyLimits, append_key
+
+    limits = KeyLimits(requests_per_second=args.rps, burst=args.burst, max_concurrent=args.concurrent)
+    models = frozenset(args.models.split(",")) if args.models else None
+    key, line = append_key(args.name, Path(args.file) if args.file else None, limits, models)
+    where = f"appended to {args.file}" if args.file else "for your keys file (server.auth.api_keys_file)"
+    print(f"key line ({where}):\n  {line}\nthe key (shown once; give it to the client as PRUNEFUSION_API_KEY or "
+          f"--api-key):", file=sys.stderr)
+    print(key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prunefusion.models.recipes import RECIPES
     from prunefusion.transfusion.build import RECIPES as TRANSFUSION_RECIPES
@@ -153,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_build)
     listing = msub.add_parser("list", help="list built models under $PRUNEFUSION_HOME")
     listing.set_defaults(func=_list)
+
+    keys = sub.add_parser("keys", help="API keys for server.auth (README, \"Security\")")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="make a key: print it once, and the line (its hash) for the keys file")
+    create.add_argument("name", help="the key's name (in access logs and metrics labels)")
+    create.add_argument("--file", help="append the line to this keys file (created with mode 600)")
+    create.add_argument("--rps", type=float, help="requests per second (token bucket)")
+    create.add_argument("--burst", type=int, help="bucket size (default: max(1, rps))")
+    create.add_argument("--concurrent", type=int, help="calls in flight at once")
+    create.add_argument("--models", help="comma-separated models the key may use (default: all)")
+    create.set_defaults(func=_create_key)
 
     from prunefusion.compression.cli import register
     from prunefusion.loadtest.run import register as register_loadtest

@@ -5,6 +5,7 @@
     prunefusion-client models
     prunefusion-client image "a red circle on the left" -o out.png --seed 3
     prunefusion-client caption out.png
+    prunefusion-client --tls-ca ca.pem --api-key "$KEY" models      # a server with TLS and API keys
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from prunefusion_client import connection
 from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions, ImageOptions
 
 
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
     parser.add_argument("--json", action="store_true", help="print protobuf messages as JSON")
+    connection.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion")
     gen.add_argument("prompt")
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, connection=connection.from_args(args)) as client:
             args.func(client, args)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Deadlines: every call takes `timeout` seconds (default: the client's). Retries: only calls that fail with
 UNAVAILABLE are retried (gRPC's own retry policy, exponential backoff, at most `max_attempts` tries); a stream is
-retried only before its first message arrives, so no chunk is ever repeated.
+retried only before its first message arrives, so no chunk is ever repeated. API key and TLS: `api_key=`,
+`tls_ca=`, `tls_cert=`, `tls_key=`, `server_name=` (prunefusion_client.connection); the key defaults to
+$PRUNEFUSION_API_KEY.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from prunefusion_client.connection import Connection
 from prunefusion_client.v1 import multimodal_pb2 as mm
 from prunefusion_client.v1 import multimodal_pb2_grpc as mm_grpc
 from prunefusion_client.v1 import quality_filter_pb2 as qf
@@ -107,10 +110,11 @@ class Client:
     """Blocking client. Use as a context manager or call close()."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 120.0, max_attempts: int = 4,
-                 credentials: grpc.ChannelCredentials | None = None):
-        opts = channel_options(max_attempts)
-        self._channel = (grpc.secure_channel(target, credentials, opts) if credentials
-                         else grpc.insecure_channel(target, opts))
+                 credentials: grpc.ChannelCredentials | None = None, connection: Connection | None = None,
+                 **security: str | None):
+        """`security`: Connection's fields (api_key, tls_ca, tls_cert, tls_key, server_name), or pass `connection`."""
+        connection = connection or Connection(**security)
+        self._channel = connection.channel(target, channel_options(max_attempts), credentials)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)
@@ -187,10 +191,10 @@ class AsyncClient:
     """asyncio client (grpc.aio). Use as an async context manager or await close()."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 120.0, max_attempts: int = 4,
-                 credentials: grpc.ChannelCredentials | None = None):
-        opts = channel_options(max_attempts)
-        self._channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
-                         else grpc.aio.insecure_channel(target, opts))
+                 credentials: grpc.ChannelCredentials | None = None, connection: Connection | None = None,
+                 **security: str | None):
+        connection = connection or Connection(**security)
+        self._channel = connection.aio_channel(target, channel_options(max_attempts), credentials)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)
