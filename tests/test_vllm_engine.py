@@ -33,7 +33,8 @@ def test_engine_arguments_map_the_model_config():
     args = engine_arguments(options, context_length=512, environ={})
     assert args == {"model": "/m", "tokenizer": "/m", "dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 12,
                     "seed": 3, "trust_remote_code": False, "tensor_parallel_size": 1, "enforce_eager": True,
-                    "disable_log_stats": True, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES, "block_size": 32}
+                    "disable_log_stats": True, "load_format": "safetensors",
+                    "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES, "block_size": 32}
 
 
 def test_cpu_kv_cache_default_yields_to_the_environment_and_gpu_leaves_it_to_vllm():
