@@ -44,7 +44,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     model_dir = build_pico_llama(tmp_path / "slow", context=1024, layers=8, hidden=256)
     port = free_port()
     config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60, metrics_port: 0}}\n"
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60, metrics_port: 0, "
+                      "log_requests: true}\n"  # the request's own log line shows it finished after the drain began
                       f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1000\n")
     proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True)
