@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = None if args.serve == "default" else Path(args.serve)
     print(f"starting prunefusion serve ({args.serve} config; log: {out / 'server.log'})", flush=True)
-    with ServerProcess(config, log=out / "server.log") as server:
+    with ServerProcess(config, log=out / "server.log", connection=connection.from_args(args)) as server:
         return run_against(server.target, args)
 
 

@@ -18,8 +18,11 @@ def free_port() -> int:
 class ServerProcess:
     """A server started from a config file (None: the embedded default) on a free loopback port."""
 
-    def __init__(self, config: Path | None, *, startup_timeout_s: float = 3600.0, log: Path | None = None) -> None:
+    def __init__(self, config: Path | None, *, startup_timeout_s: float = 3600.0, log: Path | None = None,
+                 connection=None) -> None:
+        """`connection` (a prunefusion_client Connection): how to reach it, e.g. its TLS files; None: plaintext."""
         self.port = free_port()
+        self.connection = connection
         self.target = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "prunefusion.cli", "serve", "--port", str(self.port)]
         if config is not None:
@@ -47,8 +50,10 @@ class ServerProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from prunefusion_client import Connection
+
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
+        with (self.connection or Connection()).channel(self.target, []) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -123,9 +123,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _create_key(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from prunefusion.server.auth.keys import KeyLimits, append_key
 
-    limits = KeyLimits(requests_per_second=args.rps, burst=args.burst, max_concurrent=args.concurrent)
+    try:
+        limits = KeyLimits(requests_per_second=args.rps, burst=args.burst, max_concurrent=args.concurrent)
+    except ValidationError as err:  # main() prints it: named by flag
+        flags = {"requests_per_second": "--rps", "burst": "--burst", "max_concurrent": "--concurrent"}
+        raise ValueError("; ".join(f"{flags[e['loc'][0]]}: {e['msg']}" for e in err.errors())) from None
     models = frozenset(args.models.split(",")) if args.models else None
     key, line = append_key(args.name, Path(args.file) if args.file else None, limits, models)
     where = f"appended to {args.file}" if args.file else "for your keys file (server.auth.api_keys_file)"

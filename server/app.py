@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from prunefusion.home import expand_path
 from prunefusion.server.auth.interceptor import AccessControl
-from prunefusion.server.auth.keys import KeyLimits, KeySource
+from prunefusion.server.auth.keys import KeySource
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
 from prunefusion.server.config import AppConfig, CacheConfig, ConfigError, ModelConfigBase
 from prunefusion.server.metrics import start_metrics_server
@@ -127,6 +127,8 @@ class PrunefusionServer:
         await self._set_health(False)
         self.port = self._bind(self._server, cfg.host, cfg.port)
         await self._server.start()
+        if self._key_source is not None and self._key_source.file is not None:  # reloads while models load too
+            self._key_watch = asyncio.create_task(self._watch_keys(cfg.auth.reload_seconds))
         log.info("listening on %s:%d (%s; NOT_SERVING until models are ready)", cfg.host, self.port, self._security())
         if cfg.health_port is not None:
             self._health_server = grpc.aio.server()
@@ -151,8 +153,6 @@ class PrunefusionServer:
             return
         await self._set_health(True)
         self._health_watch = asyncio.create_task(self._watch_health())
-        if self._key_source is not None and self._key_source.file is not None:
-            self._key_watch = asyncio.create_task(self._watch_keys(cfg.auth.reload_seconds))
         log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))
 
     def _access_control(self) -> list[grpc.aio.ServerInterceptor]:
@@ -160,8 +160,7 @@ class PrunefusionServer:
         cfg = self.config.server
         keys = None
         if cfg.auth is not None:
-            limits = KeyLimits(**cfg.auth.default_limits.model_dump())
-            self._key_source = KeySource.of(cfg.auth.api_keys_file, cfg.auth.api_keys_env, limits)
+            self._key_source = KeySource.of(cfg.auth.api_keys_file, cfg.auth.api_keys_env, cfg.auth.default_limits)
             self._key_signature = self._key_source.signature()
             try:
                 keys = self._key_source.load()
@@ -191,7 +190,7 @@ class PrunefusionServer:
 
     def _security(self) -> str:
         cfg = self.config.server
-        tls = "plaintext" if cfg.tls is None else ("mutual TLS" if cfg.tls.client_auth_required else "TLS")
+        tls = "plaintext" if cfg.tls is None else ("mutual TLS" if cfg.tls.client_ca_file else "TLS")
         return f"{tls}, {'API keys' if cfg.auth else 'no API keys'}"
 
     def reload_keys(self) -> bool:
@@ -248,7 +247,7 @@ class PrunefusionServer:
             self._quality.close()
         await self.cache.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            await asyncio.to_thread(self._metrics_http.shutdown)  # waits for its serve loop: not on the event loop
             self._metrics_http.server_close()
         self._stopped.set()
         log.info("stopped")

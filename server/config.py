@@ -246,18 +246,8 @@ class TlsConfig(StrictModel):
 
     cert_file: str  # PEM certificate chain
     key_file: str  # PEM private key
-    client_ca_file: str | None = None  # set: client certificates are verified against it (mutual TLS)
-    require_client_auth: bool | None = None  # default: true when client_ca_file is set
-
-    @model_validator(mode="after")
-    def _ca_for_client_auth(self) -> TlsConfig:
-        if self.require_client_auth and self.client_ca_file is None:
-            raise ValueError("require_client_auth needs client_ca_file")
-        return self
-
-    @property
-    def client_auth_required(self) -> bool:
-        return self.client_ca_file is not None if self.require_client_auth is None else self.require_client_auth
+    # set: mutual TLS, every client must present a certificate this CA signed (gRPC cannot ask for an optional one)
+    client_ca_file: str | None = None
 
 
 class ServerConfig(StrictModel):

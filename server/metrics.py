@@ -5,6 +5,7 @@ Module-level objects: one set per process, labelled by model, as Prometheus expe
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -65,7 +66,9 @@ def start_metrics_server(host: str, port: int,
     """Serve /metrics over HTTP; port 0 picks a free one (read it from the returned server). `allowed` (given the
     Authorization header) guards it with API keys."""
     app = make_wsgi_app() if allowed is None else _require_bearer(make_wsgi_app(), allowed)
-    httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" and IPv6 addresses too
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics")
     thread.start()
     return httpd, thread

@@ -127,9 +127,10 @@ def test_bad_tls_files_stop_the_start_naming_them(pico_dir, tmp_path, pki):
     (tmp_path / "server-key.pem").write_bytes(trustme.CA().issue_cert("x").private_key_pem.bytes())  # not its key
     with pytest.raises(ConfigError, match="server.tls: cannot use .*server.pem"):
         tls_server(pico_dir, tmp_path)
-    with pytest.raises(ConfigError, match="require_client_auth needs client_ca_file"):
-        parse_config({"server": {"tls": {"cert_file": "a", "key_file": "b", "require_client_auth": True}},
-                      "models": [{"name": "m", "path": "/x"}]})
+    (tmp_path / "server-key.pem").write_bytes((folder / "server-key.pem").read_bytes())
+    (tmp_path / "ca.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="server.tls: cannot use .*ca.pem"):
+        tls_server(pico_dir, tmp_path, client_ca_file=str(tmp_path / "ca.pem"))
 
 
 def test_client_cli_with_tls_and_a_key(pico_dir, pki, tmp_path, capsys):
@@ -159,3 +160,20 @@ def test_client_cli_with_tls_and_a_key(pico_dir, pki, tmp_path, capsys):
             assert client.generate("a", options=GenerateOptions(max_new_tokens=1)).usage.completion_tokens == 1
     finally:
         server.stop()
+
+
+def test_a_tls_server_process_is_waited_for_over_tls(pico_dir, pki, tmp_path):
+    """`prunefusion loadtest --serve CONFIG --tls-ca ...`: the start-up health check dials with the same TLS files."""
+    from prunefusion.loadtest.server_process import ServerProcess
+    from prunefusion_client import Connection
+
+    folder, _, _ = pki
+    config = tmp_path / "server.yaml"
+    config.write_text(f"server: {{host: 127.0.0.1, metrics_port: null, tls: {{cert_file: '{folder / 'server.pem'}', "
+                      f"key_file: '{folder / 'server-key.pem'}'}}}}\ncache: {{enabled: false}}\n"
+                      f"quality: {{enabled: false}}\nmodels:\n  - name: pico\n    path: '{pico_dir}'\n")
+    connection = Connection(tls_ca=str(folder / "ca.pem"))
+    with ServerProcess(config, startup_timeout_s=120, log=tmp_path / "server.log", connection=connection) as server:
+        assert list_models(server.target, tls_ca=str(folder / "ca.pem")) == ["pico"]
+    with pytest.raises(TimeoutError, match="did not report SERVING"):  # plaintext cannot see it come up
+        ServerProcess(config, startup_timeout_s=8, log=tmp_path / "plain.log")

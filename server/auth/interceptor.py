@@ -8,6 +8,8 @@ and a wrong key get the same UNAUTHENTICATED message, and no key material reache
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from prunefusion.server.auth.keys import ApiKey, KeyStore, TokenBucket
+from prunefusion.server.auth.keys import ApiKey, KeyStore, TokenBucket, bucket_size
 from prunefusion.server.auth.tls import peer_identity
 from prunefusion.server.metrics import API_REQUESTS
 
@@ -27,6 +29,7 @@ REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflect
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")  # RpcMethodHandler's behaviour fields
 UNAUTHENTICATED = "missing or invalid API key (metadata 'authorization: Bearer KEY')"
 ANONYMOUS = "-"
+CANCELLATIONS = (asyncio.CancelledError, GeneratorExit)
 
 
 class Refusal(Exception):
@@ -45,6 +48,8 @@ def bearer_token(values: list) -> str | None:
 
 @dataclass
 class _KeyState:
+    """One per key name for the server's lifetime: calls in flight hold it, so a reload updates it in place."""
+
     key: ApiKey
     bucket: TokenBucket | None
     in_flight: int = 0
@@ -57,12 +62,22 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     code = context.code()
     if code is None:
-        code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+        if context.cancelled():  # even when the servicer ended normally (its request stream just stopped)
+            code = grpc.StatusCode.CANCELLED
+        elif error is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(error, CANCELLATIONS):  # the client went away: a cancelled call, a stream closed early
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = grpc.StatusCode.UNKNOWN
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
 class AccessControl(grpc.aio.ServerInterceptor):
-    """`keys` None: no authentication (the interceptor then only writes the access log)."""
+    """`keys` None: no authentication (the interceptor then only writes the access log).
+
+    A key's model allow-list applies to the calls whose request names a model (TextGeneration, Multimodal);
+    ListModels and QualityFilter carry none and are open to every valid key."""
 
     def __init__(self, keys: KeyStore | None, *, model_of: Callable[[str, str], str],
                  reflection_requires_key: bool = True, access_log_on: bool = False,
@@ -75,18 +90,22 @@ class AccessControl(grpc.aio.ServerInterceptor):
         self.keys = None
         self.replace_keys(keys)
 
+    def _bucket(self, key: ApiKey) -> TokenBucket | None:
+        size = bucket_size(key.limits)
+        return None if size is None else TokenBucket(key.limits.requests_per_second, size, self._clock())
+
     def replace_keys(self, keys: KeyStore | None) -> None:
-        """Swap the key store (a reload); a key keeps its bucket and in-flight count unless its limits changed."""
-        states = {}
+        """Swap the key store (a reload). A key's state is updated in place: calls in flight keep counting against
+        it, and its bucket is kept unless its limits changed."""
         for key in keys.keys if keys else ():
-            old = self._states.get(key.name)
-            if old is not None and old.key.limits == key.limits:
-                states[key.name] = _KeyState(key, old.bucket, old.in_flight)
-                continue
-            size = key.limits.bucket_size
-            bucket = None if size is None else TokenBucket(key.limits.requests_per_second, size, self._clock())
-            states[key.name] = _KeyState(key, bucket, old.in_flight if old else 0)
-        self._states, self.keys = states, keys
+            state = self._states.get(key.name)
+            if state is None:
+                self._states[key.name] = _KeyState(key, self._bucket(key))
+            else:
+                if state.key.limits != key.limits:
+                    state.bucket = self._bucket(key)
+                state.key = key
+        self.keys = keys
 
     def authenticate(self, authorization: list) -> ApiKey | None:
         """The key named by the `authorization` values (metadata entries, or an HTTP header), or None."""
@@ -111,7 +130,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
             return self._refuse(handler, details.method, Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"key {key.name!r} is over its {key.limits.requests_per_second:g} requests/s; retry in {wait:.2f} s",
-                retry_after_s=wait))
+                retry_after_s=wait), key.name)
         return self._wrap(handler, details.method, service, state)
 
     def _admit(self, state: _KeyState | None, service: str, request) -> None:
@@ -136,17 +155,18 @@ class AccessControl(grpc.aio.ServerInterceptor):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+        """Ends the call with the refusal's status (context.abort always raises)."""
         if refusal.retry_after_s is not None:
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(refusal.retry_after_s * 1000))),))
         await context.abort(refusal.code, str(refusal))
 
-    def _log(self, method: str, state: _KeyState | None, context, error, started: float) -> None:
+    def _log(self, method: str, key_name: str, context, error, started: float) -> None:
         if self._access_log:
-            access_log.info("%s key=%s peer=%s client_cert=%s status=%s %.1fms", method,
-                            state.key.name if state else ANONYMOUS, context.peer(), peer_identity(context),
-                            _status(context, error), (time.perf_counter() - started) * 1e3)
+            access_log.info("%s key=%s peer=%s client_cert=%s status=%s %.1fms", method, key_name, context.peer(),
+                            peer_identity(context), _status(context, error), (time.perf_counter() - started) * 1e3)
 
-    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal) -> grpc.RpcMethodHandler:
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal,
+                key_name: str = ANONYMOUS) -> grpc.RpcMethodHandler:
         """A handler of the same kind that answers `refusal` without parsing the request."""
         kind = _kind(handler)
 
@@ -155,7 +175,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
             try:
                 await self._abort(context, refusal)
             finally:
-                self._log(method, None, context, refusal, started)
+                self._log(method, key_name, context, refusal, started)
 
         async def stream(request, context):
             await unary(request, context)
@@ -169,12 +189,14 @@ class AccessControl(grpc.aio.ServerInterceptor):
         inner = getattr(handler, kind)
         unary_request = kind.startswith("unary")
 
-        async def unary(request, context):
-            started, error, admitted = time.perf_counter(), None, False
+        @contextlib.asynccontextmanager
+        async def admitted(request, context):
+            """Around the servicer: the parsed request's checks, the in-flight count, the access-log line."""
+            started, error, counted = time.perf_counter(), None, False
             try:
                 self._admit(state, service, request if unary_request else None)
-                admitted = True
-                return await inner(request, context)
+                counted = state is not None
+                yield
             except Refusal as refusal:
                 error = refusal
                 await self._abort(context, refusal)
@@ -182,30 +204,22 @@ class AccessControl(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                if admitted and state is not None:
+                if counted:
                     state.in_flight -= 1
-                self._log(method, state, context, error, started)
+                self._log(method, state.key.name if state else ANONYMOUS, context, error, started)
+
+        async def unary(request, context):
+            async with admitted(request, context):
+                return await inner(request, context)
 
         async def stream(request, context):
-            started, error, admitted = time.perf_counter(), None, False
-            try:
-                self._admit(state, service, request if unary_request else None)
-                admitted = True
+            async with admitted(request, context):
                 result = inner(request, context)
-                if hasattr(result, "__aiter__"):
+                if not hasattr(result, "__aiter__"):  # a method that writes with context.write (grpc.health's Watch)
+                    await result
+                    return
+                async with contextlib.aclosing(result):  # a cancelled call closes the servicer's stream at once
                     async for message in result:
                         yield message
-                else:  # a method that writes with context.write (grpc.health's Watch)
-                    await result
-            except Refusal as refusal:
-                error = refusal
-                await self._abort(context, refusal)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if admitted and state is not None:
-                    state.in_flight -= 1
-                self._log(method, state, context, error, started)
 
         return handler._replace(**{kind: stream if kind.endswith("stream") else unary})

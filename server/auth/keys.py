@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunefusion.home import expand_path
+from prunefusion.server.config import KeyLimits
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a Prometheus label value: no quoting needed
 HASH_PATTERN = re.compile(r"sha256:([0-9a-f]{64})")
@@ -35,24 +36,30 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-@dataclass(frozen=True)
-class KeyLimits:
-    requests_per_second: float | None = None
-    burst: int | None = None
-    max_concurrent: int | None = None
+UNLIMITED = KeyLimits()
 
-    @property
-    def bucket_size(self) -> int | None:
-        if self.requests_per_second is None:
-            return None
-        return self.burst or max(1, int(self.requests_per_second))
+
+def bucket_size(limits: KeyLimits) -> int | None:
+    """The token bucket's size: `burst`, else one second's worth of requests; None without a rate."""
+    if limits.requests_per_second is None:
+        return None
+    return limits.burst or max(1, int(limits.requests_per_second))
+
+
+def file_signature(path: Path) -> tuple:
+    """Changes when the file is rewritten or replaced: (inode, mtime, size), or ("missing",)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ("missing",)
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclass(frozen=True)
 class ApiKey:
     name: str
     digest: bytes = field(repr=False)
-    limits: KeyLimits = KeyLimits()
+    limits: KeyLimits = UNLIMITED
     models: frozenset[str] | None = None  # None: every model
 
     def line(self) -> str:
@@ -80,7 +87,7 @@ def _parse_line(line: str, where: str, defaults: KeyLimits) -> ApiKey:
     if match is None:
         raise KeyFileError(f"{where}: the second field must be sha256: and 64 lower-case hex digits (the hash of "
                            "the key, never the key itself)")
-    limits, models = dict(vars(defaults)), None
+    limits, models = defaults.model_dump(), None
     for option in options:
         key, sep, value = option.partition("=")
         if key == "models" and sep:
@@ -90,15 +97,16 @@ def _parse_line(line: str, where: str, defaults: KeyLimits) -> ApiKey:
             try:
                 limits[attr] = parse(value)
             except ValueError:
-                raise KeyFileError(f"{where}: {key}={value!r} is not a number") from None
+                raise KeyFileError(f"{where}: {key} is not a number") from None
             if limits[attr] <= 0:
                 raise KeyFileError(f"{where}: {key} must be > 0")
         else:
-            raise KeyFileError(f"{where}: unknown option {option!r}; known: {[*_LIMIT_OPTIONS, 'models']} (key=value)")
+            shown = repr(key) if sep and key.isidentifier() else "(not key=value)"  # never echo what may be a key
+            raise KeyFileError(f"{where}: unknown option {shown}; known: {[*_LIMIT_OPTIONS, 'models']} (key=value)")
     return ApiKey(name, bytes.fromhex(match.group(1)), KeyLimits(**limits), models)
 
 
-def parse_keys(text: str, source: str, defaults: KeyLimits = KeyLimits()) -> list[ApiKey]:
+def parse_keys(text: str, source: str, defaults: KeyLimits = UNLIMITED) -> list[ApiKey]:
     keys = [_parse_line(line, f"{source}:{number}", defaults)
             for number, raw in enumerate(text.splitlines(), 1) if (line := raw.split("#", 1)[0].strip())]
     return check_unique(keys, source)
@@ -146,14 +154,8 @@ class KeySource:
 
     def signature(self) -> tuple:
         """Changes when the keys may have changed (the file rewritten or replaced, the variable set anew)."""
-        stat = None
-        if self.file is not None:
-            try:
-                st = self.file.stat()
-                stat = (st.st_ino, st.st_mtime_ns, st.st_size)
-            except OSError:
-                stat = "missing"
-        return stat, os.environ.get(self.env) if self.env else None
+        return (file_signature(self.file) if self.file is not None else None,
+                os.environ.get(self.env) if self.env else None)
 
     def load(self) -> KeyStore:
         keys: list[ApiKey] = []
@@ -187,13 +189,14 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-def append_key(name: str, file: Path | None, limits: KeyLimits = KeyLimits(),
+def append_key(name: str, file: Path | None, limits: KeyLimits = UNLIMITED,
                models: frozenset[str] | None = None) -> tuple[str, str]:
     """Make a key; append its line to `file` (created private) unless None. Returns (key, line)."""
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"key name must match {NAME_PATTERN.pattern}")
     key = new_key()
     line = ApiKey(name, hash_key(key), limits, models).line()
+    parse_keys(line, "the new key's line")  # the server must be able to read what is written (e.g. models=a b)
     if file is not None:
         existing = file.read_text() if file.exists() else ""
         if name in {k.name for k in parse_keys(existing, str(file))}:

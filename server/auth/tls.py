@@ -2,7 +2,7 @@
 
 gRPC's dynamic SSL credentials ask `CertificateFiles.fetch` at every new connection's handshake; it answers None
 (no change) unless a file's stat changed, and a new pair is used only once the key matches the certificate (a
-rotation caught half-written keeps the old pair and is tried again at the next connection).
+rotation caught half-written keeps the old pair, once, and is tried again when the files next change).
 """
 
 from __future__ import annotations
@@ -10,47 +10,42 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from pathlib import Path
 
 import grpc
 
 from prunefusion.home import expand_path
+from prunefusion.server.auth.keys import file_signature
 from prunefusion.server.config import TlsConfig
 
 log = logging.getLogger(__name__)
 
 
-def _stat(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return ("missing",)
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 class CertificateFiles:
     def __init__(self, cfg: TlsConfig):
         self.paths = [expand_path(p) for p in (cfg.cert_file, cfg.key_file, cfg.client_ca_file) if p]
-        self.has_ca = cfg.client_ca_file is not None
         self._lock = threading.Lock()
         self._seen = self._signature()
         self.initial = self._configuration(strict=True)
 
     def _signature(self) -> tuple:
-        return tuple(_stat(p) for p in self.paths)
+        return tuple(file_signature(p) for p in self.paths)
 
     def _configuration(self, strict: bool) -> grpc.ServerCertificateConfiguration | None:
         cert, key, *ca = self.paths
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # the pair must match
-            ca_pem = ca[0].read_bytes() if ca else None
             pair = (key.read_bytes(), cert.read_bytes())
-        except (OSError, ssl.SSLError) as err:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # the pair must match
+            if (key.read_bytes(), cert.read_bytes()) != pair:  # changed while checked: what was checked is not used
+                raise OSError(0, "the files changed while being read")
+            ca_pem = ca[0].read_bytes() if ca else None
+            if ca_pem is not None:
+                ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))  # a CA file that parses
+        except (OSError, ssl.SSLError, ValueError) as err:
             if strict:
                 raise ValueError(f"server.tls: cannot use {cert} with {key}"
                                  f"{f' and {ca[0]}' if ca else ''}: {err}") from None
-            log.warning("tls: the certificate files changed but cannot be used yet (%s); keeping the previous ones",
-                        err)
+            log.warning("tls: the certificate files changed but cannot be used (%s); keeping the previous ones until "
+                        "they change again", err)
             return None
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca_pem)
 
@@ -61,8 +56,8 @@ class CertificateFiles:
             if signature == self._seen:
                 return None
             config = self._configuration(strict=False)
+            self._seen = signature  # a failed state is not retried (nor warned about) at every handshake
             if config is not None:
-                self._seen = signature
                 log.info("tls: certificate files reloaded (%s)", ", ".join(str(p) for p in self.paths))
             return config
 
@@ -70,7 +65,7 @@ class CertificateFiles:
 def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
     files = CertificateFiles(cfg)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
-                                               require_client_authentication=cfg.client_auth_required)
+                                               require_client_authentication=cfg.client_ca_file is not None)
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str:

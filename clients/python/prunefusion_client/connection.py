@@ -102,11 +102,17 @@ def child_environment(connection: Connection) -> dict[str, str]:
     return {**os.environ, **({API_KEY_ENV: key} if key else {})}
 
 
+def _merged(existing, metadata) -> tuple:
+    """The call's metadata with ours in place of any entry of the same name (one `authorization`, never two)."""
+    ours = {k for k, _ in metadata}
+    return (*(m for m in existing or () if m[0] not in ours), *metadata)
+
+
 class _Details(grpc.ClientCallDetails):
     def __init__(self, details, metadata):
         self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
         self.wait_for_ready, self.compression = details.wait_for_ready, details.compression
-        self.metadata = (*(details.metadata or ()), *metadata)
+        self.metadata = _merged(details.metadata, metadata)
 
 
 class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -125,7 +131,7 @@ class _AioAddMetadata:
         self._metadata = metadata
 
     async def _call(self, continuation, details, request):
-        return await continuation(details._replace(metadata=(*(details.metadata or ()), *self._metadata)), request)
+        return await continuation(details._replace(metadata=_merged(details.metadata, self._metadata)), request)
 
 
 _AIO_INTERCEPTORS = tuple(type(f"_Aio{kind}", (_AioAddMetadata, base), {f"intercept_{name}": _AioAddMetadata._call})
