@@ -11,10 +11,13 @@ from pathlib import Path
 from prunefusion.loadtest.server_process import ServerProcess
 
 
-def start_server(model_dir: Path, tmp: Path, cache_yaml: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """One LM named `bench` (max batch 16) with the given cache config; returns (process, target)."""
+def start_server(model_dir: Path, tmp: Path, cache_yaml: str, timeout_s: float = 120,
+                 server_yaml: str = "") -> tuple[subprocess.Popen, str]:
+    """One LM named `bench` (max batch 16) with the given cache config (and more `server:` keys, e.g.
+    "auth: {...}"); returns (process, target)."""
     config = tmp / "bench.yaml"
-    config.write_text("server: {host: 127.0.0.1, port: 0, log_level: WARNING, metrics_port: null}\n"
+    extra = f", {server_yaml}" if server_yaml else ""
+    config.write_text(f"server: {{host: 127.0.0.1, port: 0, log_level: WARNING, metrics_port: null{extra}}}\n"
                       f"cache: {cache_yaml}\n"
                       f"models:\n  - name: bench\n    path: {model_dir}\n    max_batch_size: 16\n")
     server = ServerProcess(config, startup_timeout_s=timeout_s, log=tmp / "server.log")  # read it when a start fails
