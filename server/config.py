@@ -246,8 +246,18 @@ class TlsConfig(StrictModel):
 
     cert_file: str  # PEM certificate chain
     key_file: str  # PEM private key
-    # set: mutual TLS, every client must present a certificate this CA signed (gRPC cannot ask for an optional one)
-    client_ca_file: str | None = None
+    client_ca_file: str | None = None  # set: mutual TLS, every client must present a certificate this CA signed
+    require_client_auth: bool | None = None  # default (null): true exactly when client_ca_file is set
+
+    @model_validator(mode="after")
+    def _client_auth(self) -> TlsConfig:
+        if self.require_client_auth and self.client_ca_file is None:
+            raise ValueError("require_client_auth needs client_ca_file")
+        if self.require_client_auth is False and self.client_ca_file is not None:
+            raise ValueError("require_client_auth: false with a client_ca_file is not supported: gRPC's server "
+                             "credentials cannot ask for an optional client certificate (remove client_ca_file "
+                             "for plain TLS)")
+        return self
 
 
 class ServerConfig(StrictModel):

@@ -127,6 +127,11 @@ def test_bad_tls_files_stop_the_start_naming_them(pico_dir, tmp_path, pki):
     (tmp_path / "server-key.pem").write_bytes(trustme.CA().issue_cert("x").private_key_pem.bytes())  # not its key
     with pytest.raises(ConfigError, match="server.tls: cannot use .*server.pem"):
         tls_server(pico_dir, tmp_path)
+    for tls, problem in (({"require_client_auth": True}, "require_client_auth needs client_ca_file"),
+                         ({"require_client_auth": False, "client_ca_file": "ca.pem"}, "optional client certificate")):
+        with pytest.raises(ConfigError, match=problem):
+            parse_config({"server": {"tls": {"cert_file": "a", "key_file": "b", **tls}},
+                          "models": [{"name": "m", "path": "/x"}]})
     (tmp_path / "server-key.pem").write_bytes((folder / "server-key.pem").read_bytes())
     (tmp_path / "ca.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
     with pytest.raises(ConfigError, match="server.tls: cannot use .*ca.pem"):
