@@ -125,13 +125,12 @@ def _list(args: argparse.Namespace) -> int:
 def _create_key(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from prunefusion.server.auth.keys import KeyLimits, append_key
+    from prunefusion.server.auth.keys import KeyLimits, append_key, limit_problems
 
     try:
         limits = KeyLimits(requests_per_second=args.rps, burst=args.burst, max_concurrent=args.concurrent)
-    except ValidationError as err:  # main() prints it: named by flag
-        flags = {"requests_per_second": "--rps", "burst": "--burst", "max_concurrent": "--concurrent"}
-        raise ValueError("; ".join(f"{flags[e['loc'][0]]}: {e['msg']}" for e in err.errors())) from None
+    except ValidationError as err:  # main() prints it, named by flag
+        raise ValueError(limit_problems(err, "--")) from None
     models = frozenset(args.models.split(",")) if args.models else None
     key, line = append_key(args.name, Path(args.file) if args.file else None, limits, models)
     where = f"appended to {args.file}" if args.file else "for your keys file (server.auth.api_keys_file)"

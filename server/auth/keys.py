@@ -15,6 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from prunefusion.home import expand_path
 from prunefusion.server.config import KeyLimits
 
@@ -55,6 +57,17 @@ def file_signature(path: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+# keys-file option (and `prunefusion keys create` flag) -> KeyLimits field, whose pydantic checks judge the value;
+# "models" is the allow-list
+LIMIT_OPTIONS = {"rps": "requests_per_second", "burst": "burst", "concurrent": "max_concurrent"}
+_OPTION_OF_FIELD = {field: option for option, field in LIMIT_OPTIONS.items()}
+
+
+def limit_problems(error: ValidationError, prefix: str = "") -> str:
+    """KeyLimits' validation error, named by option (`prefix` "--" names the flags); never the values."""
+    return "; ".join(f"{prefix}{_OPTION_OF_FIELD[e['loc'][0]]}: {e['msg']}" for e in error.errors())
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -64,16 +77,11 @@ class ApiKey:
 
     def line(self) -> str:
         """The key's keys-file line (what `prunefusion keys create` appends)."""
-        options = {"rps": self.limits.requests_per_second, "burst": self.limits.burst,
-                   "concurrent": self.limits.max_concurrent,
-                   "models": ",".join(sorted(self.models)) if self.models else None}
+        options = {option: getattr(self.limits, attr) for option, attr in LIMIT_OPTIONS.items()}
+        options["models"] = ",".join(sorted(self.models)) if self.models else None
         extra = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in options.items()
                         if v is not None)
         return f"{self.name} sha256:{self.digest.hex()}{extra}"
-
-
-# option name -> (KeyLimits field, parser); "models" is the allow-list
-_LIMIT_OPTIONS = {"rps": ("requests_per_second", float), "burst": ("burst", int), "concurrent": ("max_concurrent", int)}
 
 
 def _parse_line(line: str, where: str, defaults: KeyLimits) -> ApiKey:
@@ -92,18 +100,16 @@ def _parse_line(line: str, where: str, defaults: KeyLimits) -> ApiKey:
         key, sep, value = option.partition("=")
         if key == "models" and sep:
             models = frozenset(m for m in value.split(",") if m)
-        elif key in _LIMIT_OPTIONS and sep:
-            attr, parse = _LIMIT_OPTIONS[key]
-            try:
-                limits[attr] = parse(value)
-            except ValueError:
-                raise KeyFileError(f"{where}: {key} is not a number") from None
-            if limits[attr] <= 0:
-                raise KeyFileError(f"{where}: {key} must be > 0")
+        elif key in LIMIT_OPTIONS and sep:
+            limits[LIMIT_OPTIONS[key]] = value
         else:
             shown = repr(key) if sep and key.isidentifier() else "(not key=value)"  # never echo what may be a key
-            raise KeyFileError(f"{where}: unknown option {shown}; known: {[*_LIMIT_OPTIONS, 'models']} (key=value)")
-    return ApiKey(name, bytes.fromhex(match.group(1)), KeyLimits(**limits), models)
+            raise KeyFileError(f"{where}: unknown option {shown}; known: {[*LIMIT_OPTIONS, 'models']} (key=value)")
+    try:
+        parsed = KeyLimits(**limits)
+    except ValidationError as err:  # the defaults were checked with the config: the problem is an option here
+        raise KeyFileError(f"{where}: {limit_problems(err)}") from None
+    return ApiKey(name, bytes.fromhex(match.group(1)), parsed, models)
 
 
 def parse_keys(text: str, source: str, defaults: KeyLimits = UNLIMITED) -> list[ApiKey]:
