@@ -62,14 +62,11 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     code = context.code()
     if code is None:
-        if context.cancelled():  # even when the servicer ended normally (its request stream just stopped)
-            code = grpc.StatusCode.CANCELLED
-        elif error is None:
-            code = grpc.StatusCode.OK
-        elif isinstance(error, CANCELLATIONS):  # the client went away: a cancelled call, a stream closed early
+        # the client went away (a cancelled call, a stream closed early) even if the servicer then ended normally
+        if context.cancelled() or isinstance(error, CANCELLATIONS):
             code = grpc.StatusCode.CANCELLED
         else:
-            code = grpc.StatusCode.UNKNOWN
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
