@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from test_hostile_images import HOSTILE
 
 from prunefusion.transfusion import shapes
 from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
@@ -99,7 +100,12 @@ def test_concurrent_captions_share_a_batch_and_match_their_single_captions(mm_cl
     (encoded(Image.new("RGB", (16, 16))), "too small"),
     (encoded(Image.new("CMYK", (32, 32)), "JPEG"), "mode CMYK"),
     (encoded(Image.new("I;16", (32, 32))), "mode I;16"),
-    (encoded(Image.new("RGB", (32, 32)), "BMP"), "format BMP"),
+    (encoded(Image.new("RGB", (32, 32)), "BMP"), "not a PNG or JPEG"),  # only the PNG and JPEG parsers are tried
+    (HOSTILE["SGI magic"], "not a PNG or JPEG"),
+    (HOSTILE["zTXt inflating past the cap"], "inflates past 1 MiB"),
+    (HOSTILE["iCCP inflating past the cap"], "inflates past 1 MiB"),
+    (HOSTILE["70 zTXt of 1 MiB each"], "text or ICC profile chunks"),
+    (HOSTILE["truncated PNG"], "truncated"),
     (b"", "empty"),
     (None, "too large"),  # a PNG header claiming 20000x20000: PIL's decompression-bomb guard, before any decoding
 ])
