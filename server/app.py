@@ -4,6 +4,11 @@ Start-up order: bind the port (health NOT_SERVING), open the cache, then for eac
 is missing and its config names a build (a one-time step of `serve`, done here, before the engine loads), load it
 into the registry; then SERVING.
 
+Every call first meets the request guard (server/guard.py): parsed and bounded there, refused as INVALID_ARGUMENT
+before any work. Drain (SIGTERM): health NOT_SERVING at once, the port serves on for `drain_delay_seconds`, then
+stops accepting; in-flight calls get `drain_seconds`, after which running streams end with a final
+FINISH_REASON_CANCELLED chunk instead of being cut.
+
 Security (README, "Security"): with `server.auth` one interceptor checks API keys on every call but health; with
 `server.tls` the port speaks TLS (mutual with a client CA); `server.health_port` adds a plaintext health-only port.
 """
@@ -23,6 +28,7 @@ from prunefusion.server.auth.interceptor import AccessControl
 from prunefusion.server.auth.keys import KeySource
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
 from prunefusion.server.config import AppConfig, CacheConfig, ConfigError, ModelConfigBase
+from prunefusion.server.guard import RequestBounds, RequestGuard
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
@@ -38,9 +44,11 @@ from prunefusion_client.v1 import (
 
 log = logging.getLogger(__name__)
 
-SERVED_SERVICES = (text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-                   multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name)
+# the service each task's models answer, as registered (health and reflection list exactly the served ones)
+SERVICE_OF_TASK = {"text": text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
+                   "multimodal": multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name}
 QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name
+FLUSH_SECONDS = 2.0  # after the drain: how long the streams' final CANCELLED chunks get to go out
 
 
 async def open_cache(cfg: CacheConfig) -> ResponseCache:
@@ -89,8 +97,10 @@ class PrunefusionServer:
         self._key_source: KeySource | None = None
         self._key_watch: asyncio.Task | None = None
         self._key_signature: tuple | None = None
-        # the services this server answers (health and reflection list exactly these)
-        self.services = SERVED_SERVICES + ((QUALITY_SERVICE,) if config.quality.enabled else ())
+        # the services this server answers (health and reflection list exactly these): a service with no model
+        # configured is not registered, so it is UNIMPLEMENTED rather than SERVING with nothing behind it
+        self.services = tuple(SERVICE_OF_TASK[t] for t in SERVICE_OF_TASK if t in self.registry.tasks) + (
+            (QUALITY_SERVICE,) if config.quality.enabled else ())
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,19 +113,32 @@ class PrunefusionServer:
         finally:
             self._started.set()
 
+    def request_bounds(self) -> RequestBounds:
+        cfg = self.config.server
+        return RequestBounds({
+            SERVICE_OF_TASK["text"]: cfg.max_text_request_kb << 10,
+            SERVICE_OF_TASK["multimodal"]: cfg.max_image_request_mb << 20,
+            QUALITY_SERVICE: self.config.quality.max_batch_bytes + (1 << 20),  # + ids, options, framing
+        })
+
     async def _start(self) -> None:
         cfg = self.config.server
         limit = cfg.max_message_mb * 1024 * 1024
+        bounds = self.request_bounds()
+        receive_limit = min(limit, max(bounds.by_service.values()))  # what gRPC decompresses at most
         logging.getLogger("prunefusion.server.requests").setLevel(logging.INFO if cfg.log_requests else logging.WARNING)
-        interceptors = self._access_control()
+        interceptors = [RequestGuard(bounds), *self._access_control()]
         self._server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", receive_limit), ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
         ])
-        text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
-            TextGenerationServicer(self.registry), self._server)
-        multimodal_pb2_grpc.add_MultimodalServicer_to_server(MultimodalServicer(self.registry), self._server)
+        if SERVICE_OF_TASK["text"] in self.services:
+            text_generation_pb2_grpc.add_TextGenerationServicer_to_server(
+                TextGenerationServicer(self.registry, expose_paths=cfg.expose_paths), self._server)
+        if SERVICE_OF_TASK["multimodal"] in self.services:
+            multimodal_pb2_grpc.add_MultimodalServicer_to_server(
+                MultimodalServicer(self.registry, expose_paths=cfg.expose_paths), self._server)
         if self.config.quality.enabled:
             from prunefusion.server.servicers.quality_filter import QualityFilterServicer
 
@@ -218,14 +241,16 @@ class PrunefusionServer:
         serving = True
         while True:
             await asyncio.sleep(every_s)
-            healthy = self.registry.healthy()
+            healthy = self.registry.healthy() and (self._quality is None or self._quality.healthy())
             if healthy != serving:
                 log.warning("health: %s", "SERVING" if healthy else "NOT_SERVING (an engine is unhealthy)")
                 await self._set_health(healthy)
                 serving = healthy
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`, stop engines."""
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Drain: health NOT_SERVING; keep serving for `delay` (default server.drain_delay_seconds); refuse new
+        calls and let in-flight ones finish within `grace` (default server.drain_seconds); then end the streams
+        still running with a CANCELLED final chunk (the engines' shutdown) and stop."""
         if self._stopped.is_set() or self._stopping:
             return
         self._stopping = True
@@ -236,10 +261,22 @@ class PrunefusionServer:
             if task is not None:
                 task.cancel()
         grace = self.config.server.drain_seconds if grace is None else grace
+        delay = self.config.server.drain_delay_seconds if delay is None else delay
+        await self._set_health(False)  # watchers hear it now, while the port still answers
+        if delay > 0 and self._server is not None:
+            log.info("NOT_SERVING; still serving for %.1f s (drain_delay_seconds) before draining", delay)
+            await asyncio.sleep(delay)
         log.info("draining (up to %.0f s for in-flight requests)", grace)
-        await self._set_health(False)
         if self._server is not None:
-            await self._server.stop(grace)
+            # the server stops accepting now; in-flight calls keep running. At the end of `grace` the engines end
+            # their streams (a final CANCELLED chunk each) and the flush time lets those last messages go out
+            # before gRPC cuts whatever is left
+            stopping = asyncio.ensure_future(self._server.stop(grace + FLUSH_SECONDS))
+            done, _ = await asyncio.wait({stopping}, timeout=grace)
+            if not done:
+                log.info("drain time is up: ending the requests still running (FINISH_REASON_CANCELLED)")
+            await self.registry.shutdown()
+            await stopping
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.registry.shutdown()
@@ -262,12 +299,12 @@ async def serve(config: AppConfig) -> None:
     loop = asyncio.get_running_loop()
     draining: list[asyncio.Task] = []  # keeps the drain task referenced; a second signal does not start another
 
-    def on_signal() -> None:
+    def on_signal(delay: float | None) -> None:
         if not draining:
-            draining.append(asyncio.ensure_future(server.stop()))
+            draining.append(asyncio.ensure_future(server.stop(delay=delay)))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, None)  # an orchestrator: give the endpoints time to update
+    loop.add_signal_handler(signal.SIGINT, on_signal, 0.0)  # Ctrl-C: a person waiting, nobody to tell
     loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     await server.start()
     await server.wait_stopped()

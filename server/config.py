@@ -265,6 +265,14 @@ class ServerConfig(StrictModel):
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port (tests)
     max_message_mb: Annotated[int, Field(ge=1, le=2047)] = 64
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM, how long in-flight requests may finish
+    # on SIGTERM, health says NOT_SERVING at once but the port keeps serving this long (load balancers and endpoint
+    # controllers take the replica out meanwhile), then stops accepting and drains; Ctrl-C (SIGINT) skips it
+    drain_delay_seconds: Annotated[float, Field(ge=0)] = 2.0
+    # the largest request per service, after decompression, checked before parsing (QualityFilter's follows
+    # quality.max_batch_bytes); gRPC's own limit is the largest of these, at most max_message_mb
+    max_text_request_kb: Annotated[int, Field(ge=1)] = 1024
+    max_image_request_mb: Annotated[int, Field(ge=1)] = 8
+    expose_paths: bool = False  # ListModels / ListImageModels report each model's filesystem path (off: empty)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 9464  # Prometheus /metrics; null: off, 0: any
     metrics_host: str = "127.0.0.1"  # localhost unless opened on purpose (0.0.0.0 for a Prometheus elsewhere)

@@ -14,6 +14,8 @@ from prunefusion.server.registry import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_CHARS = 1024
+
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -30,7 +32,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
     if isinstance(exc, QueueFullError):  # standard pushback hint for gRPC clients' retry logic
         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1000))),))
-    await context.abort(code, str(exc))
+    message = str(exc)  # messages repeat input only through guard.echo; this bounds any that slip through
+    await context.abort(code, message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "...")
 
 
 @contextlib.asynccontextmanager

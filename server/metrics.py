@@ -44,6 +44,10 @@ CACHE_SKIPPED = Counter("prunefusion_cache_store_skipped_total", "Results not st
 API_REQUESTS = Counter("prunefusion_api_requests_total", "Calls checked by API key, by key name and result (ok, "
                        "unauthenticated, rate_limited, concurrency_limited, permission_denied)", ["key", "result"])
 
+# requests refused before any work (server/guard.py): too_large, undecodable, string_bounds
+REQUESTS_REJECTED = Counter("prunefusion_requests_rejected_total", "Requests refused as INVALID_ARGUMENT before "
+                            "parsing or any work, by reason", ["reason"])
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature

@@ -15,6 +15,7 @@ from prunefusion.lazy import resolve
 from prunefusion.server.cache.service import CachedEngine, ResponseCache
 from prunefusion.server.config import ModelConfigBase
 from prunefusion.server.engines.base import EngineUnavailableError, ModelInfo, ServingEngine
+from prunefusion.server.guard import echo
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ class ModelRegistry:
         self._configs = list(configs)
         self._tasks = {c.name: engine_class(c).task for c in self._configs}
         self._engines: dict[str, ServingEngine] = {}
+        self._shut_down = False
+
+    @property
+    def tasks(self) -> set[str]:
+        """The tasks ("text", "multimodal") some configured model serves: the services worth registering."""
+        return set(self._tasks.values())
 
     async def load(self, cfg: ModelConfigBase, cache: ResponseCache) -> ServingEngine:
         """Start the model's engine (load and warm up) and serve it."""
@@ -53,6 +60,10 @@ class ModelRegistry:
         return engine
 
     async def shutdown(self) -> None:
+        """Stop every engine once (a second call does nothing): running requests end with FinishReason.CANCELLED."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         await asyncio.gather(*(engine.shutdown() for engine in self._engines.values()))
 
     def _names(self, task: str) -> list[str]:
@@ -67,9 +78,9 @@ class ModelRegistry:
             name = names[0]
         if name not in names:
             if name in self._tasks:
-                raise ModelNotFoundError(f"model {name!r} is served by the {SERVICE_OF_TASK[self._tasks[name]]} "
+                raise ModelNotFoundError(f"model {echo(name)} is served by the {SERVICE_OF_TASK[self._tasks[name]]} "
                                          f"service, not {SERVICE_OF_TASK[task]}")
-            raise ModelNotFoundError(f"model {name!r} is not served here; available: {names}")
+            raise ModelNotFoundError(f"model {echo(name)} is not served here; available: {names}")
         engine = self._engines.get(name)
         if engine is None:
             raise EngineUnavailableError(f"model {name!r} is still loading")

@@ -83,7 +83,7 @@ class ServerThread:
         return self.server.registry.get(name).engine
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=1, delay=0), self.loop).result(30)
         self.thread.join(30)
 
 

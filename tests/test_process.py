@@ -93,6 +93,47 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     assert "finish=length" in log or "finish=eos" in log
 
 
+@pytest.mark.slow
+def test_sigterm_keeps_serving_through_the_drain_delay_then_ends_streams_cancelled(tmp_path):
+    """Health says NOT_SERVING at once while new calls are still answered for drain_delay_seconds; a stream still
+    running when drain_seconds end gets a final FINISH_REASON_CANCELLED chunk (not a cut stream); exit 0."""
+    model_dir = build_pico_llama(tmp_path / "slow", context=2048, layers=8, hidden=256)
+    port = free_port()
+    config = tmp_path / "server.yaml"
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_delay_seconds: 1.5, drain_seconds: 1, "
+                      "metrics_port: null}\nquality: {enabled: false}\n"
+                      f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1900\n")
+    proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, proc)
+        with Client(target, max_attempts=1) as client, grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stream = client.generate_stream("The os module", "slow",
+                                            GenerateOptions(max_new_tokens=1900, cache_policy="bypass"))
+            chunks = [next(stream)]
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
+                    health_pb2.HealthCheckResponse.NOT_SERVING:
+                time.sleep(0.01)
+            during_delay = client.generate("A new request", "slow", GenerateOptions(max_new_tokens=4))
+            answered_after = time.monotonic() - signalled
+            chunks += list(stream)
+        assert proc.wait(30) == 0
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert during_delay.usage.completion_tokens == 4 and answered_after < 1.5
+    final = chunks[-1]
+    assert final.finish_reason == pb.FINISH_REASON_CANCELLED, log[-2000:]
+    assert 0 < final.usage.completion_tokens < 1900
+    assert sum(len(c.token_ids) for c in chunks) == final.usage.completion_tokens
+    assert log.index("still serving for 1.5 s") < log.index("draining") < log.index("drain time is up")
+
+
 def run_client(server, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "prunefusion_client.cli", "--target", server.target, *args],
                           capture_output=True, text=True, timeout=60)

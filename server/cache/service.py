@@ -28,6 +28,7 @@ from prunefusion.server.cache.backend import UNAVAILABLE, RedisBackend
 from prunefusion.server.cache.keys import cache_key, is_deterministic
 from prunefusion.server.engines.base import (
     CachePolicy,
+    CacheSource,
     Engine,
     EngineStats,
     FinishReason,
@@ -78,16 +79,17 @@ class CachedResult:
             return None
         return cls(tuple((c.text, c.token_ids) for c in chunks), last.finish_reason, last.usage)
 
-    def replay(self, request_id: str, started: float, whole: bool = False) -> list[GenerationChunk]:
-        """The stored stream, chunk for chunk, marked cached; `whole`: one final chunk holding it all."""
+    def replay(self, request_id: str, started: float, source: CacheSource, whole: bool = False
+               ) -> list[GenerationChunk]:
+        """The stored stream, chunk for chunk, marked with its source; `whole`: one final chunk holding it all."""
         elapsed = time.monotonic() - started
         timings = Timings(queue_seconds=0.0, time_to_first_token_seconds=elapsed, total_seconds=elapsed)
         if whole:
             text, ids = "".join(t for t, _ in self.chunks), tuple(i for _, c in self.chunks for i in c)
-            return [GenerationChunk(request_id, text, ids, self.finish_reason, self.usage, timings, cached=True)]
+            return [GenerationChunk(request_id, text, ids, self.finish_reason, self.usage, timings, source)]
         *body, (last_text, last_ids) = self.chunks
-        return [GenerationChunk(request_id, text, ids, cached=True) for text, ids in body] + [
-            GenerationChunk(request_id, last_text, last_ids, self.finish_reason, self.usage, timings, cached=True)]
+        return [GenerationChunk(request_id, text, ids, cache_source=source) for text, ids in body] + [
+            GenerationChunk(request_id, last_text, last_ids, self.finish_reason, self.usage, timings, source)]
 
 
 class ResponseCache:
@@ -187,13 +189,13 @@ class CachedEngine(Engine):
         key = f"{cache.settings.namespace}:gen:{cache_key('generate', self.info, request.prompt, request.params)}"
         started = time.monotonic()
         if request.cache is CachePolicy.DEFAULT:
-            found = await cache.lookup(key)
+            found, source = await cache.lookup(key), CacheSource.STORED
             if found is None and key in cache.inflight:  # an identical request is running in this process
-                found = await asyncio.shield(cache.inflight[key])
+                found, source = await asyncio.shield(cache.inflight[key]), CacheSource.SHARED
                 if found is not None:
                     CACHE_LOOKUPS.labels("shared").inc()
             if found is not None:
-                for chunk in found.replay(request.request_id, started, whole):
+                for chunk in found.replay(request.request_id, started, source, whole):
                     yield chunk
                 return
         future: asyncio.Future[CachedResult | None] = asyncio.get_running_loop().create_future()
@@ -205,7 +207,7 @@ class CachedEngine(Engine):
                 if found is not None:  # another process ran it
                     future.set_result(found)
                     CACHE_LOOKUPS.labels("shared").inc()
-                    for chunk in found.replay(request.request_id, started, whole):
+                    for chunk in found.replay(request.request_id, started, CacheSource.SHARED, whole):
                         yield chunk
                     return
             chunks: list[GenerationChunk] = []

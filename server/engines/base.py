@@ -30,6 +30,14 @@ class FinishReason(enum.Enum):
     DEADLINE = "deadline"
 
 
+class CacheSource(enum.Enum):
+    """Where a response came from, for dashboards that tell the cache's two savings apart."""
+
+    NONE = "none"  # the model ran for this request
+    STORED = "stored"  # a response-cache entry an earlier run stored (on this replica or another)
+    SHARED = "shared"  # an identical request that ran at the same time (here, or on another replica: Redis lock)
+
+
 class CachePolicy(enum.Enum):
     """What the response cache (server/cache/service.py) may do with a deterministic request."""
 
@@ -106,7 +114,11 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
-    cached: bool = False  # replayed from the response cache, not produced by the model now
+    cache_source: CacheSource = CacheSource.NONE  # not NONE: replayed, not produced by the model for this request
+
+    @property
+    def cached(self) -> bool:
+        return self.cache_source is not CacheSource.NONE
 
     @property
     def finished(self) -> bool:
@@ -123,7 +135,11 @@ class GenerationResult:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
-    cached: bool = False
+    cache_source: CacheSource = CacheSource.NONE
+
+    @property
+    def cached(self) -> bool:
+        return self.cache_source is not CacheSource.NONE
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
@@ -136,7 +152,7 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
         if chunk.finished:
             assert chunk.usage is not None and chunk.timings is not None and chunk.finish_reason is not None
             return GenerationResult(chunk.request_id, "".join(texts), tuple(ids), chunk.finish_reason,
-                                    chunk.usage, chunk.timings, chunk.cached)
+                                    chunk.usage, chunk.timings, chunk.cache_source)
     raise RuntimeError("engine stream ended without a final chunk")
 
 

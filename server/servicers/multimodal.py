@@ -43,8 +43,9 @@ def _optional(request, name: str, default):
 
 
 class MultimodalServicer(pb_grpc.MultimodalServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, *, expose_paths: bool = False):
         self._registry = registry
+        self._expose_paths = expose_paths  # server.expose_paths: model directories are the server's business
 
     def _engine(self, name: str) -> ImageEngine:
         return self._registry.get(name, task="multimodal")
@@ -127,5 +128,5 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
                 image_size=limits.image_size, max_size=limits.max_size, max_steps=limits.max_steps,
                 default_steps=limits.default_steps, default_guidance_scale=limits.default_guidance_scale,
                 max_caption_tokens=limits.max_caption_tokens, max_batch_size=limits.max_batch_size,
-                max_wait_seconds=limits.max_wait_seconds, path=info.path))
+                max_wait_seconds=limits.max_wait_seconds, path=info.path if self._expose_paths else ""))
         return pb.ListImageModelsResponse(models=models)

@@ -16,6 +16,7 @@ import grpc
 
 from prunefusion.server.engines.base import (
     CachePolicy,
+    CacheSource,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -39,6 +40,12 @@ FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+}
+
+CACHE_SOURCES = {
+    CacheSource.NONE: pb.CACHE_SOURCE_UNSPECIFIED,
+    CacheSource.STORED: pb.CACHE_SOURCE_STORED,
+    CacheSource.SHARED: pb.CACHE_SOURCE_SHARED,
 }
 
 CACHE_POLICIES = {
@@ -83,7 +90,7 @@ def timings_pb(t: Timings) -> pb.Timings:
 
 def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
     message = pb.GenerateStreamChunk(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
-                                     cached=chunk.cached)
+                                     cached=chunk.cached, cache_source=CACHE_SOURCES[chunk.cache_source])
     if chunk.finish_reason is not None:
         message.finish_reason = FINISH_REASONS[chunk.finish_reason]
         message.usage.CopyFrom(usage_pb(chunk.usage))
@@ -92,8 +99,9 @@ def chunk_pb(chunk: GenerationChunk) -> pb.GenerateStreamChunk:
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, *, expose_paths: bool = False):
         self._registry = registry
+        self._expose_paths = expose_paths  # server.expose_paths: model directories are the server's business
 
     def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool):
         engine = self._registry.get(request.model)
@@ -119,7 +127,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return pb.GenerateResponse(
             request_id=result.request_id, model=model, text=result.text, token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_pb(result.usage),
-            timings=timings_pb(result.timings), cached=result.cached)
+            timings=timings_pb(result.timings), cached=result.cached,
+            cache_source=CACHE_SOURCES[result.cache_source])
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamChunk]:
@@ -138,5 +147,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(name=i.name, family=i.family, num_layers=i.num_layers, num_parameters=i.num_parameters,
                          weights_digest=i.weights_digest, engine=i.engine, context_length=i.context_length,
-                         max_new_tokens_limit=i.max_new_tokens_limit, path=i.path)
+                         max_new_tokens_limit=i.max_new_tokens_limit,
+                         path=i.path if self._expose_paths else "")
             for i in self._registry.infos()])

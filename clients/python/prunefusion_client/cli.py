@@ -52,7 +52,9 @@ def _summary(message) -> str:
     t = message.timings
     return (f"finish={reason} prompt_tokens={message.usage.prompt_tokens} "
             f"completion_tokens={message.usage.completion_tokens} ttft={t.time_to_first_token_seconds * 1000:.1f}ms "
-            f"total={t.total_seconds * 1000:.1f}ms cached={str(message.cached).lower()}")
+            f"total={t.total_seconds * 1000:.1f}ms cached={str(message.cached).lower()}"
+            + (f" ({pb.CacheSource.Name(message.cache_source).removeprefix('CACHE_SOURCE_').lower()})"
+               if message.cached else ""))
 
 
 def _models(client: Client, args: argparse.Namespace) -> None:

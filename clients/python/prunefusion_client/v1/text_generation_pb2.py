@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$prunefusion/v1/text_generation.proto\x12\x0eprunefusion.v1\"\xb7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x31\n\x0c\x63\x61\x63he_policy\x18\n \x01(\x0e\x32\x1b.prunefusion.v1.CachePolicyB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xeb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"\xdf\x01\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x08 \x01(\r\x12\x0c\n\x04path\x18\t \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.prunefusion.v1.ModelInfo*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05*Z\n\x0b\x43\x61\x63hePolicy\x12\x18\n\x14\x43\x41\x43HE_POLICY_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x32\x8e\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.prunefusion.v1.GenerateRequest\x1a .prunefusion.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\x1f.prunefusion.v1.GenerateRequest\x1a#.prunefusion.v1.GenerateStreamChunk0\x01\x12S\n\nListModels\x12!.prunefusion.v1.ListModelsRequest\x1a\".prunefusion.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$prunefusion/v1/text_generation.proto\x12\x0eprunefusion.v1\"\xb7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x31\n\x0c\x63\x61\x63he_policy\x18\n \x01(\x0e\x32\x1b.prunefusion.v1.CachePolicyB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x9e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\t \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\"\x92\x02\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\x08 \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x08 \x01(\r\x12\x0c\n\x04path\x18\t \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.prunefusion.v1.ModelInfo*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05*]\n\x0b\x43\x61\x63heSource\x12\x1c\n\x18\x43\x41\x43HE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_SOURCE_STORED\x10\x01\x12\x17\n\x13\x43\x41\x43HE_SOURCE_SHARED\x10\x02*Z\n\x0b\x43\x61\x63hePolicy\x12\x18\n\x14\x43\x41\x43HE_POLICY_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x32\x8e\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.prunefusion.v1.GenerateRequest\x1a .prunefusion.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\x1f.prunefusion.v1.GenerateRequest\x1a#.prunefusion.v1.GenerateStreamChunk0\x01\x12S\n\nListModels\x12!.prunefusion.v1.ListModelsRequest\x1a\".prunefusion.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prunefusion.v1.text_generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1270
-  _globals['_FINISHREASON']._serialized_end=1445
-  _globals['_CACHEPOLICY']._serialized_start=1447
-  _globals['_CACHEPOLICY']._serialized_end=1537
+  _globals['_FINISHREASON']._serialized_start=1372
+  _globals['_FINISHREASON']._serialized_end=1547
+  _globals['_CACHESOURCE']._serialized_start=1549
+  _globals['_CACHESOURCE']._serialized_end=1642
+  _globals['_CACHEPOLICY']._serialized_start=1644
+  _globals['_CACHEPOLICY']._serialized_end=1734
   _globals['_GENERATEREQUEST']._serialized_start=57
   _globals['_GENERATEREQUEST']._serialized_end=368
   _globals['_USAGE']._serialized_start=370
@@ -43,15 +45,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=429
   _globals['_TIMINGS']._serialized_end=521
   _globals['_GENERATERESPONSE']._serialized_start=524
-  _globals['_GENERATERESPONSE']._serialized_end=759
-  _globals['_GENERATESTREAMCHUNK']._serialized_start=762
-  _globals['_GENERATESTREAMCHUNK']._serialized_end=985
-  _globals['_LISTMODELSREQUEST']._serialized_start=987
-  _globals['_LISTMODELSREQUEST']._serialized_end=1006
-  _globals['_MODELINFO']._serialized_start=1009
-  _globals['_MODELINFO']._serialized_end=1202
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1204
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1267
-  _globals['_TEXTGENERATION']._serialized_start=1540
-  _globals['_TEXTGENERATION']._serialized_end=1810
+  _globals['_GENERATERESPONSE']._serialized_end=810
+  _globals['_GENERATESTREAMCHUNK']._serialized_start=813
+  _globals['_GENERATESTREAMCHUNK']._serialized_end=1087
+  _globals['_LISTMODELSREQUEST']._serialized_start=1089
+  _globals['_LISTMODELSREQUEST']._serialized_end=1108
+  _globals['_MODELINFO']._serialized_start=1111
+  _globals['_MODELINFO']._serialized_end=1304
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1306
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1369
+  _globals['_TEXTGENERATION']._serialized_start=1737
+  _globals['_TEXTGENERATION']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)
