@@ -60,7 +60,8 @@ async def open_cache(cfg: CacheConfig) -> ResponseCache:
 
     backend = await asyncio.to_thread(
         connect, cfg.url, expand_path(cfg.data_dir), timeout_s=cfg.timeout_ms / 1000,
-        backoff_initial_s=cfg.backoff_initial_seconds, backoff_max_s=cfg.backoff_max_seconds)
+        backoff_initial_s=cfg.backoff_initial_seconds, backoff_max_s=cfg.backoff_max_seconds,
+        embedded_maxmemory_mb=cfg.embedded_maxmemory_mb)
     settings = CacheSettings(namespace=cfg.namespace, ttl_seconds=cfg.ttl_seconds, ttl_jitter=cfg.ttl_jitter,
                              max_entry_bytes=cfg.max_entry_bytes, lock_ttl_seconds=cfg.lock_ttl_seconds)
     return ResponseCache(backend, settings)
