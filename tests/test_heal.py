@@ -86,3 +86,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, pruned_dir, tex
     assert done.keys() == resumed.keys()
     for key in done:
         torch.testing.assert_close(resumed[key], done[key])
+
+
+def test_a_resume_state_that_runs_code_when_unpickled_is_refused(tmp_path, pruned_dir, texts):
+    from test_transfusion_build import Payload
+
+    marker = tmp_path / "ran"
+    step = tmp_path / "checkpoints" / "step-10"
+    step.mkdir(parents=True)
+    torch.save({"step": 10, "losses": Payload(marker)}, step / "state.pt")
+    with pytest.raises(ValueError, match="refusing to load it"):
+        heal(pruned_dir, tmp_path, texts, CFG)
+    assert not marker.exists()

@@ -17,7 +17,7 @@ from prunefusion.transfusion.sampling import ImageRequest, TransfusionSampler
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     recipe = replace(RECIPES["pico"], steps=30, checkpoint_seconds=0.0)  # a checkpoint at every loss flush (25)
     straight, _, history = train(recipe, tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain data: torch's safe unpickler reads it
     assert state["step"] == 25  # the run left a checkpoint behind, as a killed run would
     resumed, _, resumed_history = train(recipe, tmp_path, progress=False)  # picks it up: steps 26..30 only
     assert resumed_history["step"] == history["step"]
@@ -26,6 +26,26 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     other = replace(recipe, seed=1)  # a different recipe does not resume from this checkpoint
     _, _, fresh = train(other, tmp_path, progress=False)
     assert fresh["lm"][0] != history["lm"][0]
+
+
+class Payload:
+    """What a hostile checkpoint carries: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"recipe": {}, "step": Payload(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="refusing to load it"):
+        train(replace(RECIPES["pico"], steps=1), tmp_path, progress=False)
+    assert not marker.exists()
+    torch.load(tmp_path / "checkpoint.pt", weights_only=False)  # what loading it used to do
+    assert marker.exists()
 
 
 @pytest.mark.slow

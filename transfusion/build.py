@@ -9,6 +9,7 @@ a GPU.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -71,7 +72,8 @@ def _lr_factor(step: int, recipe: TransfusionRecipe) -> float:
     if step < recipe.warmup_steps:
         return (step + 1) / recipe.warmup_steps
     progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+    # a Python float: the optimizer's param_groups keep it, and a numpy scalar there fails weights_only loading
+    return float(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
 
 def train(recipe: TransfusionRecipe, work: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -91,7 +93,7 @@ def train(recipe: TransfusionRecipe, work: Path, *, device: str = "cpu", dtype: 
     start, elapsed = 0, 0.0
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = _load_checkpoint(ckpt, device)
         if state["recipe"] == asdict(recipe):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -160,7 +162,21 @@ def quick_accuracy(model: Transfusion, tok: WordTokenizer, train_scenes, held_sc
     return out
 
 
+def _load_checkpoint(path: Path, device: str) -> dict:
+    """The resume state through torch's safe unpickler: tensors, containers and Python scalars, nothing called. A
+    file that needs more (a pickle from elsewhere) is refused, never executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip().split(". Please")[0] for line in str(err).splitlines()
+                       if "WeightsUnpickler" in line), "not loadable")  # torch's advice to allowlist it: not ours
+        raise ValueError(f"{path} is not a plain resume checkpoint ({reason}); refusing to load it. Delete it to "
+                         "train from the start") from None
+
+
 def _save_checkpoint(path: Path, recipe, model, optimizer, rng, generator, history, step: int, seconds: float):
+    """Only what weights_only loading accepts: tensors, dicts, lists, str, int, float (the numpy RNG state is a dict
+    of Python ints)."""
     state = {"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state(), "history": history,
              "step": step, "seconds": seconds}
