@@ -13,6 +13,7 @@
     prunefusion score data/*.jsonl --out kept.jsonl
     prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned
     prunefusion keys create alice --file keys.txt   # an API key (server.auth.api_keys_file); printed once
+    prunefusion reliability short --only R1,R4      # the reliability suite (runs/reliability-short/report.md)
 
 Every command has --help. Bad input (a missing file, a value out of range) is one line on stderr and exit status 2
 (PRUNEFUSION_DEBUG=1 shows the traceback instead).
@@ -140,6 +141,13 @@ def _create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reliability(args: argparse.Namespace) -> int:
+    from prunefusion.reliability.run import run_suite
+
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    return run_suite(args.profile, Path(args.out or f"runs/reliability-{args.profile}"), only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prunefusion.models.recipes import RECIPES
     from prunefusion.transfusion.build import RECIPES as TRANSFUSION_RECIPES
@@ -183,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--concurrent", type=int, help="calls in flight at once")
     create.add_argument("--models", help="comma-separated models the key may use (default: all)")
     create.set_defaults(func=_create_key)
+
+    reliability = sub.add_parser("reliability", help="the reliability suite (reliability/): hostile input, soak, "
+                                 "faults; JSON + markdown report, exit 0 when every goal passed")
+    reliability.add_argument("profile", choices=["short", "long"], help="short: what CI runs; long: RESULTS.md's")
+    reliability.add_argument("--only", help="comma-separated scenarios, e.g. R1,R4 (default: all, R1-R7)")
+    reliability.add_argument("--out", help="output directory (default: runs/reliability-PROFILE)")
+    reliability.set_defaults(func=_reliability)
 
     from prunefusion.compression.cli import register
     from prunefusion.loadtest.run import register as register_loadtest
