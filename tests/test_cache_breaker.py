@@ -70,6 +70,22 @@ async def test_half_open_lets_exactly_one_probe_through(redis_server):
         await backend.close()
 
 
+async def test_writes_never_probe_so_a_request_waits_on_at_most_one_timeout(redis_server):
+    backend = connect(redis_server.url, None, timeout_s=0.1, backoff_initial_s=0.2, backoff_max_s=1.0)
+    try:
+        sleeper = sleep_redis(redis_server.url, 0.6)
+        assert await backend.get("a") is UNAVAILABLE  # the request's lookup waited one timeout; open for 0.2 s
+        await asyncio.sleep(0.25)  # its model ran past the back-off
+        start = time.monotonic()
+        assert await backend.set("a", b"1", 60_000) is False  # its store does not probe: no second wait
+        assert time.monotonic() - start < 0.05 and backend.breaker.state == "open"
+        sleeper.join()
+        assert await backend.get("a") is None  # the next request's lookup probes
+        assert backend.available
+    finally:
+        await backend.close()
+
+
 async def test_a_failed_probe_doubles_the_back_off_and_a_cancelled_one_passes_its_turn(redis_server):
     backend = connect(redis_server.url, None, timeout_s=0.1, backoff_initial_s=0.2, backoff_max_s=0.3)
     try:

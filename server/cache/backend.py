@@ -6,7 +6,8 @@ operations return UNAVAILABLE at once for a back-off) -> half-open when the back
 probe, goes to Redis; the others still skip) -> closed if the probe succeeds (back-off reset), else open again with
 the back-off doubled up to its maximum. One failure episode is one step: operations that were already in flight when
 the breaker opened may fail too (seven concurrent timeouts are one slow moment, not seven), and add nothing.
-No caller ever sees a Redis exception.
+Only reads probe (GET, taking the lock), which come first in a request; a write after the model ran (SET, releasing
+the lock) never does, so a request waits on at most one timeout. No caller ever sees a Redis exception.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class CircuitBreaker:
         self.episode = 0  # times opened; a failure counts only for an operation started in the current episode
         self._retry_at = 0.0
 
-    def admit(self) -> _Ticket | None:
+    def admit(self, may_probe: bool = True) -> _Ticket | None:
         """A ticket for an operation that may go to Redis now, None for one that must skip it."""
         if self.state == "closed":
             return _Ticket(self.episode, probe=False)
-        if self.state == "open" and time.monotonic() >= self._retry_at:
+        if may_probe and self.state == "open" and time.monotonic() >= self._retry_at:
             self.state = "half-open"
             return _Ticket(self.episode, probe=True)
         return None  # open, or half-open with its probe in flight
@@ -107,8 +108,8 @@ class RedisBackend:
     def available(self) -> bool:
         return self.breaker.state == "closed"
 
-    async def _op(self, name: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        ticket = self.breaker.admit()
+    async def _op(self, name: str, call: Callable[[], Awaitable[Any]], may_probe: bool = True) -> Any:
+        ticket = self.breaker.admit(may_probe)
         if ticket is None:
             return UNAVAILABLE
         done = False
@@ -139,7 +140,7 @@ class RedisBackend:
         return value
 
     async def set(self, key: str, value: bytes, ttl_ms: int) -> bool:
-        return bool(await self._op("set", lambda: self._client.set(key, value, px=ttl_ms)))
+        return bool(await self._op("set", lambda: self._client.set(key, value, px=ttl_ms), may_probe=False))
 
     async def try_lock(self, key: str, ttl_s: float) -> Lock | None | _Unavailable:
         """redis-py's own lock (SET NX PX with a random token; released by a compare-and-delete script), taken
@@ -156,7 +157,7 @@ class RedisBackend:
             except LockNotOwnedError:  # our TTL ran out while the model ran: the lock is not ours to delete
                 log.info("cache: lock %s expired before its release", lock.name)
 
-        await self._op("unlock", release)
+        await self._op("unlock", release, may_probe=False)
 
     async def close(self) -> None:
         await self._client.aclose()
