@@ -142,30 +142,30 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             async for raw in raw_requests:
                 yield await one(raw, context)
 
+        async def parsed_stream(raw_requests, context):
+            return each(raw_requests, context)
+
         async def unary_unary(raw, context):
             return await inner(await one(raw, context), context)
 
         async def stream_unary(raw_requests, context):
             return await inner(each(raw_requests, context), context)
 
-        async def relay(result):
-            if not hasattr(result, "__aiter__"):  # a method that writes with context.write (grpc.health's Watch)
-                await result
-                return
-            async with contextlib.aclosing(result):  # a cancelled call closes the servicer's stream at once
-                async for message in result:
-                    yield message
+        def relaying(parsed):
+            async def streamed(raw, context):
+                """The servicer's stream, relayed: the one async generator the guard adds to a stream."""
+                result = inner(await parsed(raw, context), context)
+                if not hasattr(result, "__aiter__"):  # a method that writes with context.write (health's Watch)
+                    await result
+                    return
+                async with contextlib.aclosing(result):  # a cancelled call closes the servicer's stream at once
+                    async for message in result:
+                        yield message
 
-        async def unary_stream(raw, context):
-            async for message in relay(inner(await one(raw, context), context)):
-                yield message
+            return streamed
 
-        async def stream_stream(raw_requests, context):
-            async for message in relay(inner(each(raw_requests, context), context)):
-                yield message
-
-        behaviours = {"unary_unary": unary_unary, "unary_stream": unary_stream, "stream_unary": stream_unary,
-                      "stream_stream": stream_stream}
+        behaviours = {"unary_unary": unary_unary, "unary_stream": relaying(one), "stream_unary": stream_unary,
+                      "stream_stream": relaying(parsed_stream)}
         return handler._replace(request_deserializer=None, **{kind: behaviours[kind]})
 
 

@@ -276,9 +276,9 @@ def test_slow_redis_is_skipped_within_the_timeout(cached_server, redis_server):
     assert elapsed < 1.0  # served by the model after one timed-out lookup, not after Redis woke up
 
 
-def test_a_generate_request_crosses_at_most_three_async_generators(cached_server, monkeypatch):
-    """servicer -> CachedEngine -> engine: the async generators on the stack when the engine admits a request
-    (a streamed miss, a unary miss, a bypass), innermost first."""
+def test_a_generate_request_crosses_at_most_four_async_generators(cached_server, monkeypatch):
+    """guard -> servicer -> CachedEngine -> engine: the async generators on the stack when the engine admits a
+    request (a streamed miss, a unary miss, a bypass), innermost first."""
     import inspect
     import sys
 
@@ -301,7 +301,8 @@ def test_a_generate_request_crosses_at_most_three_async_generators(cached_server
         client.generate("Three hops, unary", "cached-pico", GenerateOptions(max_new_tokens=4))
         client.generate("Three hops, bypass", "cached-pico", GenerateOptions(max_new_tokens=4, cache_policy="bypass"))
     streamed, unary, bypass = chains
-    assert streamed == ["TorchEngine.generate", "CachedEngine._through_cache", "TextGenerationServicer.GenerateStream"]
+    assert streamed == ["TorchEngine.generate", "CachedEngine._through_cache", "TextGenerationServicer.GenerateStream",
+                        "RequestGuard._guarded.<locals>.relaying.<locals>.streamed"]  # the guard's one relay
     assert unary == ["TorchEngine.generate", "CachedEngine._through_cache"]  # Generate folds with `collect`
     assert bypass == ["TorchEngine.generate"]  # an uncached request goes to the engine's own stream
 
