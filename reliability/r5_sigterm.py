@@ -43,8 +43,9 @@ class Knobs:
 
 
 PROFILES = {
-    "short": Knobs(delays=(0.0, 2.0), stream_threads=3, unary_threads=2, max_new_tokens=48, before_s=1.5,
-                   drain_seconds=3.0),
+    # drain_seconds: room for a call sent at the end of the window on a busy host (a 32-token stream takes 0.1-1 s)
+    "short": Knobs(delays=(0.0, 2.0), stream_threads=3, unary_threads=2, max_new_tokens=32, before_s=1.5,
+                   drain_seconds=4.0),
     "long": Knobs(delays=(0.0, 5.0), stream_threads=6, unary_threads=4, max_new_tokens=64, before_s=5.0,
                   drain_seconds=10.0),
 }
