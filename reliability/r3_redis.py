@@ -13,6 +13,7 @@ same time in this process) come from single-flight and need no Redis.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,7 +114,9 @@ def run(profile: str, out: Path) -> ScenarioResult:
             calls, times = _phases(server.target, redis_server, knobs)
         finally:
             server.proc.send_signal(signal.SIGINT)  # a drain without the delay (SIGTERM's is for load balancers)
-            server.stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.proc.wait(30)
+            server.stop()  # SIGTERM (then SIGKILL) only if SIGINT did not end it; closes its log
     finally:
         redis_server.kill()
     save_calls(calls, out / "r3_calls.jsonl")
