@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ def run(profile: str, out: Path) -> ScenarioResult:
     job = _write_job(out, _pico_lm_3(out.parent), knobs)
     reference_out, chain_out = out / "reference" / "out", out / "chain" / "out"
     for folder in (reference_out.parent, chain_out.parent):
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     if knobs.parallel_reference and "random" in knobs.kills:
         raise ValueError("random kills need the reference's times: parallel_reference=False")
