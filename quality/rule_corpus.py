@@ -6,6 +6,9 @@ curly brackets, short documents, hashtags, ellipses, unicode punctuation, number
 capitalised stop words, other line breaks, blank text) with randomised sizes, and a quarter of the documents mix
 two kinds, so thresholds are crossed from both sides. Prose comes from the stdlib's docstrings and pydoc topics
 (``models.corpus``); nothing is downloaded.
+
+``ADVERSARIAL`` makes the texts that cost a rule most per character (runs of punctuation without whitespace, colons,
+only whitespace, many short lines...): the linear-time tests and reliability scenario R7 time them at growing sizes.
 """
 
 from __future__ import annotations
@@ -208,3 +211,33 @@ def rule_corpus(n_documents: int = 1000, seed: int = 0, sentences: list[str] | N
         separator = "\n\n" if rng.random() < 0.3 else "\n"
         docs.append(Document(separator.join(lines), "+".join(kinds)))
     return docs
+
+
+# -- adversarial texts: what made a rule super-linear (issue 17) or could. Each makes a text of about n characters
+_PUNCTUATION = "()\"'.!?,;:[]"
+
+
+def _random_run(n: int, alphabet: str, seed: int = 17) -> str:
+    """Seeded, ending in "." at every size (so that a rule's early exits do not depend on the size)."""
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(n - 1)) + "."
+
+
+ADVERSARIAL: dict[str, Callable[[int], str]] = {
+    "dots": lambda n: "." * n,  # no whitespace at all, in each of these first eight
+    "bangs_questions": lambda n: "!?" * (n // 2),  # spaCy peeled one suffix at a time: 16,000 took 28 s
+    "quotes_dots": lambda n: '."' * (n // 2),
+    "brackets": lambda n: "(" * n,  # one prefix at a time
+    "one_letter": lambda n: "a" * n,
+    "dots_letters": lambda n: ".a" * (n // 2),
+    "colons": lambda n: "a:" * (n // 2),  # spaCy's URL pattern backtracks over colons
+    "random_punctuation": lambda n: _random_run(n, _PUNCTUATION),
+    "punctuation_words": lambda n: _random_run(n, _PUNCTUATION + " "),  # fresh short runs: no tokenizer cache hits
+    "dots_in_a_sentence": lambda n: "It was said " + "." * n + "x.",  # C4's sentence regex (gopher-paper): 11 s at 16k
+    "spaces": lambda n: " " * n,
+    "newlines": lambda n: "\n" * n,
+    "blank_lines": lambda n: " \n" * (n // 2),
+    "short_lines": lambda n: "a.\n" * (n // 3),
+    "long_line": lambda n: " ".join(f"w{i}" for i in range(n // 7)),  # one line of distinct words
+    "repeated_word": lambda n: "the " * (n // 4),  # every n-gram repeats
+}

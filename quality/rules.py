@@ -25,7 +25,10 @@ from prunefusion.quality.sharma import STOP_WORDS, split_lines, split_words
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+# a run of . ! ? (then closing quotes/brackets) before whitespace or the end. Matched from a run's first character
+# only and without backtracking into it: as written before, `[.!?]+...` retried from every character of a run not so
+# followed, 11 s on 16,000 dots (quadratic); the matches are the same (tested)
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"'\u201d\u2019)\]]*+(?=\s|$)")
 BULLETS = ("\u2022", "-", "*", "\u2023", "\u25e6", "\u00b7")
 ELLIPSES = ("...", "\u2026")
 C4_TERMINAL = (".", "!", "?", '"', "\u201d")

@@ -180,3 +180,33 @@ def test_the_constants_are_datatrove_s():
     assert list(ours.C4_POLICY) == c4_filters.POLICY_SUBSTRINGS
     assert ours.C4_END_PUNCTUATION == c4_filters.END_PUNCTUATION
     assert ours.CITATION.pattern == c4_filters.CITATION_REGEX.pattern
+
+
+def test_the_end_search_is_spacy_s_suffix_search():
+    """The suffix search that looks at a string's end only finds what spaCy's whole-string search finds, on strings
+    made of suffix characters, dots (the one unbounded suffix), letters, digits and units, at every length."""
+    original = spacy_text.english().tokenizer.suffix_search
+    fast = spacy_text._tokenizer().suffix_search
+    assert isinstance(fast, spacy_text._EndSearch) and fast.window is not None  # spaCy's suffixes kept their shape
+    rng = random.Random(5)
+    alphabet = [*".....!?)]}\"'”’,:;", "a", "B", "1", "km", "'s", "°C", "$", "%", "…", "\n", "é", "x.."]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, rng.choice((5, 20, 80)))))
+        want, got = original(text), fast(text)
+        assert (want and want.span()) == (got and got.span()), text
+
+
+def test_only_costly_runs_are_cut_and_ordinary_long_runs_are_not(corpus):
+    """The one divergence from datatrove (spacy_text._bounded): a whitespace-free run over RUN_CHARS characters that
+    spaCy would peel more than RUN_STEPS times, or with more than RUN_COLONS colons, is tokenized as if cut every
+    RUN_CHARS characters. The test corpus (long words, URLs, code) has no such run; these have one each."""
+    assert all(spacy_text._bounded(text) is text for text in corpus)
+    ordinary = ["x" * 3000 + ".", "https://example.org/" + "a/" * 400 + "?q=1", "中文的句子，" * 100 + "。",
+                "word(" + "a" * 1000 + ")."]
+    for text in ordinary:
+        assert spacy_text._bounded(text) is text and spacy_text.words(text) == spacy_text.words_reference(text)
+    costly = ["(" * 300 + "x", "!?" * 200, "a:" * 200, "x" + "')" * 200]
+    for text in costly:
+        cut = spacy_text._bounded(text)
+        assert cut.replace(" ", "") == text and max(map(len, cut.split(" "))) == spacy_text.RUN_CHARS
+        assert spacy_text.words(text) == spacy_text.words_reference(cut)

@@ -3,8 +3,12 @@ build_filters errors. The datatrove profile is tested against datatrove itself i
 
 from __future__ import annotations
 
+import gc
+import time
+
 import pytest
 
+from prunefusion.quality.rule_corpus import ADVERSARIAL
 from prunefusion.quality.rules import (
     C4,
     RULE_FILTERS,
@@ -213,3 +217,82 @@ def test_packed_ngram_keys_give_the_tuple_reference_results():
             assert GopherRepetition._top_ngram_chars(words, n) == _top_ngram_chars_reference(words, n), (words, n)
         for n in range(5, 11):
             assert GopherRepetition._dup_ngram_chars(words, n) == _dup_ngram_chars_reference(words, n), (words, n)
+
+
+# -- linear time (issue 17): every rule of both profiles on adversarial texts of n and 4n characters ---------------
+LINEAR_N = 16_384
+
+
+def _families():
+    from prunefusion.quality import rules_datatrove
+    from prunefusion.quality.sharma import document_score, load_weights
+
+    weights = load_weights(None)
+    found = {f"paper.{name}": cls().check for name, cls in RULE_FILTERS.items()}
+    found.update({f"datatrove.{name}": cls().check for name, cls in rules_datatrove.RULE_FILTERS.items()})
+    found["sharma"] = lambda text: document_score(text, weights)
+    return found
+
+
+def _cpu_seconds(check, text: str, repeats: int = 3) -> float:
+    """The best of `repeats` CPU times (other processes on the machine do not count), each with spaCy's caches
+    emptied first so that no call reuses the previous one's tokens, and without the garbage collector (whose
+    passes cost with everything alive in the process, not with this text)."""
+    from prunefusion.quality import spacy_text
+
+    best = float("inf")
+    for _ in range(repeats):
+        spacy_text.forget_tokens()
+        gc.disable()
+        try:
+            start = time.process_time()
+            check(text)
+            best = min(best, time.process_time() - start)
+        finally:
+            gc.enable()
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(ADVERSARIAL))
+def test_every_rule_takes_linear_time_on_adversarial_text(shape):
+    """4x the text must cost about 4x, far from the 16x of a quadratic rule (before the fix: 16x on runs of
+    punctuation, e.g. 4,000 '!?' 1.7 s and 16,000 28 s). 1 ms of slack absorbs the timer's noise on cheap rules."""
+    make = ADVERSARIAL[shape]
+    small, large = make(LINEAR_N), make(4 * LINEAR_N)
+    slow = {}
+    for name, check in _families().items():
+        t1, t4 = _cpu_seconds(check, small), _cpu_seconds(check, large)
+        if t4 > 8 * t1 + 1e-3:
+            slow[name] = (round(t1, 4), round(t4, 4))
+    assert not slow, f"{shape}: super-linear (seconds at n and 4n): {slow}"
+
+
+@pytest.mark.slow
+def test_a_megabyte_of_adversarial_text_takes_seconds_in_every_rule():
+    """Every shape in one 1 MB document, through every rule (each family alone, so that none stops early) and the
+    whole default pipeline without a per-document bound. The bound is generous (about 1-3 s each measured on 2
+    busy cores); before the fix, hours."""
+    from prunefusion.quality.pipeline import ScoreOptions, score_batch
+    from prunefusion.quality.sharma import load_weights
+
+    per_shape = (1 << 20) // len(ADVERSARIAL)
+    text = "\n".join(make(per_shape) for make in ADVERSARIAL.values())
+    checks = {**_families(), **{f"pipeline.{p}": lambda t, p=p: score_batch(
+        [("a", t)], ScoreOptions(rule_profile=p), load_weights(None)) for p in ("datatrove", "gopher-paper")}}
+    seconds = {name: round(_cpu_seconds(check, text, repeats=1), 2) for name, check in checks.items()}
+    assert max(seconds.values()) < 20, seconds
+
+
+def test_the_linear_sentence_pattern_finds_what_the_backtracking_one_found():
+    import random
+    import re
+
+    from prunefusion.quality import rules
+
+    backtracking = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")  # as it was: quadratic on a run of dots
+    rng = random.Random(3)
+    alphabet = list(".!?\"'\u201d\u2019)] ax\n")
+    for _ in range(50_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
+        assert rules._SENTENCE_END.findall(text) == backtracking.findall(text), text
