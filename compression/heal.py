@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunefusion.atomic import atomic_dir
-from prunefusion.checkpoints import load_tokenizer
+from prunefusion.checkpoints import load_resume_state, load_tokenizer
 from prunefusion.model_kinds import CAUSAL_LM, ModelKind
 
 # FFN projection names per model family (the paper heals the FFN only); a list is matched by name suffix, a str is a
@@ -158,7 +157,7 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = _load_state(resume / "state.pt")
+        state = load_resume_state(resume / "state.pt", remedy="Delete its step directory to resume from an earlier one")
         set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -183,18 +182,6 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
             _save_checkpoint(model, optimizer, schedule, generator, step, losses, checkpoints)
     bar.close()
     return {"steps_run": step - start_step, "step": step, "resumed_from": start_step or None, "losses": losses}
-
-
-def _load_state(path: Path) -> dict:
-    """The resume state through torch's safe unpickler: tensors, containers and Python scalars, nothing called (what
-    _save_checkpoint writes). A file that needs more (a pickle from elsewhere) is refused, never executed."""
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip().split(". Please")[0] for line in str(err).splitlines()
-                       if "WeightsUnpickler" in line), "not loadable")  # torch's advice to allowlist it: not ours
-        raise ValueError(f"{path} is not a plain resume checkpoint ({reason}); refusing to load it. Delete its "
-                         "step directory to resume from an earlier one") from None
 
 
 def _save_checkpoint(model, optimizer, schedule, generator, step, losses, root: Path) -> None:

@@ -57,3 +57,19 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
         raise FileNotFoundError(f"no tokenizer in {model_dir} (no tokenizer.json, vocabulary or sentencepiece model); "
                                 "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def load_resume_state(path: Path, *, map_location=None, remedy: str) -> dict:
+    """A training job's resume state through torch's safe unpickler (`weights_only=True`): tensors, containers and
+    Python scalars, nothing called. A file that needs more (a pickle from elsewhere) is refused with a ValueError
+    naming it and `remedy` (what the user can do), never executed."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip().split(". Please")[0] for line in str(err).splitlines()
+                       if "WeightsUnpickler" in line), "not loadable")  # torch's advice to allowlist it: not ours
+        raise ValueError(f"{path} is not a plain resume checkpoint ({reason}); refusing to load it. {remedy}") from None

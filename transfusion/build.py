@@ -9,7 +9,6 @@ a GPU.
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunefusion.atomic import partial_dir, publish, replace_atomically
+from prunefusion.checkpoints import load_resume_state
 from prunefusion.transfusion import shapes
 from prunefusion.transfusion.model import Transfusion, TransfusionConfig
 from prunefusion.transfusion.tokenizer import WordTokenizer
@@ -93,7 +93,7 @@ def train(recipe: TransfusionRecipe, work: Path, *, device: str = "cpu", dtype: 
     start, elapsed = 0, 0.0
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file():
-        state = _load_checkpoint(ckpt, device)
+        state = load_resume_state(ckpt, map_location=device, remedy="Delete it to train from the start")
         if state["recipe"] == asdict(recipe):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -160,18 +160,6 @@ def quick_accuracy(model: Transfusion, tok: WordTokenizer, train_scenes, held_sc
         caption, _ = caption_accuracy(sampler, scenes, settings)
         out[name] = {"text_to_image_all": t2i["all"], "caption_exact": caption["exact_match"]}
     return out
-
-
-def _load_checkpoint(path: Path, device: str) -> dict:
-    """The resume state through torch's safe unpickler: tensors, containers and Python scalars, nothing called. A
-    file that needs more (a pickle from elsewhere) is refused, never executed."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip().split(". Please")[0] for line in str(err).splitlines()
-                       if "WeightsUnpickler" in line), "not loadable")  # torch's advice to allowlist it: not ours
-        raise ValueError(f"{path} is not a plain resume checkpoint ({reason}); refusing to load it. Delete it to "
-                         "train from the start") from None
 
 
 def _save_checkpoint(path: Path, recipe, model, optimizer, rng, generator, history, step: int, seconds: float):
