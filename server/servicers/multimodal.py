@@ -5,6 +5,7 @@ encoded by prunefusion.images (Pillow, no torch)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -90,7 +91,8 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
         arrival = time.monotonic()
         engine = self._engine(request.model)
         max_tokens = self._max_tokens(engine, request)
-        pixels = decode_image(request.image, engine.limits.image_size, engine.limits.max_size)
+        # off the event loop: decoding a PNG or JPEG of up to images.max_size takes milliseconds to tens of them
+        pixels = await asyncio.to_thread(decode_image, request.image, engine.limits.image_size, engine.limits.max_size)
         result = await engine.caption(CaptionRequest(pixels, max_tokens, deadline_of(context)))
         return pb.CaptionResponse(
             request_id=request.request_id or uuid.uuid4().hex, model=engine.name, text=result.text,
