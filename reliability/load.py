@@ -7,11 +7,13 @@ on the same clock with `load.now()`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Call:
     finish: str = ""  # the final chunk's / response's finish reason name, "" when the call failed
     cached: bool = False
     source: str = ""  # cache source: "STORED" (a Redis entry), "SHARED" (single-flight), "" (the model ran)
+    chunks: int = 0  # messages received (a unary call's one reply included)
+    first: float | None = None  # when the first one arrived (seconds since t0): a stalled stream has none early
 
     @property
     def latency(self) -> float:
@@ -35,9 +39,17 @@ class Call:
         return self.code == "OK" and self.finish not in ("", "FINISH_REASON_CANCELLED")
 
 
-# A step sends one call with its thread's client and returns (finish, cached, source); an exception is the call's
-# failure (a grpc.RpcError's code names it).
-Step = Callable[["object", int], tuple[str, bool, str]]
+class Outcome(NamedTuple):
+    finish: str  # the finish reason's name
+    cached: bool
+    source: str
+    chunks: int = 1
+    first: float | None = None  # time.monotonic() of the first message
+
+
+# A step sends one call with its thread's client and returns its Outcome; an exception is the call's failure (a
+# grpc.RpcError's code names it).
+Step = Callable[["object", int], Outcome]
 
 
 class Load:
@@ -75,14 +87,18 @@ class Load:
             while not self._stop.is_set() and (until is None or not until()):
                 sent = self.now()
                 try:
-                    finish, cached, source = step(client, i)
+                    outcome = step(client, i)
                     code = "OK"
                 except Exception as err:  # noqa: BLE001 - every failure is a figure, not a crash of the load
-                    finish, cached, source = "", False, ""
+                    outcome = Outcome("", False, "", chunks=getattr(err, "chunks", 0), first=getattr(err, "first",
+                                                                                                   None))
                     code = err.code().name if hasattr(err, "code") and callable(err.code) else type(err).__name__
+                done = self.now()
+                first = None if outcome.first is None else outcome.first - self.t0
                 with self._lock:
                     name = kind(i) if callable(kind) else kind
-                    self.calls.append(Call(name, i, sent, self.now(), code, finish, cached, source))
+                    self.calls.append(Call(name, i, sent, done, code, outcome.finish, outcome.cached, outcome.source,
+                                           outcome.chunks, done if first is None and outcome.chunks else first))
                 i += 1
                 if think_s:
                     self._stop.wait(think_s)
@@ -103,7 +119,7 @@ class Load:
 
 
 def save_calls(calls: list[Call], path: Path) -> Path:
-    """Every call as one JSON line (kind, index, sent, done, code, finish, cached, source): the figures' raw data."""
+    """Every call as one JSON line (its fields): the figures' raw data."""
     import json
     from dataclasses import asdict
 
@@ -112,30 +128,36 @@ def save_calls(calls: list[Call], path: Path) -> Path:
 
 
 def unary_step(prompt_of: Callable[[int], str], options) -> Step:
-    def step(client, i: int) -> tuple[str, bool, str]:
+    def step(client, i: int) -> Outcome:
         reply = client.generate(prompt_of(i), "pico", options)
-        return _names(reply.finish_reason, reply.cached, reply.cache_source)
+        return _outcome(reply, 1, None)
 
     return step
 
 
 def stream_step(prompt_of: Callable[[int], str], options) -> Step:
-    def step(client, i: int) -> tuple[str, bool, str]:
-        last = None
-        for chunk in client.generate_stream(prompt_of(i), "pico", options):
-            last = chunk
+    def step(client, i: int) -> Outcome:
+        last, chunks, first = None, 0, None
+        try:
+            for chunk in client.generate_stream(prompt_of(i), "pico", options):
+                last, chunks = chunk, chunks + 1
+                first = first or time.monotonic()
+        except Exception as err:
+            with contextlib.suppress(AttributeError):  # how far the stream got, for the record
+                err.chunks, err.first = chunks, first
+            raise
         if last is None:
             raise RuntimeError("the stream ended without a chunk")
-        return _names(last.finish_reason, last.cached, last.cache_source)
+        return _outcome(last, chunks, first)
 
     return step
 
 
-def _names(finish: int, cached: bool, source: int) -> tuple[str, bool, str]:
+def _outcome(message, chunks: int, first: float | None) -> Outcome:
     from prunefusion_client.v1 import text_generation_pb2 as pb
 
-    source_name = pb.CacheSource.Name(source).removeprefix("CACHE_SOURCE_") if source else ""
-    return pb.FinishReason.Name(finish), bool(cached), source_name
+    source = pb.CacheSource.Name(message.cache_source).removeprefix("CACHE_SOURCE_") if message.cache_source else ""
+    return Outcome(pb.FinishReason.Name(message.finish_reason), bool(message.cached), source, chunks, first)
 
 
 def pct(values: Iterable[float], q: float) -> float | None:

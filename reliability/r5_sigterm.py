@@ -13,6 +13,7 @@ transitions; a TCP prober records when the listener stops accepting connections.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -115,8 +116,8 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         prober.close()
         server.stop()  # kills it if it did not exit; closes its log
     t0 = signalled[0]
-    calls = [Call(c.kind, c.index, c.sent - t0, c.done - t0, c.code, c.finish, c.cached, c.source)
-             for c in load.snapshot()]
+    calls = [dataclasses.replace(c, sent=c.sent - t0, done=c.done - t0, first=None if c.first is None else
+                                 c.first - t0) for c in load.snapshot()]
     in_flight = [c for c in calls if c.sent < 0 < c.done]
     in_window = [c for c in calls if 0 <= c.sent < window]
     transitions = [(round(t - t0, 3), status) for t, status in watch.events]
@@ -139,8 +140,11 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
 
 
 def _split(calls: list[Call]) -> dict:
+    """Counts, and the slowest first message: a call stuck in the server shows as a late (or no) first chunk."""
+    waits = [(c.first if c.first is not None else c.done) - c.sent for c in calls]
     return {"calls": len(calls), "completed": sum(c.ok for c in calls), "failed": sum(not c.ok for c in calls),
-            "streams": sum(c.kind == "stream" for c in calls)}
+            "streams": sum(c.kind == "stream" for c in calls),
+            "max_time_to_first_message_s": round(max(waits), 3) if waits else None}
 
 
 def _goals(tag: str, delay: float, figures: dict) -> list[Goal]:
