@@ -35,11 +35,12 @@ class Knobs:
     stream_threads: int
     unary_threads: int
     max_new_tokens: int  # long enough that calls are in flight when the signal comes
-    before_s: float  # load before SIGTERM
+    before_s: float  # load before SIGTERM: at least this long, and until every thread finished two calls ...
     drain_seconds: float
     window_without_delay_s: float = 1.0  # D = 0: how long the client keeps sending after SIGTERM anyway
     window_margin_s: float = 0.2  # the client stops sending this long before D ends (signal delivery, flight)
     think_s: float = 0.01  # a thread's pause between calls
+    before_max_s: float = 15.0  # ... but at most this long (calls flow before the signal, also on a busy host)
     exit_timeout_s: float = 60.0
 
 
@@ -101,7 +102,10 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
                    think_s=knobs.think_s, until=until)
         load.start("unary", unary_step(lambda i: PROMPTS[i % len(PROMPTS)], options), knobs.unary_threads,
                    think_s=knobs.think_s, until=until)
-        time.sleep(knobs.before_s)
+        threads = knobs.stream_threads + knobs.unary_threads
+        while load.now() < knobs.before_max_s and (
+                load.now() < knobs.before_s or sum(c.ok for c in load.snapshot()) < 2 * threads):
+            time.sleep(0.05)
         signalled.append(load.now())
         server.proc.send_signal(signal.SIGTERM)
         try:
