@@ -48,9 +48,10 @@ class Streams:
 
     def __init__(self, n: int) -> None:
         self.last: list[float | None] = [None] * n
+        self.started: list[bool] = [False] * n  # the current request has sent a chunk
         self.call: list[int] = [0] * n
-        self.stuck: set[tuple[int, int]] = set()  # (stream, its request number)
-        self.longest_gap = 0.0
+        self.stuck: dict[tuple[int, int], str] = {}  # (stream, its request number) -> "first chunk" | "mid-stream"
+        self.longest = {"first chunk": 0.0, "mid-stream": 0.0}  # the longest silence of each kind
         self.completed = 0
         self.chunks = 0
         self.errors: Counter[str] = Counter()
@@ -63,10 +64,10 @@ class Streams:
             if last is None:
                 continue
             active += 1
-            gap = now - last
-            self.longest_gap = max(self.longest_gap, gap)
-            if gap > stuck_s:
-                self.stuck.add((i, self.call[i]))
+            phase = "mid-stream" if self.started[i] else "first chunk"
+            self.longest[phase] = max(self.longest[phase], now - last)
+            if now - last > stuck_s:
+                self.stuck.setdefault((i, self.call[i]), phase)
         return active
 
 
@@ -80,10 +81,10 @@ def stream_loop(i: int, target: str, knobs: Knobs, streams: Streams, stop: threa
                                          temperature=1.0, seed=rng.getrandbits(63),
                                          cache_policy=pb.CACHE_POLICY_BYPASS)
             streams.call[i] += 1
-            streams.last[i] = time.monotonic()
+            streams.started[i], streams.last[i] = False, time.monotonic()
             try:
                 for _ in stub.GenerateStream(request, timeout=knobs.call_timeout_s):
-                    streams.last[i] = time.monotonic()
+                    streams.started[i], streams.last[i] = True, time.monotonic()
                     with streams.lock:
                         streams.chunks += 1
                 with streams.lock:
@@ -114,9 +115,9 @@ def run(profile: str, out: Path) -> ScenarioResult:
         threads = [threading.Thread(target=stream_loop, args=(i, server.target, knobs, streams, stop), daemon=True,
                                     name=f"r2-stream-{i}") for i in range(knobs.streams)]
         t0 = time.monotonic()
+        samples = [sample(server, t0, 0, 0)]
         for thread in threads:
             thread.start()
-        samples = [sample(server, t0, 0, 0)]
         while time.monotonic() - t0 < knobs.seconds:
             time.sleep(1.0)
             active = streams.watch(time.monotonic(), knobs.stuck_s)
@@ -159,7 +160,10 @@ def _result(knobs: Knobs, out: Path, streams: Streams, samples: list[dict], fds_
         "streams": knobs.streams, "load_seconds": round(load_end, 1), "requests_completed": streams.completed,
         "chunks": streams.chunks, "requests_per_second": round(streams.completed / max(load_end, 1e-9), 2),
         "errors": dict(streams.errors), "stuck_streams": len(streams.stuck),
-        "longest_silence_seconds": round(streams.longest_gap, 2), "unfinished_threads": unfinished,
+        "stuck_by_phase": dict(Counter(streams.stuck.values())),
+        "longest_wait_for_first_chunk_seconds": round(streams.longest["first chunk"], 2),
+        "longest_gap_between_chunks_seconds": round(streams.longest["mid-stream"], 2),
+        "unfinished_threads": unfinished,
         "rss_start_mib": round(rss_start / mib, 1), "rss_warm_mib": round(warm / mib, 1),
         "rss_end_mib": round(end / mib, 1), "rss_max_mib": round(max(s["rss"] for s in samples) / mib, 1),
         "rss_growth_percent": round(growth, 1), "fds_start": fds_base,
@@ -191,9 +195,11 @@ def _plot(out: Path, samples: list[dict], knobs: Knobs, load_end: float) -> Path
     fds = ax.twinx()
     fds.plot(t, [s["fds"] for s in samples], color="tab:orange", label="open FDs")
     fds.set_ylabel("open FDs")
-    for x, label in ((knobs.warmup_s, "warm"), (knobs.seconds, "stop"), (load_end, "drained")):
+    top = ax.get_ylim()[1]
+    for x, label, va in ((knobs.warmup_s, "warm", "top"), (knobs.seconds, "stop", "top"),
+                         (load_end, "drained", "bottom")):
         ax.axvline(x, color="grey", linestyle="--")
-        ax.text(x, ax.get_ylim()[1], f" {label}", va="top", fontsize=8)
+        ax.text(x, top, f" {label}", va=va, fontsize=8)
     ax.legend(ax.get_lines()[:1] + fds.get_lines(), ["RSS", "open FDs"], loc="lower center")
     fig.tight_layout()
     path = out / "r2_soak.png"
