@@ -8,6 +8,7 @@ on the same clock with `load.now()`.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +64,7 @@ class Load:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.busy = 0  # threads inside a call now
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -86,6 +88,8 @@ class Load:
             i = index * 1_000_000  # unique across threads (prompts made from it differ), counting up per thread
             while not self._stop.is_set() and (until is None or not until()):
                 sent = self.now()
+                with self._lock:
+                    self.busy += 1
                 try:
                     outcome = step(client, i)
                     code = "OK"
@@ -96,6 +100,7 @@ class Load:
                 done = self.now()
                 first = None if outcome.first is None else outcome.first - self.t0
                 with self._lock:
+                    self.busy -= 1
                     name = kind(i) if callable(kind) else kind
                     self.calls.append(Call(name, i, sent, done, code, outcome.finish, outcome.cached, outcome.source,
                                            outcome.chunks, done if first is None and outcome.chunks else first))
@@ -116,6 +121,39 @@ class Load:
     def snapshot(self) -> list[Call]:
         with self._lock:
             return sorted(self.calls, key=lambda c: c.sent)
+
+
+class CpuSampler:
+    """A process's CPU time (user + system, all threads) every `every_s`, as (time since t0, seconds): whether a
+    slow server was busy itself or starved by the host."""
+
+    def __init__(self, pid: int, now: Callable[[], float], every_s: float = 0.1):
+        self.samples: list[tuple[float, float]] = []
+        self._stat, self._now, self._every_s = Path(f"/proc/{pid}/stat"), now, every_s
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"cpu-{pid}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fields = self._stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            except (FileNotFoundError, ProcessLookupError):
+                return  # the process is gone
+            self.samples.append((self._now(), (int(fields[11]) + int(fields[12])) / self._tick))  # utime, stime
+            self._stop.wait(self._every_s)
+
+    def share(self, start: float, end: float) -> float | None:
+        """CPU seconds per second between two times (1.0 = one core busy), from the samples nearest inside."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return round((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]), 3)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def save_calls(calls: list[Call], path: Path) -> Path:

@@ -14,6 +14,7 @@ transitions; a TCP prober records when the listener stops accepting connections.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +25,15 @@ from pathlib import Path
 
 from prunefusion.reliability import common
 from prunefusion.reliability.base import Goal, ScenarioResult
-from prunefusion.reliability.load import Call, Load, plot_timeline, save_calls, stream_step, unary_step
+from prunefusion.reliability.load import (
+    Call,
+    CpuSampler,
+    Load,
+    plot_timeline,
+    save_calls,
+    stream_step,
+    unary_step,
+)
 
 PROMPTS = ("The os module", "Lists are", "Raised when", "The with statement")
 
@@ -35,7 +44,7 @@ class Knobs:
     stream_threads: int
     unary_threads: int
     max_new_tokens: int  # long enough that calls are in flight when the signal comes
-    before_s: float  # load before SIGTERM: at least this long, and until every thread finished two calls ...
+    before_s: float  # load before SIGTERM: at least this long, until every thread finished two calls ...
     drain_seconds: float
     window_without_delay_s: float = 1.0  # D = 0: how long the client keeps sending after SIGTERM anyway
     window_margin_s: float = 0.2  # the client stops sending this long before D ends (signal delivery, flight)
@@ -96,6 +105,7 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         client.generate(PROMPTS[0], "pico", options)
     signalled: list[float] = []
     watch, prober = HealthWatch(server.target, load.now), ListenerProber(server.port, load.now)
+    cpu = CpuSampler(server.proc.pid, load.now)
     try:
         until = lambda: bool(signalled) and load.now() >= signalled[0] + window  # noqa: E731
         load.start("stream", stream_step(lambda i: PROMPTS[i % len(PROMPTS)], options), knobs.stream_threads,
@@ -103,9 +113,10 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         load.start("unary", unary_step(lambda i: PROMPTS[i % len(PROMPTS)], options), knobs.unary_threads,
                    think_s=knobs.think_s, until=until)
         threads = knobs.stream_threads + knobs.unary_threads
-        while load.now() < knobs.before_max_s and (
-                load.now() < knobs.before_s or sum(c.ok for c in load.snapshot()) < 2 * threads):
-            time.sleep(0.05)
+        while load.now() < knobs.before_max_s and (  # ... and then at a moment when every thread is in a call
+                load.now() < knobs.before_s or sum(c.ok for c in load.snapshot()) < 2 * threads
+                or load.busy < threads):
+            time.sleep(0.005)
         signalled.append(load.now())
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -118,6 +129,7 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         load.stop(30)
         watch.close()
         prober.close()
+        cpu.close()
         server.stop()  # kills it if it did not exit; closes its log
     t0 = signalled[0]
     calls = [dataclasses.replace(c, sent=c.sent - t0, done=c.done - t0, first=None if c.first is None else
@@ -136,6 +148,10 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         "listener_closed_at_s": closed,
         "not_serving_before_listener_closed": not_serving is not None and (closed is None or not_serving < closed),
         "last_call_done_s": round(max((c.done for c in calls), default=0.0), 3),
+        # the server's CPU use (1.0 = one core) and the host's load: a slow drain on an idle server is the server's
+        # doing, on a starved one the host's
+        "server_cpu_before_sigterm": cpu.share(0.0, t0), "server_cpu_after_sigterm": cpu.share(t0, exited),
+        "host_load_1m": round(os.getloadavg()[0], 2),
         "exit_code": code, "time_to_exit_s": round(exited - t0, 3),
     }
     marks = {k: v for k, v in (("NOT_SERVING seen", not_serving), ("listener closed", closed),
