@@ -24,7 +24,17 @@ from pathlib import Path
 from prunefusion.loadtest.server_process import free_port
 from prunefusion.reliability import common
 from prunefusion.reliability.base import Goal, ScenarioResult
-from prunefusion.reliability.load import Call, Load, Step, ms, pct, plot_timeline, save_calls, unary_step
+from prunefusion.reliability.load import (
+    Call,
+    CpuSampler,
+    Load,
+    Step,
+    ms,
+    pct,
+    plot_timeline,
+    save_calls,
+    unary_step,
+)
 
 PHASES = ("up", "down", "restarted")
 NEXT = {"up": "down", "down": "restarted", "restarted": "end"}  # a phase ends where the next begins
@@ -43,13 +53,13 @@ class Knobs:
     restarted_min_s: float  # after the restart: at least this long ...
     restarted_max_s: float  # ... and until the first hit plus `after_hit_s`, at most this long
     after_hit_s: float
-    think_s: float = 0.02  # a load thread's pause between calls: hits alone would otherwise take every CPU cycle
+    think_s: float = 0.04  # a load thread's pause between calls: hits alone would otherwise take every CPU cycle
     # cache.timeout_ms: the server's default (server/config.py), set here so that the goal's bound is the one in force
     timeout_ms: float = 250.0
 
 
 PROFILES = {
-    "short": Knobs(threads=3, prompts=4, max_new_tokens=8, phase_s=3.0, phase_max_s=15.0, min_pairs=10,
+    "short": Knobs(threads=3, prompts=4, max_new_tokens=8, phase_s=3.0, phase_max_s=15.0, min_pairs=16,
                    restarted_min_s=2.0, restarted_max_s=12.0, after_hit_s=1.0),
     # the restarted phase waits past 30 s, the back-off's maximum before the circuit breaker (1 s after it)
     "long": Knobs(threads=6, prompts=8, max_new_tokens=16, phase_s=20.0, phase_max_s=60.0, min_pairs=50,
@@ -111,7 +121,11 @@ def run(profile: str, out: Path) -> ScenarioResult:
         server = common.serve(config, out / "server.log")
         try:
             load_before = os.getloadavg()[0]
-            calls, times = _phases(server.target, redis_server, knobs)
+            cpu = CpuSampler(server.proc.pid, time.monotonic)
+            try:
+                calls, times, t0 = _phases(server.target, redis_server, knobs)
+            finally:
+                cpu.close()
         finally:
             server.proc.send_signal(signal.SIGINT)  # a drain without the delay (SIGTERM's is for load balancers)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -121,13 +135,18 @@ def run(profile: str, out: Path) -> ScenarioResult:
         redis_server.kill()
     save_calls(calls, out / "r3_calls.jsonl")
     result = _result(calls, times, knobs, out)
-    # this machine's other work moves every latency here: the figures say how busy it was
+    # this machine's other work moves every latency here: the figures say how busy it was, and how busy the server
+    # itself (1.0 = one core) was in each phase
     result.figures["machine_load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    for phase in PHASES:
+        start, end = (times[p] + t0 for p in (phase, NEXT[phase]))
+        result.figures["phases"][phase]["server_cpu"] = cpu.share(start, end)
     result.seconds = round(time.monotonic() - started, 1)
     return result
 
 
-def _phases(target: str, redis_server: RedisServer, knobs: Knobs) -> tuple[list[Call], dict[str, float]]:
+def _phases(target: str, redis_server: RedisServer, knobs: Knobs) -> tuple[list[Call], dict[str, float], float]:
+    """-> every call, the phases' start times (and "end") on the load's clock, and that clock's zero."""
     from prunefusion_client import Client, GenerateOptions
 
     prompts = PROMPTS[:knobs.prompts]
@@ -158,7 +177,7 @@ def _phases(target: str, redis_server: RedisServer, knobs: Knobs) -> tuple[list[
     finally:
         times["end"] = load.now()  # no new calls after this; the ones in flight finish (by their deadline at most)
         load.stop()
-    return load.snapshot(), times
+    return load.snapshot(), times, load.t0
 
 
 def _hold_phase(load: Load, start: float, knobs: Knobs) -> None:
