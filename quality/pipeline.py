@@ -7,6 +7,10 @@ long_file, outlier: each document is judged against the rest of its batch; semde
 with the ONNX MiniLM, loaded once per process). A document is kept when no method gives it a reason and, when
 asked, it is not in the batch's bottom `drop_bottom_percent` by score. Annotate mode returns every document with
 its keep flag; drop mode returns the kept ones only. The gRPC servicer and the batch CLI both call `score_batch`.
+
+A document over `max_document_bytes` (UTF-8; the server's `quality.max_document_bytes`) is not examined at all: it gets
+the reason `document_too_long` and no score, so that one document's cost is bounded (the rules take up to ~7 us a
+character on adversarial text, the Sharma score up to ~2.5 us on many short lines).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from prunefusion.quality.sharma import Weights, document_score
 DOCUMENT_METHODS = ("sharma", *FAMILIES)  # one document at a time: the default
 METHODS = (*DOCUMENT_METHODS, *BATCH_METHODS)
 BELOW_MIN_SCORE, BOTTOM_PERCENTILE = "sharma_below_min_score", "sharma_bottom_percentile"
+TOO_LONG = "document_too_long"  # over ScoreOptions.max_document_bytes: not scored
 
 
 def parse_thresholds(flat: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -62,8 +67,17 @@ def scoring_executor(workers: int):
     return ThreadPoolExecutor(1, thread_name_prefix="quality")
 
 
+def warm_worker(rule_profile: str = DEFAULT_RULE_PROFILE) -> None:
+    """Make now what a process's first batch would otherwise make first (spaCy's tokenizer for the datatrove
+    profile, about 0.2 s once its modules are imported), so that a fresh scoring worker answers at once."""
+    if rule_profile == "datatrove":
+        from prunefusion.quality import spacy_text
+
+        spacy_text.sentence_count(" ".join(spacy_text.words("Warm up. Now.")))
+
+
 def reason_codes() -> list[str]:
-    return [BELOW_MIN_SCORE, BOTTOM_PERCENTILE, *all_reason_codes(), *batch_reason_codes()]
+    return [BELOW_MIN_SCORE, BOTTOM_PERCENTILE, TOO_LONG, *all_reason_codes(), *batch_reason_codes()]
 
 
 @functools.cache
@@ -83,6 +97,7 @@ class ScoreOptions:
     drop: bool = False  # False: annotate (every document returned)
     line_spans: bool = False
     rule_profile: str = DEFAULT_RULE_PROFILE
+    max_document_bytes: int | None = None  # a longer document gets TOO_LONG, unexamined; None: no bound
 
     def check(self) -> None:
         """ValueError naming what is wrong (unknown method or threshold, a value out of range)."""
@@ -149,6 +164,9 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
     rules, batch = options.rules(), options.batch_methods()
     scored = []
     for doc_id, text in documents:
+        if options.max_document_bytes is not None and _utf8_size_over(text, options.max_document_bytes):
+            scored.append([doc_id, None, [TOO_LONG], {}, (), None, None])
+            continue
         reasons, rewritten = apply_rules(options.rule_profile, rules, text) if rules else ([], text)
         rewritten = None if rewritten == text else rewritten
         if "sharma" in options.methods:
@@ -162,15 +180,17 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
             scored.append([doc_id, None, reasons, {}, (), None, rewritten])
     if batch:
         texts = [text for _, text in documents]
-        verdicts = apply_batch_methods(texts, batch, lambda: embedder().embed(texts))
+        bound = options.max_document_bytes
+        # MiniLM reads the first 256 tokens only, which the first `bound` characters hold: no text costs more
+        verdicts = apply_batch_methods(texts, batch, lambda: embedder().embed([t[:bound] for t in texts]))
         for row, verdict in zip(scored, verdicts, strict=True):
             row[2] += verdict.reasons
             row[3].update(verdict.signals)
             row[5] = None if verdict.duplicate_of is None else documents[verdict.duplicate_of][0]
-    if options.drop_bottom_percent and scored:
-        scores = np.array([row[1] for row in scored])
-        cutoff = np.percentile(scores, options.drop_bottom_percent)
-        for row in scored:
+    rated = [row for row in scored if row[1] is not None]  # not the documents too long to score
+    if options.drop_bottom_percent and rated:
+        cutoff = np.percentile(np.array([row[1] for row in rated]), options.drop_bottom_percent)
+        for row in rated:
             if row[1] < cutoff:
                 row[2].append(BOTTOM_PERCENTILE)
     results = [DocumentResult(i, score, not reasons, tuple(reasons), signals, lines, duplicate_of, rewritten)
@@ -183,3 +203,11 @@ def score_batch(documents: list[tuple[str, str]], options: ScoreOptions, weights
     kept = sum(r.keep for r in results)
     returned = tuple(r for r in results if r.keep) if options.drop else tuple(results)
     return BatchResult(returned, len(results), kept, float(np.mean(sharma)) if sharma else None, counts)
+
+
+def _utf8_size_over(text: str, limit: int) -> bool:
+    if len(text) > limit:  # a character is at least one byte ...
+        return True
+    if 4 * len(text) <= limit:  # ... and at most four
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit

@@ -201,6 +201,9 @@ class QualityConfig(StrictModel):
     rule_profile: str = "datatrove"  # prunefusion.quality.rule_profiles.RULE_PROFILES; a request may pick another
     max_batch_documents: Annotated[int, Field(ge=1)] = 1024
     max_batch_bytes: Annotated[int, Field(ge=1)] = 16 << 20
+    # a longer document (UTF-8 bytes) gets the reason document_too_long and is not scored: it bounds one document's
+    # cost (adversarial text takes up to ~7 us a byte on 2 cores: ~2 s at 256 KiB; typical web pages are 2-50 KB)
+    max_document_bytes: Annotated[int, Field(ge=1)] | None = 256 << 10
     max_concurrent_batches: Annotated[int, Field(ge=1)] = 4  # as many more may wait; beyond: RESOURCE_EXHAUSTED
     workers: Annotated[int, Field(ge=0)] = 2  # scoring processes; 0: one thread in the server process
 
