@@ -161,3 +161,35 @@ async def test_with_the_default_settings_hits_resume_within_2_s_of_redis_returni
     finally:
         await backend.close()
         server.kill()
+
+
+async def test_a_lock_is_released_even_while_the_breaker_is_open(redis_server):
+    """A lock left behind makes identical requests on every replica poll for lock_ttl_seconds: its release does not
+    wait for the breaker (it never answers a request, so it costs nobody a timeout)."""
+    backend = connect(redis_server.url, None, timeout_s=0.1, backoff_initial_s=5.0, backoff_max_s=5.0)
+    try:
+        lock = await backend.try_lock("k:lock", 30.0)
+        assert lock is not None and lock is not UNAVAILABLE
+        sleeper = sleep_redis(redis_server.url, 0.15)
+        assert await backend.get("k") is UNAVAILABLE  # the breaker is open for 5 s now
+        sleeper.join()
+        assert not backend.available
+        await backend.release_lock(lock)
+        assert not redis.Redis.from_url(redis_server.url).exists("k:lock")
+    finally:
+        await backend.close()
+
+
+async def test_a_lock_whose_reply_was_lost_is_deleted_by_its_token(redis_server):
+    """SET NX landed but its reply timed out: the lock exists with no runner behind it; the backend deletes it."""
+    backend = connect(redis_server.url, None, timeout_s=0.1, backoff_initial_s=0.2, backoff_max_s=0.2)
+    try:
+        sleeper = sleep_redis(redis_server.url, 0.3)  # the SET NX is queued behind the sleep: it runs after our timeout
+        assert await backend.try_lock("lost:lock", 30.0) is UNAVAILABLE
+        sleeper.join()
+        deadline = time.monotonic() + 3
+        while redis.Redis.from_url(redis_server.url).exists("lost:lock"):
+            assert time.monotonic() < deadline, "a lock with nobody behind it was left in Redis"
+            await asyncio.sleep(0.02)
+    finally:
+        await backend.close()

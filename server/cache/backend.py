@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import LockNotOwnedError, RedisError
+from redis.exceptions import LockError, RedisError
 
 from prunefusion.server.metrics import CACHE_ERRORS, CACHE_LOOKUP_LATENCY
 
@@ -103,6 +104,7 @@ class RedisBackend:
         self._timeout_s = timeout_s
         self.breaker = CircuitBreaker(backoff_initial_s, backoff_max_s)
         self._on_close = on_close
+        self._background: set[asyncio.Task] = set()  # releases of locks whose SET NX reply was lost
 
     @property
     def available(self) -> bool:
@@ -147,19 +149,33 @@ class RedisBackend:
         without blocking: the lock when we hold it now, None when another process does. The caller polls, because
         it also watches for the other process's entry while it waits."""
         lock = self._client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
-        acquired = await self._op("lock", lock.acquire)
-        return acquired if acquired is UNAVAILABLE else (lock if acquired else None)
+        token = uuid.uuid4().hex.encode()  # ours, so a lock whose reply was lost can still be deleted by its token
+        acquired = await self._op("lock", lambda: lock.acquire(token=token))
+        if acquired is UNAVAILABLE:
+            lock.local.token = token
+            # the SET NX may have landed with only its reply lost: a lock with no runner would make every identical
+            # request (on every replica) poll for lock_ttl_seconds. Delete it if it is ours (the token checks that)
+            task = asyncio.ensure_future(self.release_lock(lock))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return UNAVAILABLE
+        return lock if acquired else None
 
     async def release_lock(self, lock: Lock) -> None:
-        async def release() -> None:
-            try:
+        """Release a lock we took, whatever the breaker says (a lock left behind stalls identical requests
+        everywhere for its TTL); a failure is counted but does not move the breaker: it never answers a request."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
                 await lock.release()
-            except LockNotOwnedError:  # our TTL ran out while the model ran: the lock is not ours to delete
-                log.info("cache: lock %s expired before its release", lock.name)
-
-        await self._op("unlock", release, may_probe=False)
+        except LockError:  # our TTL ran out while the model ran, or the SET never landed: not ours (any more)
+            log.debug("cache: lock %s was not ours to release", lock.name)
+        except (RedisError, OSError, TimeoutError) as err:
+            CACHE_ERRORS.labels("unlock").inc()
+            log.info("cache: lock %s not released (%s); it expires by itself", lock.name, type(err).__name__)
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._client.aclose()
         if self._on_close is not None:
             self._on_close()
