@@ -23,7 +23,7 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from prunefusion.atomic import partial_dir, publish, write_text_atomic
+from prunefusion.atomic import partial_dir, publish, replace_atomically, write_text_atomic
 from prunefusion.compression.records import (
     STAGE_RESULTS,
     EvaluateResult,
@@ -259,8 +259,9 @@ def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = F
         elif previous != spec:
             raise ValueError(f"{work} holds an unfinished run of a different job; pass --restart to discard it")
     (work / "stages").mkdir(parents=True, exist_ok=True)
-    if not (work / "job.yaml").is_file() or not (work / "job.yaml").samefile(job_path):
-        shutil.copyfile(job_path, work / "job.yaml")
+    saved = work / "job.yaml"
+    if not saved.is_file() or saved.read_bytes() != Path(job_path).read_bytes():  # never rewritten in place: a
+        replace_atomically(saved, lambda tmp: shutil.copyfile(job_path, tmp))   # kill mid-copy left a broken one
     _ensure_source(spec)
     ctx = Context(spec, work, device)
     for stage, run in STAGES.items():

@@ -85,9 +85,12 @@ def test_a_killed_job_resumes_and_only_a_finished_one_is_named_out(setup, finish
     assert run_job(job, out, stop_after="heal") is None  # stopped (as if killed) after healing: no out yet
     assert not out.exists() and (tmp_path / "out.partial" / "stages" / "heal.json").is_file()
     stamps = {s: (tmp_path / "out.partial" / "stages" / f"{s}.json").stat().st_mtime_ns for s in ("measure", "heal")}
+    saved_job = tmp_path / "out.partial" / "job.yaml"
+    stamps["job.yaml"] = saved_job.stat().st_mtime_ns
     manifest = run_job(job, out)
-    for stage, stamp in stamps.items():  # finished stages were not run again
-        assert (out / "stages" / f"{stage}.json").stat().st_mtime_ns == stamp
+    for stage, stamp in stamps.items():  # finished stages were not run again, the saved job not rewritten (in place,
+        name = stage if stage.endswith(".yaml") else f"stages/{stage}.json"  # a kill mid-copy broke every rerun)
+        assert (out / name).stat().st_mtime_ns == stamp
     assert manifest.removed == finished[1].removed
     assert manifest.weights_digest == finished[1].weights_digest  # same job, same seed: same weights
     with pytest.raises(FileExistsError, match="finished job"):
