@@ -29,6 +29,7 @@ from prunefusion.server.auth.keys import KeySource
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
 from prunefusion.server.config import AppConfig, CacheConfig, ConfigError, ModelConfigBase
 from prunefusion.server.guard import RequestBounds, RequestGuard
+from prunefusion.server.health import DrainableHealth
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
@@ -81,7 +82,7 @@ class PrunefusionServer:
     def __init__(self, config: AppConfig):
         self.config = config
         self.registry = ModelRegistry(config.models)
-        self.health = health.aio.HealthServicer()
+        self.health = DrainableHealth()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.cache = ResponseCache(None)
@@ -268,6 +269,7 @@ class PrunefusionServer:
             log.info("NOT_SERVING; still serving for %.1f s (drain_delay_seconds) before draining", delay)
             await asyncio.sleep(delay)
         log.info("draining (up to %.0f s for in-flight requests)", grace)
+        self.health.end_watches()  # a watcher never finishes by itself: it would hold the drain to its end
         if self._server is not None:
             # the server stops accepting now; in-flight calls keep running. At the end of `grace` the engines end
             # their streams (a final CANCELLED chunk each) and the flush time lets those last messages go out
