@@ -146,7 +146,7 @@ def test_stream_answers_in_order_and_info_describes_the_service(qclient):
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_results(server):
-    """The main test server scores in 2 spawned worker processes (the default)."""
+    """The main test server scores in 2 worker processes (the default), forked from a preloaded forkserver."""
     docs = [(str(i), CLEAN if i % 3 else JUNK) for i in range(12)]
     with Client(server.target, timeout=120, max_attempts=1) as c:
         reply = c.score(score_request(docs))
