@@ -16,6 +16,7 @@ Security (README, "Security"): with `server.auth` one interceptor checks API key
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -176,6 +177,9 @@ class PrunefusionServer:
             await self.registry.load(model, self.cache)
         if self._stopped.is_set() or self._stopping:  # SIGTERM arrived while loading
             return
+        # what start-up made (torch, the models, the tokenizers) stays for the process's life: out of the collector's
+        # sight, so a full collection no longer walks it (a ~0.27 s pause of every thread, measured with torch loaded)
+        gc.freeze()
         await self._set_health(True)
         self._health_watch = asyncio.create_task(self._watch_health())
         log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))

@@ -1,6 +1,6 @@
 """The fault scenarios' short profiles (reliability R3 Redis restart, R5 SIGTERM drain, R6 killed compression job):
 real servers, a real redis-server and real job processes, killed for real. Each scenario runs once per module; the
-tests judge its goals. Goals that wait on fixes landing are separate tests marked xfail(strict=False)."""
+tests judge its goals."""
 
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ def test_r3_redis_down_and_back_fails_no_request_and_costs_at_most_the_timeout(r
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=False, reason="fixes landing (the cache's back-off)")
 def test_r3_first_hit_within_2_s_of_redis_returning(r3):
     assert _goal(r3, "first hit").passed, r3.figures["time_to_first_hit_s"]
 
@@ -78,7 +77,6 @@ def test_r5_sigterm_without_delay_drains_in_flight_calls_and_exits_0(r5):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=False, reason="fixes landing (server.drain_delay_seconds)")
 def test_r5_with_a_drain_delay_a_client_sending_during_it_sees_no_failure(r5):
     run = r5.figures["runs"]["D=2s"]
     assert "error" not in run, run

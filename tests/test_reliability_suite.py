@@ -122,7 +122,6 @@ def test_short_profile_writes_results_and_report(short_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="fixes landing: the server changes for issue 17's findings")
 def test_short_profile_meets_every_goal(short_run):
     _, _, data = short_run
     failed = Counter()
