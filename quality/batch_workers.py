@@ -91,7 +91,7 @@ class _Worker:
             self.conn.send((fn, args))
             ok, value = self.conn.recv()
         except (EOFError, OSError) as err:
-            raise WorkerDied(f"the scoring worker (pid {self.process.pid}) ended during the call") from err
+            raise WorkerDied("the scoring worker ended during the call") from err
         except pickle.UnpicklingError as err:
             return False, RuntimeError(f"the scoring worker's reply could not be read: {err!r}")
         if not ok or then is None:
