@@ -161,6 +161,10 @@ def test_a_service_without_models_is_not_served(server, channel):
     with pytest.raises(grpc.RpcError) as err:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="prunefusion.v1.Multimodal"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    from prunefusion_client import Client
+
+    with Client(server.target, max_attempts=1) as client:  # the client lists none rather than failing
+        assert client.list_image_models() == [] and client.list_models()
 
 
 def test_cache_source_tells_stored_entries_from_shared_runs(pico_dir, tmp_path):

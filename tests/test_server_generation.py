@@ -197,7 +197,8 @@ BAD_INPUTS = [
     (dict(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
     (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (dict(prompt="word " * 400), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    (dict(prompt="x" * 2_000_000), grpc.StatusCode.INVALID_ARGUMENT, "characters"),  # refused before tokenizing
+    (dict(prompt="x" * 500_000), grpc.StatusCode.INVALID_ARGUMENT, "characters"),  # refused before tokenizing
+    (dict(prompt="x" * 2_000_000), grpc.StatusCode.INVALID_ARGUMENT, "at most 1048576"),  # the guard: before parsing
     (dict(prompt="word " * 30, max_new_tokens=200), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
 ]

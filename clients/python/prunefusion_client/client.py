@@ -9,6 +9,7 @@ $PRUNEFUSION_API_KEY.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -92,6 +93,17 @@ def score_request(documents: list[str] | list[tuple[str, str]], *, methods: list
                            mode=qf.FILTER_MODE_DROP if drop else qf.FILTER_MODE_ANNOTATE, **optional)
 
 
+@contextlib.contextmanager
+def _unserved_is_empty():
+    """Around a List* call: UNIMPLEMENTED (a server with no model of that kind does not serve the service) is
+    swallowed, so the caller's `return []` after the block runs; every other error passes."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+
+
 def channel_options(max_attempts: int) -> list[tuple[str, object]]:
     retry = {"methodConfig": [{
         "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"},
@@ -136,7 +148,10 @@ class Client:
             call.cancel()
 
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout).models)
+        """The text models served ([] from a server that serves none: it does not register the service)."""
+        with _unserved_is_empty():
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout).models)
+        return []
 
     def generate_image(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
                        timeout: float | None = None) -> mm.GenerateImageResponse:
@@ -160,7 +175,11 @@ class Client:
             call.cancel()
 
     def list_image_models(self, *, timeout: float | None = None) -> list[mm.ImageModelInfo]:
-        return list(self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout).models)
+        """The image models served ([] from a server that serves none)."""
+        with _unserved_is_empty():
+            return list(self._images.ListImageModels(mm.ListImageModelsRequest(),
+                                                     timeout=timeout or self.timeout).models)
+        return []
 
     def score(self, request: qf.ScoreRequest, *, timeout: float | None = None) -> qf.ScoreResponse:
         """Score a batch (build it with `score_request`)."""
@@ -216,8 +235,10 @@ class AsyncClient:
             call.cancel()
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
-        return list(response.models)
+        with _unserved_is_empty():
+            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+            return list(response.models)
+        return []
 
     async def generate_image(self, prompt: str, model: str = "", options: ImageOptions | None = None, *,
                              timeout: float | None = None) -> mm.GenerateImageResponse:
@@ -241,8 +262,10 @@ class AsyncClient:
             call.cancel()
 
     async def list_image_models(self, *, timeout: float | None = None) -> list[mm.ImageModelInfo]:
-        response = await self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout)
-        return list(response.models)
+        with _unserved_is_empty():
+            response = await self._images.ListImageModels(mm.ListImageModelsRequest(), timeout=timeout or self.timeout)
+            return list(response.models)
+        return []
 
     async def score(self, request: qf.ScoreRequest, *, timeout: float | None = None) -> qf.ScoreResponse:
         """Score a batch (build it with `score_request`)."""
