@@ -38,20 +38,32 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError("server did not become SERVING")
 
 
-@pytest.mark.slow
-def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
-    # wider than pico so that a 900-token generation is still running when SIGTERM lands
-    model_dir = build_pico_llama(tmp_path / "slow", context=1024, layers=8, hidden=256)
+def serve_slow_model(tmp_path, server: str, *, context: int, max_new_tokens: int,
+                     extra: str = "") -> tuple[subprocess.Popen, str]:
+    """`prunefusion serve` of a pico model wide enough that a long generation is still running when SIGTERM lands;
+    `server` holds the server section's keys beyond host and port. (process, target), once SERVING."""
+    model_dir = build_pico_llama(tmp_path / "slow", context=context, layers=8, hidden=256)
     port = free_port()
     config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_seconds: 60, metrics_port: 0, "
-                      "log_requests: true}\n"  # the request's own log line shows it finished after the drain began
-                      f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1000\n")
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, {server}}}\n{extra}"
+                      f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: {max_new_tokens}\n")
     proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True)
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, target
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
+    # log_requests: the request's own log line shows it finished after the drain began
+    proc, target = serve_slow_model(tmp_path, "drain_seconds: 60, metrics_port: 0, log_requests: true",
+                                    context=1024, max_new_tokens=1000)
+    try:
         statuses: list[int] = []
         watch_channel = grpc.insecure_channel(target)
         watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest())
@@ -97,17 +109,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
 def test_sigterm_keeps_serving_through_the_drain_delay_then_ends_streams_cancelled(tmp_path):
     """Health says NOT_SERVING at once while new calls are still answered for drain_delay_seconds; a stream still
     running when drain_seconds end gets a final FINISH_REASON_CANCELLED chunk (not a cut stream); exit 0."""
-    model_dir = build_pico_llama(tmp_path / "slow", context=2048, layers=8, hidden=256)
-    port = free_port()
-    config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, port: {port}, drain_delay_seconds: 1.5, drain_seconds: 1, "
-                      "metrics_port: null}\nquality: {enabled: false}\n"
-                      f"models:\n  - name: slow\n    path: {model_dir}\n    max_new_tokens_limit: 1900\n")
-    proc = subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
+    proc, target = serve_slow_model(tmp_path, "drain_delay_seconds: 1.5, drain_seconds: 1, metrics_port: null",
+                                    context=2048, max_new_tokens=1900, extra="quality: {enabled: false}\n")
     try:
-        wait_serving(target, proc)
         with Client(target, max_attempts=1) as client, grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             stream = client.generate_stream("The os module", "slow",
