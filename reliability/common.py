@@ -60,12 +60,17 @@ def serve(config: Path, log: Path, *, startup_timeout_s: float = 120.0) -> Serve
     return ServerProcess(config, startup_timeout_s=startup_timeout_s, log=log)
 
 
+def status_kb(pid: int, key: str) -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM, ...); OSError once the process is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"no {key} for pid {pid}")
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process now (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for pid {pid}")
+    return status_kb(pid, "VmRSS") * 1024
 
 
 def open_fds(pid: int) -> int:

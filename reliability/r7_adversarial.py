@@ -218,7 +218,10 @@ class _MemorySampler:
         while not self._stop.is_set():
             total = 0
             for pid in _tree(self.pid):
-                rss, hwm = _status_kb(pid, "VmRSS"), _status_kb(pid, "VmHWM")
+                try:
+                    rss, hwm = common.status_kb(pid, "VmRSS"), common.status_kb(pid, "VmHWM")
+                except (OSError, ValueError):  # a worker that ended between the listing and the read (a zombie
+                    continue                   # has no Vm fields)
                 total += rss
                 self.peak_single = max(self.peak_single, hwm)
             self.peak_total = max(self.peak_total, total)
@@ -241,16 +244,6 @@ def _tree(root: int) -> list[int]:
         found.append(pid)
         todo += children.get(pid, [])
     return found
-
-
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _figures(seconds, verdicts, knobs: Knobs, shapes, freed, health, memory: _MemorySampler) -> dict:
