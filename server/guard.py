@@ -35,6 +35,11 @@ MAX_OTHER_STRING_CHARS = 1024  # stop sequences, method and profile names, thres
 MAX_ECHO_CHARS = 64  # how much of a refused value an error message repeats
 
 
+def handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    """Which of the four behaviour fields an RpcMethodHandler has set ("unary_stream", ...)."""
+    return next(kind for kind in KINDS if getattr(handler, kind) is not None)
+
+
 @dataclass(frozen=True)
 class RequestBounds:
     """The largest request (bytes, after decompression) per service; methods of other services get `other`."""
@@ -129,7 +134,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
 
     def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        kind = next(k for k in KINDS if getattr(handler, k) is not None)
+        kind = handler_kind(handler)
         inner, parse = getattr(handler, kind), handler.request_deserializer
 
         async def one(raw, context) -> Message:

@@ -19,6 +19,7 @@ import grpc
 
 from prunefusion.server.auth.keys import ApiKey, KeyStore, TokenBucket, bucket_size
 from prunefusion.server.auth.tls import peer_identity
+from prunefusion.server.guard import handler_kind
 from prunefusion.server.metrics import API_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ access_log = logging.getLogger("prunefusion.server.access")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
-KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")  # RpcMethodHandler's behaviour fields
 UNAUTHENTICATED = "missing or invalid API key (metadata 'authorization: Bearer KEY')"
 ANONYMOUS = "-"
 CANCELLATIONS = (asyncio.CancelledError, GeneratorExit)
@@ -53,10 +53,6 @@ class _KeyState:
     key: ApiKey
     bucket: TokenBucket | None
     in_flight: int = 0
-
-
-def _kind(handler: grpc.RpcMethodHandler) -> str:
-    return next(kind for kind in KINDS if getattr(handler, kind) is not None)
 
 
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -165,7 +161,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
     def _refuse(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal,
                 key_name: str = ANONYMOUS) -> grpc.RpcMethodHandler:
         """A handler of the same kind that answers `refusal` without parsing the request."""
-        kind = _kind(handler)
+        kind = handler_kind(handler)
 
         async def unary(request, context):
             started = time.perf_counter()
@@ -182,7 +178,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str, service: str,
               state: _KeyState | None) -> grpc.RpcMethodHandler:
-        kind = _kind(handler)
+        kind = handler_kind(handler)
         inner = getattr(handler, kind)
         unary_request = kind.startswith("unary")
 
