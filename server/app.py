@@ -284,9 +284,10 @@ class PrunefusionServer:
                 log.info("drain time is up: ending the requests still running (FINISH_REASON_CANCELLED)")
             await self.registry.shutdown()
             await stopping
+        else:  # start-up failed before the port was bound
+            await self.registry.shutdown()
         if self._health_server is not None:
             await self._health_server.stop(0)
-        await self.registry.shutdown()
         if self._quality is not None:
             self._quality.close()
         await self.cache.close()

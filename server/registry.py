@@ -37,7 +37,6 @@ class ModelRegistry:
         self._configs = list(configs)
         self._tasks = {c.name: engine_class(c).task for c in self._configs}
         self._engines: dict[str, ServingEngine] = {}
-        self._shut_down = False
 
     @property
     def tasks(self) -> set[str]:
@@ -60,10 +59,7 @@ class ModelRegistry:
         return engine
 
     async def shutdown(self) -> None:
-        """Stop every engine once (a second call does nothing): running requests end with FinishReason.CANCELLED."""
-        if self._shut_down:
-            return
-        self._shut_down = True
+        """Stop every engine: running requests end with FinishReason.CANCELLED."""
         await asyncio.gather(*(engine.shutdown() for engine in self._engines.values()))
 
     def _names(self, task: str) -> list[str]:
