@@ -42,8 +42,11 @@ def _serve(args: argparse.Namespace) -> int:
     from prunefusion.server.config import load_config
 
     config = load_config(args.config)
-    if args.port is not None:
-        config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
+    overrides = {"port": args.port} if args.port is not None else {}
+    if args.no_build:
+        overrides["build_missing_models"] = False
+    if overrides:
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))
     return 0
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--config", help="YAML config (default: the embedded default)")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--no-build", action="store_true", help="never build a missing model (server."
+                       "build_missing_models: false): stop at once, naming its directory and the command that builds "
+                       "it (what a Kubernetes Deployment runs; a Job builds the models)")
     serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="build and list the project's own models")

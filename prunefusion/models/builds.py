@@ -4,6 +4,7 @@ a job packaged in compression/jobs/ by its name, or a path to a job YAML)."""
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class BuildKind:
     names: Callable[[], list[str]]  # for error messages
     matches: Callable[[str], bool]
     build: Callable[[str, Path, bool], object]  # (name, out, force) -> the build's manifest
+    command: Callable[[str, Path], list[str]]  # (name, out) -> the command line that builds it (argv)
 
 
 def _build_lm(name: str, out: Path, force: bool):
@@ -69,12 +71,24 @@ def _lm_recipes() -> list[str]:
     return sorted(RECIPES)
 
 
+def _lm_command(name: str, out: Path) -> list[str]:
+    return ["prunefusion", "models", "build", "--recipe", name, "--out", str(out), "--no-pruned"]
+
+
+def _transfusion_command(name: str, out: Path) -> list[str]:
+    return ["prunefusion", "models", "build", "transfusion", "--recipe", transfusion_builds()[name], "--out", str(out)]
+
+
+def _job_command(name: str, out: Path) -> list[str]:
+    return ["prunefusion", "compress", "run", str(job_file(name)), "--out", str(out)]
+
+
 BUILD_KINDS = (
-    BuildKind("an LM recipe", _lm_recipes, lambda name: name in _lm_recipes(), _build_lm),
+    BuildKind("an LM recipe", _lm_recipes, lambda name: name in _lm_recipes(), _build_lm, _lm_command),
     BuildKind("a Transfusion build", lambda: sorted(transfusion_builds()), lambda name: name in transfusion_builds(),
-              _build_transfusion),
+              _build_transfusion, _transfusion_command),
     BuildKind("a compression job", lambda: sorted(packaged_jobs()) + ["JOB.yaml"],
-              lambda name: job_file(name) is not None, _run_job),
+              lambda name: job_file(name) is not None, _run_job, _job_command),
 )
 
 
@@ -90,10 +104,20 @@ def check_build_name(name: str) -> None:
     build_kind(name)
 
 
+def is_built(path: Path) -> bool:
+    """`path` holds a checkpoint (its config.json)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def build_command(name: str, out: Path) -> str:
+    """The shell command that builds `name` into `out` (what `serve --no-build` tells the operator to run)."""
+    return shlex.join(build_kind(name).command(name, Path(out)))
+
+
 def build_if_missing(path: Path, name: str | None, what: str) -> None:
     """Build `name` into `path` unless it already holds a checkpoint (config.json). An empty directory (e.g. a
     freshly mounted volume) is built into; any other existing directory is refused, never built over."""
-    if (path / "config.json").is_file() or name is None:
+    if is_built(path) or name is None:
         return
     empty = path.is_dir() and not any(path.iterdir())
     if path.exists() and not empty:
