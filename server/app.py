@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prunefusion.home import expand_path
+from prunefusion.home import expand_env, expand_path
 from prunefusion.server.auth.interceptor import AccessControl
 from prunefusion.server.auth.keys import KeySource
 from prunefusion.server.cache.service import CacheSettings, ResponseCache
@@ -56,6 +56,14 @@ QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"
 FLUSH_SECONDS = 2.0  # after the drain: how long the streams' final CANCELLED chunks get to go out
 
 
+def cache_url(cfg: CacheConfig) -> str | None:
+    """cache.url with its `${VAR}`s from the environment (ConfigError if one is unset)."""
+    try:
+        return None if cfg.url is None else expand_env(cfg.url, "cache.url")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 async def open_cache(cfg: CacheConfig) -> ResponseCache:
     """The response cache of the config; disabled -> a pass-through cache. Starting it never fails the server:
     an unreachable Redis is handled fail-open per request."""
@@ -64,7 +72,7 @@ async def open_cache(cfg: CacheConfig) -> ResponseCache:
     from prunefusion.server.cache.backend import connect
 
     backend = await asyncio.to_thread(
-        connect, cfg.url, expand_path(cfg.data_dir), timeout_s=cfg.timeout_ms / 1000,
+        connect, cache_url(cfg), expand_path(cfg.data_dir), timeout_s=cfg.timeout_ms / 1000,
         backoff_initial_s=cfg.backoff_initial_seconds, backoff_max_s=cfg.backoff_max_seconds,
         embedded_maxmemory_mb=cfg.embedded_maxmemory_mb)
     settings = CacheSettings(namespace=cfg.namespace, ttl_seconds=cfg.ttl_seconds, ttl_jitter=cfg.ttl_jitter,
@@ -177,6 +185,8 @@ class PrunefusionServer:
         cfg = self.config.server
         if not cfg.build_missing_models:
             check_built(self.config.models)
+        if self.config.cache.enabled:
+            cache_url(self.config.cache)  # an unset variable stops the start now, not after the port is bound
         limit = cfg.max_message_mb * 1024 * 1024
         bounds = self.request_bounds()
         receive_limit = min(limit, max(bounds.by_service.values()))  # what gRPC decompresses at most

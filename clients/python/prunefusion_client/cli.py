@@ -97,7 +97,8 @@ def _caption(client: Client, args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunefusion-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s); several "
+                        "replicas: IP:PORT,IP:PORT or dns:///NAME:PORT (balanced round-robin, retried on UNAVAILABLE)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
     parser.add_argument("--json", action="store_true", help="print protobuf messages as JSON")
     connection.add_arguments(parser)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from prunefusion_client.connection import Connection
+from prunefusion_client.connection import Connection, channel_target
 from prunefusion_client.v1 import multimodal_pb2 as mm
 from prunefusion_client.v1 import multimodal_pb2_grpc as mm_grpc
 from prunefusion_client.v1 import quality_filter_pb2 as qf
@@ -105,17 +105,20 @@ def _unserved_is_empty():
 
 
 def channel_options(max_attempts: int) -> list[tuple[str, object]]:
-    retry = {"methodConfig": [{
-        "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"},
-                 {"service": "prunefusion.v1.QualityFilter"}],
-        "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]}
-    options: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    if max_attempts < 2:  # gRPC requires maxAttempts >= 2 in a retry policy; 1 means no retries at all
-        return [*options, ("grpc.enable_retries", 0)]
-    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(retry))]
+    """Message limits, the retry policy, and round_robin over every address the target resolves to (several
+    replicas: `ipv4:10.0.0.1:50051,10.0.0.2:50051`, or `dns:///prunefusion-headless:50051` for a headless Service),
+    so a retry after UNAVAILABLE goes to another replica."""
+    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts >= 2:  # gRPC requires maxAttempts >= 2 in a retry policy; 1 means no retries at all
+        config["methodConfig"] = [{
+            "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"},
+                     {"service": "prunefusion.v1.QualityFilter"}],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", int(max_attempts >= 2)), ("grpc.service_config", json.dumps(config))]
 
 
 class Client:
@@ -126,7 +129,7 @@ class Client:
                  **security: str | None):
         """`security`: Connection's fields (api_key, tls_ca, tls_cert, tls_key, server_name), or pass `connection`."""
         connection = connection or Connection(**security)
-        self._channel = connection.channel(target, channel_options(max_attempts), credentials)
+        self._channel = connection.channel(channel_target(target), channel_options(max_attempts), credentials)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)
@@ -213,7 +216,7 @@ class AsyncClient:
                  credentials: grpc.ChannelCredentials | None = None, connection: Connection | None = None,
                  **security: str | None):
         connection = connection or Connection(**security)
-        self._channel = connection.aio_channel(target, channel_options(max_attempts), credentials)
+        self._channel = connection.aio_channel(channel_target(target), channel_options(max_attempts), credentials)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)

@@ -10,7 +10,9 @@ CLIs share `add_arguments` / `from_args` so that every command takes the same fl
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import grpc
 import grpc.aio
 
 API_KEY_ENV = "PRUNEFUSION_API_KEY"
+TARGET_SCHEMES = ("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "vsock:")  # gRPC name syntax: as given
 
 
 def _read(path: str | None) -> bytes | None:
@@ -71,6 +74,26 @@ class Connection:
         if credentials:
             return grpc.aio.secure_channel(target, credentials, opts, interceptors=interceptors)
         return grpc.aio.insecure_channel(target, opts, interceptors=interceptors)
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """A gRPC target: a string as given (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`), or several `IP:PORT`
+    addresses (a list, or a string with commas and no scheme) as one `ipv4:` / `ipv6:` target the channel balances
+    over. A host name among several is refused: `dns:///NAME:PORT` resolves one name to all its addresses."""
+    if isinstance(target, str):
+        if "," not in target or target.startswith(TARGET_SCHEMES):
+            return target
+        target = target.split(",")
+    addresses = list(target)
+    scheme = "ipv6" if all(a.strip().startswith("[") for a in addresses) else "ipv4"
+    for address in addresses:
+        host = address.strip().rsplit(":", 1)[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"target: {address!r} is not an IP:PORT; several replicas are IP addresses (ipv4:A:PORT,"
+                             "B:PORT) or one name that resolves to all of them (dns:///NAME:PORT)") from None
+    return f"{scheme}:" + ",".join(a.strip() for a in addresses)
 
 
 def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
