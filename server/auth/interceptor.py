@@ -153,10 +153,15 @@ class AccessControl(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(refusal.retry_after_s * 1000))),))
         await context.abort(refusal.code, str(refusal))
 
-    def _log(self, method: str, key_name: str, context, error, started: float) -> None:
-        if self._access_log:
-            access_log.info("%s key=%s peer=%s client_cert=%s status=%s %.1fms", method, key_name, context.peer(),
-                            peer_identity(context), _status(context, error), (time.perf_counter() - started) * 1e3)
+    def _caller(self, context) -> tuple[str, str] | None:
+        """(peer, client certificate) while the call is live: asked once the call has ended, grpc's C core may
+        already have freed it (a segfault seen in CI on a cancelled stream)."""
+        return (context.peer(), peer_identity(context)) if self._access_log else None
+
+    def _log(self, method: str, key_name: str, context, error, started: float, caller: tuple[str, str] | None) -> None:
+        if self._access_log and caller is not None:
+            access_log.info("%s key=%s peer=%s client_cert=%s status=%s %.1fms", method, key_name, *caller,
+                            _status(context, error), (time.perf_counter() - started) * 1e3)
 
     def _refuse(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal,
                 key_name: str = ANONYMOUS) -> grpc.RpcMethodHandler:
@@ -164,11 +169,11 @@ class AccessControl(grpc.aio.ServerInterceptor):
         kind = handler_kind(handler)
 
         async def unary(request, context):
-            started = time.perf_counter()
+            started, caller = time.perf_counter(), self._caller(context)
             try:
                 await self._abort(context, refusal)
             finally:
-                self._log(method, key_name, context, refusal, started)
+                self._log(method, key_name, context, refusal, started, caller)
 
         async def stream(request, context):
             await unary(request, context)
@@ -185,7 +190,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
         @contextlib.asynccontextmanager
         async def admitted(request, context):
             """Around the servicer: the parsed request's checks, the in-flight count, the access-log line."""
-            started, error, counted = time.perf_counter(), None, False
+            started, error, counted, caller = time.perf_counter(), None, False, self._caller(context)
             try:
                 self._admit(state, service, request if unary_request else None)
                 counted = state is not None
@@ -199,7 +204,7 @@ class AccessControl(grpc.aio.ServerInterceptor):
             finally:
                 if counted:
                     state.in_flight -= 1
-                self._log(method, state.key.name if state else ANONYMOUS, context, error, started)
+                self._log(method, state.key.name if state else ANONYMOUS, context, error, started, caller)
 
         async def unary(request, context):
             async with admitted(request, context):
