@@ -47,7 +47,8 @@ def test_calls_run_in_worker_processes_and_errors_come_back():
             with pytest.raises(ZeroDivisionError):
                 await pool.run(operator.truediv, 1, 0)
             assert await pool.run(os.getpid) in pids  # an error in the call does not cost the worker
-            assert pool.healthy() and sorted(pool.pids()) == sorted(pids)
+            # the workers that answered are still the pool's (on a loaded machine one worker may have taken all six)
+            assert pool.healthy() and pids <= set(pool.pids())
         finally:
             pool.close()
 
