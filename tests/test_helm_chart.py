@@ -5,11 +5,12 @@ accepts, and Job commands its own CLI parses. Nothing is applied to a cluster.""
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
-import os
+import json
+import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -131,14 +132,24 @@ def test_the_server_runs_serve_with_the_configmap_config_and_no_build():
 
     objs = objects()
     container = server_container(objs)
-    argv = [*container["command"], *container["args"]]
-    assert argv == ["prunefusion", "serve", "--config", "/etc/prunefusion/config.yaml", "--no-build"]
-    args, unknown = build_parser().parse_known_args(argv[1:])
-    assert args.config == "/etc/prunefusion/config.yaml" and set(unknown) <= {"--no-build"}
+    assert container["command"] == ["prunefusion"]
+    args = build_parser().parse_args(container["args"])  # the real parser: an unknown argument exits
+    assert (args.command, args.config, args.no_build, args.port) == ("serve", "/etc/prunefusion/config.yaml", True,
+                                                                     None)
+    # the ConfigMap itself at /etc/prunefusion (no init container renders the config any more)
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/prunefusion")
     volumes = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mount["name"]]["configMap"]["name"] == one(objs, "ConfigMap", "prunefusion")["metadata"]["name"]
-    assert container["image"] == "prunefusion:0.1.0"
+    assert mount["readOnly"] is True
+
+
+def test_the_default_image_is_the_one_deploy_check_sh_builds():
+    image = server_container(objects())["image"]
+    assert image == "prunefusion:cpu"
+    check_sh = ROOT / "deploy" / "check.sh"
+    if check_sh.is_file():  # the image build and its end-to-end check: the chart follows its tag
+        built = re.search(r"^IMAGE=\$\{PRUNEFUSION_IMAGE:-([^}]+)\}", check_sh.read_text(), re.MULTILINE)
+        assert built and built.group(1) == image
 
 
 def test_probes_readiness_and_startup_on_grpc_health_liveness_survives_a_drain():
@@ -148,12 +159,40 @@ def test_probes_readiness_and_startup_on_grpc_health_liveness_survives_a_drain()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == port == 50051 and ports["health"] == health_port and ports["metrics"] == 9464
     for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": port, "service": ""}, probe  # the overall status
+        assert container[probe]["grpc"] == {"port": port, "service": ""}, probe  # the overall status: every model
     startup = container["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 600  # model loading
     liveness = container["livenessProbe"]
     assert "grpc" not in liveness  # NOT_SERVING during a drain (on the health port too: the same servicer)
     assert liveness["tcpSocket"]["port"] == health_port != port
+
+
+def test_readiness_can_wait_for_one_service_the_server_registers(values_sets):
+    from prunefusion.server.app import QUALITY_SERVICE, SERVICE_OF_TASK
+    from prunefusion.server.config import parse_config
+    from prunefusion.server.registry import ModelRegistry
+
+    text = SERVICE_OF_TASK["text"]
+    assert text == "prunefusion.v1.TextGeneration" and SERVICE_OF_TASK["multimodal"] == "prunefusion.v1.Multimodal"
+    schema = json.loads((check_chart.CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["probes"]["properties"]["readinessService"]["enum"]) == {
+        "", *SERVICE_OF_TASK.values(), QUALITY_SERVICE}
+    container = server_container(objects({"probes": {"readinessService": text}}))
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": text}, probe
+    assert "grpc" not in container["livenessProbe"]
+    # the services the server registers for a config (server/app.py): the chart's check agrees with it
+    multimodal = {"config": {"models": [{"name": "tf", "path": "${PRUNEFUSION_HOME}/models/tf",
+                                         "engine": "transfusion"}], "quality": {"enabled": False}}}
+    registered = {task for task in ModelRegistry(parse_config(server_config(objects(multimodal))).models).tasks}
+    assert registered == {"multimodal"}
+    assert "does not serve it" in render_error({**multimodal, "probes": {"readinessService": text}})
+    assert "does not serve it" in render_error({**multimodal, "probes": {"readinessService": QUALITY_SERVICE}})
+    ok = server_container(objects({**multimodal, "probes": {"readinessService": SERVICE_OF_TASK["multimodal"]}}))
+    assert ok["readinessProbe"]["grpc"]["service"] == "prunefusion.v1.Multimodal"
+    assert "/probes/readinessService" in render_error({"probes": {"readinessService": "TextGeneration"}})
+    readme = (ROOT / "deploy" / "helm" / "README.md").read_text()
+    assert "probes.readinessService" in readme and text in readme
 
 
 def test_liveness_without_a_health_port_is_still_no_grpc_health_check():
@@ -295,34 +334,40 @@ def test_the_default_config_serves_tiny_lm_with_torch_and_opens_metrics_to_the_p
     assert config.server.drain_seconds == 30 and config.cache.url is None
 
 
-def test_external_redis_url_comes_from_a_secret_through_the_config_init_container(values_sets, tmp_path):
-    from prunefusion.server.config import load_config
+def test_external_redis_url_comes_from_a_secret_the_server_expands_from_its_environment(values_sets):
+    from prunefusion.server.config import parse_config
 
     objs = objects(values_sets["examples/external-redis.yaml"])
     assert not [o for o in objs if o["kind"] == "Secret"]  # existingSecret: the chart makes none
-    configmap = one(objs, "ConfigMap", "prunefusion")["data"]
-    assert server_config(objs)["cache"]["url"] == "${PRUNEFUSION_REDIS_URL}"  # a placeholder, no credential
+    assert server_config(objs)["cache"]["url"] == "${PRUNEFUSION_REDIS_URL}"  # a reference, no credential
     pod = one(objs, "Deployment")["spec"]["template"]["spec"]
-    init = next(c for c in pod["initContainers"] if c["name"] == "config")
-    secret_ref = next(e for e in init["env"] if e["name"] == "PRUNEFUSION_REDIS_URL")["valueFrom"]["secretKeyRef"]
-    assert secret_ref == {"name": "prunefusion-redis", "key": "url"}
-    out_mount = next(m for m in init["volumeMounts"] if m["mountPath"] == "/etc/prunefusion")
-    assert next(v for v in pod["volumes"] if v["name"] == out_mount["name"])["emptyDir"]["medium"] == "Memory"
-    server_mount = next(m for m in server_container(objs)["volumeMounts"] if m["mountPath"] == "/etc/prunefusion")
-    assert server_mount["name"] == out_mount["name"]
-    # run the init container's script as the pod would (paths from its command), on this machine
-    script, template, out = (tmp_path / "render-config.py", tmp_path / "config.yaml", tmp_path / "out.yaml")
-    script.write_text(configmap["render-config.py"])
-    template.write_text(configmap["config.yaml"])
-    assert init["command"][:2] == ["python", "/etc/prunefusion-template/render-config.py"]
-    url = "redis://:p#ss: word@redis-master:6379/0"
-    subprocess.run([sys.executable, script, template, out], check=True, capture_output=True,
-                   env={**os.environ, "PRUNEFUSION_REDIS_URL": url})
-    assert load_config(out).cache.url == url
-    assert oct(out.stat().st_mode & 0o777) == "0o600"
-    failed = subprocess.run([sys.executable, script, template, tmp_path / "x.yaml"], capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "PRUNEFUSION_REDIS_URL"})
-    assert failed.returncode == 1 and "PRUNEFUSION_REDIS_URL" in failed.stderr
+    assert "initContainers" not in pod  # nothing renders the config: the server expands cache.url itself
+    env = next(e for e in server_container(objs)["env"] if e["name"] == "PRUNEFUSION_REDIS_URL")
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "prunefusion-redis", "key": "url"}
+    mount = next(m for m in server_container(objs)["volumeMounts"] if m["mountPath"] == "/etc/prunefusion")
+    assert "configMap" in next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert not [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert parse_config(server_config(objs)).cache.url == "${PRUNEFUSION_REDIS_URL}"
+
+
+def test_the_secrets_url_reaches_the_server_through_its_environment(monkeypatch):
+    """As the pod has it: the Secret's value (base64 in the chart's Secret) in PRUNEFUSION_REDIS_URL, the ConfigMap's
+    YAML through the server's loader, cache.url through server/app.py's cache_url, which opens the cache."""
+    from prunefusion.server.app import cache_url
+    from prunefusion.server.config import ConfigError, parse_config
+
+    url = "redis://:p#ss:w@rd@redis-master:6379/0"  # '#' (a YAML comment), ':' and '@' in the password
+    objs = objects({"redis": {"url": url}})
+    secret = one(objs, "Secret")
+    env = next(e for e in server_container(objs)["env"] if e["name"] == "PRUNEFUSION_REDIS_URL")
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "url"}
+    config = parse_config(server_config(objs))
+    monkeypatch.setenv("PRUNEFUSION_REDIS_URL", base64.b64decode(secret["data"][ref["key"]]).decode())
+    assert cache_url(config.cache) == url
+    monkeypatch.delenv("PRUNEFUSION_REDIS_URL")
+    with pytest.raises(ConfigError, match=r"cache.url: \$\{PRUNEFUSION_REDIS_URL\} is not set in the environment"):
+        cache_url(config.cache)
 
 
 def test_a_redis_url_in_values_goes_into_a_chart_secret_and_rolls_the_pods():
@@ -344,7 +389,7 @@ def test_the_gpu_example_asks_for_gpus_and_serves_vllm(values_sets):
     objs = objects(values_sets["examples/gpu-vllm.yaml"])
     container = server_container(objs)
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    assert gpus >= 1 and container["image"] == "prunefusion:0.1.0-cuda"
+    assert gpus >= 1 and container["image"] == "prunefusion:cuda"  # deploy/docker/Dockerfile.cuda's tag
     config = parse_config(server_config(objs))
     assert {m.engine for m in config.models} == {"vllm"} and {m.device for m in config.models} == {"cuda"}
     assert all(1 <= m.vllm.tensor_parallel_size <= gpus for m in config.models)
@@ -449,11 +494,19 @@ def test_the_compression_job_builds_into_the_volume_with_commands_the_cli_parses
 
 
 def test_servers_wait_for_the_jobs_models_with_the_server_config_loader(values_sets, tmp_path, monkeypatch, capsys):
-    objs = objects(values_sets["examples/compression-job.yaml"])
+    # with an external Redis too: the init container reads the same config, cache.url unexpanded, without the Secret
+    values = {**values_sets["examples/compression-job.yaml"], "redis": {"existingSecret": "prunefusion-redis"}}
+    objs = objects(values)
     init = next(c for c in one(objs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
                 if c["name"] == "wait-for-models")
-    assert init["command"][1:] == ["/etc/prunefusion-template/wait-for-models.py", "/etc/prunefusion/config.yaml"]
+    assert init["command"][1:] == ["/etc/prunefusion/wait-for-models.py", "/etc/prunefusion/config.yaml"]
     assert {"name": "PRUNEFUSION_HOME", "value": HOME} in init["env"]
+    assert "PRUNEFUSION_REDIS_URL" not in {e["name"] for e in init["env"]}
+    assert server_config(objs)["cache"]["url"] == "${PRUNEFUSION_REDIS_URL}"
+    monkeypatch.delenv("PRUNEFUSION_REDIS_URL", raising=False)
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in init["volumeMounts"] if m["mountPath"] == "/etc/prunefusion")
+    assert next(v for v in pod["volumes"] if v["name"] == mount["name"])["configMap"]["name"] == "prunefusion"
     configmap = one(objs, "ConfigMap", "prunefusion")["data"]
     config = tmp_path / "config.yaml"
     config.write_text(configmap["config.yaml"])

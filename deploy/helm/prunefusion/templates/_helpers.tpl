@@ -42,7 +42,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "prunefusion.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "prunefusion.selectorLabels" . }}
-app.kubernetes.io/version: {{ .ctx.Values.image.tag | default .ctx.Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 app.kubernetes.io/part-of: prunefusion
 {{- end -}}
@@ -69,7 +69,7 @@ app.kubernetes.io/part-of: prunefusion
 {{- if not (kindIs "invalid" $p) -}}{{ $p | int }}{{- end -}}
 {{- end -}}
 
-{{/* The port the readiness and startup probes ask for grpc.health.v1 status "": the serving port, or with TLS on
+{{/* The port the readiness and startup probes ask for grpc.health.v1 status: the serving port, or with TLS on
 it (the kubelet's gRPC probe speaks plaintext only) the plaintext health port. */}}
 {{- define "prunefusion.readinessPort" -}}
 {{- $s := include "prunefusion.server" . | fromJson -}}
@@ -82,6 +82,31 @@ it (the kubelet's gRPC probe speaks plaintext only) the plaintext health port. *
 {{- else -}}
 {{- include "prunefusion.grpcPort" . -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The grpc.health.v1 service the startup and readiness probes ask for (probes.readinessService): "" (every
+model loaded) or a service this config makes the server register (server/app.py: TextGeneration with a torch or
+vllm model, Multimodal with a transfusion model, QualityFilter unless quality.enabled is false); the server answers
+NOT_FOUND for any other, and such a probe would never pass. */}}
+{{- define "prunefusion.readinessService" -}}
+{{- $want := .Values.probes.readinessService | default "" -}}
+{{- if $want -}}
+{{- $registered := list -}}
+{{- range .Values.config.models -}}
+{{- if eq (.engine | default "torch") "transfusion" -}}
+{{- $registered = append $registered "prunefusion.v1.Multimodal" -}}
+{{- else -}}
+{{- $registered = append $registered "prunefusion.v1.TextGeneration" -}}
+{{- end -}}
+{{- end -}}
+{{- if dig "enabled" true (.Values.config.quality | default dict) -}}
+{{- $registered = append $registered "prunefusion.v1.QualityFilter" -}}
+{{- end -}}
+{{- if not (has $want $registered) -}}
+{{- fail (printf "probes.readinessService %s: this config's server does not serve it (it serves %s); the probe would never pass" $want (join ", " ($registered | uniq))) -}}
+{{- end -}}
+{{- end -}}
+{{- $want -}}
 {{- end -}}
 
 {{/* terminationGracePeriodSeconds: above the server's whole SIGTERM path, drain_delay_seconds (still serving)
@@ -112,9 +137,9 @@ out), plus a margin for the engines' shutdown; the kubelet SIGKILLs at its end. 
 {{- .Values.redis.existingSecret | default (printf "%s-redis" (include "prunefusion.fullname" .)) -}}
 {{- end -}}
 
-{{/* The server config the ConfigMap holds: .Values.config, with the cache pointed at the external Redis (a
-placeholder the config init container replaces with the Secret's URL: the server does not expand environment
-variables in cache.url) or, without one, the embedded Redis' data in the pod's /tmp (never on the shared volume). */}}
+{{/* The server config the ConfigMap holds: .Values.config, with the cache pointed at the external Redis as
+${PRUNEFUSION_REDIS_URL} (the server expands ${VAR} in cache.url at start; the server container gets the variable
+from the Secret) or, without one, the embedded Redis' data in the pod's /tmp (never on the shared volume). */}}
 {{- define "prunefusion.serverConfig" -}}
 {{- $cfg := deepCopy .Values.config -}}
 {{- $cache := get $cfg "cache" | default dict -}}
