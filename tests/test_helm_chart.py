@@ -132,7 +132,11 @@ def test_the_server_runs_serve_with_the_configmap_config_and_no_build():
 
     objs = objects()
     container = server_container(objs)
-    assert container["command"] == ["prunefusion"]
+    assert container["command"] == ["tini", "--", "prunefusion"]  # the images' ENTRYPOINT: tini reaps as PID 1
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
+        path = ROOT / "deploy" / "docker" / dockerfile
+        if path.is_file():
+            assert f"ENTRYPOINT {json.dumps(container['command'])}" in path.read_text(), dockerfile
     args = build_parser().parse_args(container["args"])  # the real parser: an unknown argument exits
     assert (args.command, args.config, args.no_build, args.port) == ("serve", "/etc/prunefusion/config.yaml", True,
                                                                      None)
