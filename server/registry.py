@@ -101,10 +101,6 @@ class ModelRegistry:
     def infos(self, task: str = "text") -> list[ModelInfo]:
         return [engine.info for engine in self.engines(task)]
 
-    def healthy(self) -> bool:
-        """Every configured model loaded, and healthy."""
-        return all(self.ready(task) for task in self.tasks)
-
     def ready(self, task: str) -> bool:
         """Every model of `task` loaded, and healthy: its service reports SERVING."""
         names = self._names(task)
