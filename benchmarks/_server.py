@@ -17,7 +17,8 @@ def start_server(model_dir: Path, tmp: Path, cache_yaml: str, timeout_s: float =
     "auth: {...}"); returns (process, target)."""
     config = tmp / "bench.yaml"
     extra = f", {server_yaml}" if server_yaml else ""
-    config.write_text(f"server: {{host: 127.0.0.1, port: 0, log_level: WARNING, metrics_port: null{extra}}}\n"
+    config.write_text(f"server: {{host: 127.0.0.1, port: 0, log_level: WARNING, metrics_port: null, "
+                      f"http_port: null{extra}}}\n"
                       f"cache: {cache_yaml}\n"
                       f"models:\n  - name: bench\n    path: {model_dir}\n    max_batch_size: 16\n")
     server = ServerProcess(config, startup_timeout_s=timeout_s, log=tmp / "server.log")  # read it when a start fails

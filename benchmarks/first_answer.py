@@ -35,7 +35,7 @@ def config_with_port(path: str | None, port: int, out: Path) -> tuple[Path, list
     from prunefusion.server.config import load_config
 
     data = load_config(path).model_dump(mode="json", exclude_unset=True)
-    data.setdefault("server", {}).update({"host": "127.0.0.1", "port": port, "metrics_port": None})
+    data.setdefault("server", {}).update({"host": "127.0.0.1", "port": port, "metrics_port": None, "http_port": None})
     out.write_text(yaml.safe_dump(data))
     text = [m["name"] for m in data["models"] if m.get("engine", "torch") in ("torch", "vllm")]
     return out, text

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = Path(tempfile.mkdtemp()) / "serve.yaml"
     config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "log_level": "WARNING"},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None, "log_level": "WARNING"},
         "cache": {"enabled": False},
         "models": [{"name": "tf", "path": str(args.model), "engine": "transfusion", "max_batch_size": 8,
                     "images": {"max_wait_ms": args.wait_ms}}]}))

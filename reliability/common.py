@@ -46,7 +46,7 @@ def write_config(path: Path, model_dir: Path, *, server: dict[str, Any] | None =
     """A server config serving the pico LM as `pico` (port chosen by ServerProcess), metrics on a free port, the
     cache embedded under the config's directory unless `cache` says otherwise; the dicts override sections."""
     config = {
-        "server": {"host": "127.0.0.1", "metrics_port": 0, "drain_seconds": 10, **(server or {})},
+        "server": {"host": "127.0.0.1", "metrics_port": 0, "http_port": None, "drain_seconds": 10, **(server or {})},
         "cache": {"data_dir": str(path.parent / "redis"), **(cache or {})},
         "quality": {"workers": 1, **(quality or {})},
         "models": [{"name": "pico", "path": str(model_dir), "max_new_tokens_limit": 64, **(model or {})}],

@@ -22,22 +22,23 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prunefusion.home import expand_env, expand_path
 from prunefusion.server.auth.interceptor import AccessControl
 from prunefusion.server.auth.keys import KeySource
-from prunefusion.server.cache.service import CacheSettings, ResponseCache
-from prunefusion.server.config import AppConfig, CacheConfig, ConfigError, ModelConfigBase
+from prunefusion.server.cache.service import ResponseCache
+from prunefusion.server.config import AppConfig, ConfigError
 from prunefusion.server.guard import RequestBounds, RequestGuard
 from prunefusion.server.health import DrainableHealth
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.multimodal import MultimodalServicer
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
+from prunefusion.server.startup import build_missing, cache_url, check_built, is_built, open_cache
 from prunefusion_client.v1 import (
     multimodal_pb2,
     multimodal_pb2_grpc,
@@ -54,59 +55,6 @@ SERVICE_OF_TASK = {"text": text_generation_pb2.DESCRIPTOR.services_by_name["Text
                    "multimodal": multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name}
 QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name
 FLUSH_SECONDS = 2.0  # after the drain: how long the streams' final CANCELLED chunks get to go out
-
-
-def cache_url(cfg: CacheConfig) -> str | None:
-    """cache.url with its `${VAR}`s from the environment (ConfigError if one is unset)."""
-    try:
-        return None if cfg.url is None else expand_env(cfg.url, "cache.url")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-async def open_cache(cfg: CacheConfig) -> ResponseCache:
-    """The response cache of the config; disabled -> a pass-through cache. Starting it never fails the server:
-    an unreachable Redis is handled fail-open per request."""
-    if not cfg.enabled:
-        return ResponseCache(None)
-    from prunefusion.server.cache.backend import connect
-
-    backend = await asyncio.to_thread(
-        connect, cache_url(cfg), expand_path(cfg.data_dir), timeout_s=cfg.timeout_ms / 1000,
-        backoff_initial_s=cfg.backoff_initial_seconds, backoff_max_s=cfg.backoff_max_seconds,
-        embedded_maxmemory_mb=cfg.embedded_maxmemory_mb)
-    settings = CacheSettings(namespace=cfg.namespace, ttl_seconds=cfg.ttl_seconds, ttl_jitter=cfg.ttl_jitter,
-                             max_entry_bytes=cfg.max_entry_bytes, lock_ttl_seconds=cfg.lock_ttl_seconds)
-    return ResponseCache(backend, settings)
-
-
-def build_missing(cfg: ModelConfigBase) -> None:
-    """Build the model's recipe or compression job into its path if the directory is missing and the config names
-    one (blocking: minutes for the default models, once)."""
-    from prunefusion.models.builds import build_if_missing
-
-    build_if_missing(cfg.resolved_path, cfg.build, f"model {cfg.name}")
-
-
-def is_built(cfg: ModelConfigBase) -> bool:
-    from prunefusion.models.builds import is_built as built
-
-    return built(cfg.resolved_path)
-
-
-def check_built(models: list[ModelConfigBase]) -> None:
-    """`--no-build`: every model's directory must hold a checkpoint; else a ConfigError naming each missing one and
-    the command that builds it."""
-    from prunefusion.models.builds import build_command
-
-    missing = [m for m in models if not is_built(m)]
-    if missing:
-        lines = [f"model {m.name}: {m.resolved_path} holds no model (no config.json); "
-                 + (f"build it with: {build_command(m.build, m.resolved_path)}" if m.build else
-                    "copy a checkpoint there (config.json, weights, tokenizer) or give the model a build:")
-                 for m in missing]
-        raise ConfigError("server.build_missing_models is off (serve --no-build), and models are missing:\n  "
-                          + "\n  ".join(lines))
 
 
 def _status(serving: bool):
@@ -135,6 +83,8 @@ class PrunefusionServer:
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self.access: AccessControl | None = None
+        self.http = None  # the OpenAI-compatible front end (server/openai/), with server.http_port
+        self.http_port: int | None = None
         self._key_source: KeySource | None = None
         self._key_watch: asyncio.Task | None = None
         self._key_signature: tuple | None = None
@@ -224,6 +174,8 @@ class PrunefusionServer:
             self.health_port = self._bind(self._health_server, host, cfg.health_port, plaintext=True)
             await self._health_server.start()
             log.info("health (grpc.health.v1 only, plaintext) on %s:%d", host, self.health_port)
+        if cfg.http_port is not None:
+            await self._start_http()
         if cfg.metrics_port is not None:
             allowed = None
             if cfg.auth is not None and cfg.auth.metrics_requires_key:
@@ -261,6 +213,21 @@ class PrunefusionServer:
             self.registry.set_state(model.name, "loading")
             await self.registry.load(model, self.cache)
             await self._update_health()
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible HTTP API on its own port: the same registry (and so cache), keys and health."""
+        from prunefusion.server.openai.frontend import HttpFrontend
+        from prunefusion.server.openai.routes import HttpContext, build_app
+
+        cfg = self.config.server
+        context = HttpContext(self.registry, self.access, ready=lambda: self._serving.get("") is True,
+                              max_body_bytes=cfg.max_text_request_kb << 10, started=int(time.time()))
+        host = cfg.http_host or cfg.host
+        self.http = HttpFrontend(build_app(context), host, cfg.http_port, tls=cfg.tls,
+                                 graceful_seconds=cfg.drain_seconds + FLUSH_SECONDS)
+        await self.http.start()
+        self.http_port = self.http.port
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.http.scheme, host, self.http_port)
 
     def _access_control(self) -> list[grpc.aio.ServerInterceptor]:
         """The interceptor (API keys, access log) when either is on; an unreadable keys file stops the start."""
@@ -348,6 +315,7 @@ class PrunefusionServer:
             await asyncio.sleep(delay)
         log.info("draining (up to %.0f s for in-flight requests)", grace)
         self.health.end_watches()  # a watcher never finishes by itself: it would hold the drain to its end
+        http_stopping = asyncio.ensure_future(self.http.stop()) if self.http is not None else None
         if self._server is not None:
             # the server stops accepting now; in-flight calls keep running. At the end of `grace` the engines end
             # their streams (a final CANCELLED chunk each) and the flush time lets those last messages go out
@@ -360,6 +328,8 @@ class PrunefusionServer:
             await stopping
         else:  # start-up failed before the port was bound
             await self.registry.shutdown()
+        if http_stopping is not None:
+            await http_stopping
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._quality is not None:

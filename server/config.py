@@ -62,6 +62,9 @@ class TextModelConfig(ModelConfigBase):
     default_max_new_tokens: Annotated[int, Field(ge=1)] = 64
     trust_remote_code: bool = False  # run code shipped with the checkpoint: only for checkpoints you trust
     context_length: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
+    # how chat messages become a prompt (server/engines/chat.py): null: the tokenizer's own chat_template (none: chat
+    # is refused); a name from CHAT_TEMPLATES ("plain", for base models like the default LM); or a Jinja template
+    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> TextModelConfig:
@@ -296,6 +299,10 @@ class ServerConfig(StrictModel):
     # certificate); null: none. Bound to health_host (default: host).
     health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     health_host: str | None = None
+    # the OpenAI-compatible HTTP API (server/openai/): the same models, cache, keys and metrics as gRPC; null: off.
+    # Bound to http_host (default: host). With server.tls it serves HTTPS with the same certificate.
+    http_port: Annotated[int, Field(ge=0, le=65535)] | None = 8000
+    http_host: str | None = None
     auth: AuthConfig | None = None  # null: no API keys (anyone who reaches the port may call)
     tls: TlsConfig | None = None  # null: plaintext
     access_log: bool = False  # one INFO line per call: method, key name, peer, client certificate, status, time

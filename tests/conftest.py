@@ -116,7 +116,7 @@ def server(request, pico_dir) -> ServerThread:
     path = str(pico_dir if engine == "torch" else request.getfixturevalue("pico_vllm_dir"))
     extra = {"engine": "vllm", "vllm": VLLM_TEST_OPTIONS} if engine == "vllm" else {}
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": None},
         "cache": {"enabled": False},  # these tests are about the engine; the cache has its own (test_cache.py)
         "models": [
             {"name": "pico", "path": path, "max_batch_size": 8, "max_queue": 32,
@@ -152,7 +152,7 @@ def transfusion_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mm_server(transfusion_dir, pico_dir):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
         "cache": {"enabled": False},
         "models": [
             {"name": "pico-lm", "path": str(pico_dir), "max_batch_size": 2},

@@ -44,7 +44,7 @@ def keys_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def auth_server(keys_file, pico_dir, transfusion_dir):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "access_log": True,
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": None, "access_log": True,
                    "auth": {"api_keys_file": str(keys_file), "reload_seconds": 0.2, "metrics_requires_key": True}},
         "cache": {"enabled": False}, "quality": {"workers": 0},
         "models": [
@@ -414,7 +414,7 @@ def test_a_bad_keys_file_stops_the_start(tmp_path, pico_dir):
 
     bad = tmp_path / "keys.txt"
     bad.write_text("alice plaintext-key\n")
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None,
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None,
                                       "auth": {"api_keys_file": str(bad)}},
                            "cache": {"enabled": False}, "quality": {"enabled": False},
                            "models": [{"name": "m", "path": str(pico_dir)}]})
@@ -442,7 +442,7 @@ def test_sighup_reloads_the_keys(tmp_path, pico_dir):
     keys = tmp_path / "keys.txt"
     keys.write_text(key_lines("alice"))
     config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, metrics_port: null, auth: {{api_keys_file: {keys}, "
+    config.write_text(f"server: {{host: 127.0.0.1, metrics_port: null, http_port: null, auth: {{api_keys_file: {keys}, "
                       "reload_seconds: 3600}}\ncache: {enabled: false}\nquality: {enabled: false}\n"
                       f"models:\n  - name: pico\n    path: {pico_dir}\n")
     with ServerProcess(config, startup_timeout_s=120, log=tmp_path / "server.log") as server, \
@@ -461,7 +461,8 @@ def test_sighup_reloads_the_keys(tmp_path, pico_dir):
 
 
 def test_request_ids_reach_the_log_only_when_configured(pico_dir, caplog):
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "log_requests": True},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None,
+                                      "log_requests": True},
                            "cache": {"enabled": False}, "quality": {"enabled": False},
                            "models": [{"name": "pico", "path": str(pico_dir)}]})
     assert parse_config({"models": [{"name": "m", "path": "/x"}]}).server.metrics_host == "127.0.0.1"

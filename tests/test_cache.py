@@ -33,7 +33,7 @@ def cache_config(redis_url: str, **cache) -> dict:
 @pytest.fixture()
 def cached_server(pico_dir, redis_server):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": None},
         "cache": cache_config(redis_server.url),
         "models": [{"name": "cached-pico", "path": str(pico_dir), "max_batch_size": 8}],
     })

@@ -141,7 +141,8 @@ def test_health_and_good_requests_pass_the_guard(channel):
 def test_model_paths_are_not_shown_unless_configured(server, channel, pico_dir):
     models = pb_grpc.TextGenerationStub(channel).ListModels(pb.ListModelsRequest()).models
     assert models and all(m.path == "" for m in models)
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "expose_paths": True},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None,
+                                      "expose_paths": True},
                            "cache": {"enabled": False}, "quality": {"enabled": False},
                            "models": [{"name": "p", "path": str(pico_dir)}]})
     shown = ServerThread(config).start()
@@ -168,7 +169,7 @@ def test_a_service_without_models_is_not_served(server, channel):
 
 
 def test_cache_source_tells_stored_entries_from_shared_runs(pico_dir, tmp_path):
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
                            "cache": {"data_dir": str(tmp_path / "redis")}, "quality": {"enabled": False},
                            "models": [{"name": "p", "path": str(pico_dir), "max_new_tokens_limit": 200}]})
     server = ServerThread(config).start()

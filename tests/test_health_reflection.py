@@ -28,7 +28,8 @@ def test_reflection_lists_the_services(server):
 def test_open_watch_streams_do_not_hold_the_drain(pico_dir):
     """A client-side health checker's Watch stream never ends by itself; the drain ends it (after NOT_SERVING went
     out) instead of waiting drain_seconds for it."""
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "drain_seconds": 30},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None,
+                                      "drain_seconds": 30},
                            "cache": {"enabled": False}, "quality": {"enabled": False},
                            "models": [{"name": "p", "path": str(pico_dir)}]})
     thread = ServerThread(config).start()

@@ -111,7 +111,7 @@ def test_serve_starts_a_server_process_for_the_test_and_stops_it(pico_dir, tmp_p
     from prunefusion.cli import main
 
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"server": {"metrics_port": None}, "cache": {"enabled": False},
+    config.write_text(yaml.safe_dump({"server": {"metrics_port": None, "http_port": None}, "cache": {"enabled": False},
                                       "models": [{"name": "pico", "path": str(pico_dir)}]}))
     out = tmp_path / "lt"
     assert main(["loadtest", "--serve", str(config), "--models", "pico", "--concurrency", "1", "--duration", "2",

@@ -61,7 +61,7 @@ def serve_slow_model(tmp_path, server: str, *, context: int, max_new_tokens: int
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     # log_requests: the request's own log line shows it finished after the drain began
-    proc, target = serve_slow_model(tmp_path, "drain_seconds: 60, metrics_port: 0, log_requests: true",
+    proc, target = serve_slow_model(tmp_path, "drain_seconds: 60, metrics_port: 0, http_port: null, log_requests: true",
                                     context=1024, max_new_tokens=1000)
     try:
         statuses: list[int] = []
@@ -109,7 +109,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
 def test_sigterm_keeps_serving_through_the_drain_delay_then_ends_streams_cancelled(tmp_path):
     """Health says NOT_SERVING at once while new calls are still answered for drain_delay_seconds; a stream still
     running when drain_seconds end gets a final FINISH_REASON_CANCELLED chunk (not a cut stream); exit 0."""
-    proc, target = serve_slow_model(tmp_path, "drain_delay_seconds: 1.5, drain_seconds: 1, metrics_port: null",
+    proc, target = serve_slow_model(tmp_path, "drain_delay_seconds: 1.5, drain_seconds: 1, metrics_port: null, "
+                                    "http_port: null",
                                     context=2048, max_new_tokens=1900, extra="quality: {enabled: false}\n")
     try:
         with Client(target, max_attempts=1) as client, grpc.insecure_channel(target) as channel:
@@ -196,7 +197,7 @@ def test_serve_builds_missing_models_then_serves_them(tmp_path, monkeypatch):
     job.write_text("name: pico-pruned\nmodel: ${PRUNEFUSION_HOME}/models/fresh\nbuild: pico\n"
                    "calibration: {samples: 16, seq_len: 64}\nprune: {n: 2}\n"
                    "heal: {steps: 4, batch_size: 2, seq_len: 64, warmup_steps: 1}\n")
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": None},
                            "models": [{"name": "fresh", "path": "${PRUNEFUSION_HOME}/models/fresh", "build": "pico"},
                                       {"name": "pruned", "path": "${PRUNEFUSION_HOME}/models/pruned",
                                        "build": str(job)}]})
@@ -241,7 +242,7 @@ def test_two_server_processes_sharing_redis_run_identical_requests_once(tmp_path
     for i in range(2):
         port, metrics_port = free_port(), free_port()
         config = tmp_path / f"server{i}.yaml"
-        config.write_text(f"server: {{host: 127.0.0.1, port: {port}, metrics_port: {metrics_port}}}\n"
+        config.write_text(f"server: {{host: 127.0.0.1, port: {port}, metrics_port: {metrics_port}, http_port: null}}\n"
                           f"cache: {{url: '{redis_server.url}', timeout_ms: 5000}}\n"
                           f"models:\n  - name: sf\n    path: {model_dir}\n    max_new_tokens_limit: 400\n")
         procs.append(subprocess.Popen([PYTHON, "-m", "prunefusion.cli", "serve", "--config", str(config)],

@@ -30,7 +30,8 @@ JUNK = "\n".join(["Home | About | Contact", "Accept all cookies", "Click here!",
 @pytest.fixture(scope="module")
 def quality_server(pico_dir):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None}, "cache": {"enabled": False},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
+        "cache": {"enabled": False},
         "quality": {"workers": 0, "max_batch_documents": 50, "max_concurrent_batches": 1},
         "models": [{"name": "pico", "path": str(pico_dir)}],
     })
@@ -159,7 +160,7 @@ def test_worker_processes_give_the_same_results(server):
 def test_a_disabled_service_is_neither_answered_nor_reported_healthy(pico_dir):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+    config = parse_config({"server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
                            "cache": {"enabled": False}, "quality": {"enabled": False},
                            "models": [{"name": "pico", "path": str(pico_dir)}]})
     thread = ServerThread(config).start()
@@ -219,7 +220,8 @@ def test_the_async_client_scores_as_the_sync_one(quality_server, qclient):
 @pytest.fixture(scope="module")
 def worker_server(pico_dir):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None}, "cache": {"enabled": False},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
+        "cache": {"enabled": False},
         "quality": {"workers": 1, "max_concurrent_batches": 2},
         "models": [{"name": "pico", "path": str(pico_dir)}],
     })

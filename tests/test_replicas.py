@@ -44,6 +44,7 @@ class Replicas:
             port, metrics_port = free_port(), free_port()
             config = tmp_path / f"replica{i}.yaml"
             config.write_text(f"server: {{host: 127.0.0.1, port: {port}, metrics_port: {metrics_port}, "
+                              "http_port: null, "
                               "drain_delay_seconds: 0}\n"
                               "cache: {url: '${PRUNEFUSION_REDIS_URL}', timeout_ms: 5000}\n"
                               f"models:\n  - name: sf\n    path: {self.model_dir}\n    max_new_tokens_limit: 400\n")

@@ -51,7 +51,7 @@ def test_text_serves_while_the_image_model_builds_and_built_models_load_first(tm
 
     monkeypatch.setattr(app, "build_missing", held_build)
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None},
         "cache": {"enabled": False},
         "models": [
             {"name": "tf", "path": str(tmp_path / "tf"), "engine": "transfusion", "build": "transfusion",

@@ -45,7 +45,8 @@ def pki(tmp_path_factory):
 
 def tls_server(pico_dir, folder, **tls):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "health_port": 0, "access_log": True,
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None, "health_port": 0,
+                   "access_log": True,
                    "tls": {"cert_file": str(folder / "server.pem"), "key_file": str(folder / "server-key.pem"),
                            **tls}},
         "cache": {"enabled": False}, "quality": {"enabled": False},
@@ -146,7 +147,7 @@ def test_client_cli_with_tls_and_a_key(pico_dir, pki, tmp_path, capsys):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"cli sha256:{hash_key('pf-cli-key').hex()}\n")
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None,
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None,
                    "tls": {"cert_file": str(folder / "server.pem"), "key_file": str(folder / "server-key.pem")},
                    "auth": {"api_keys_file": str(keys)}},
         "cache": {"enabled": False}, "quality": {"enabled": False},
@@ -174,7 +175,8 @@ def test_a_tls_server_process_is_waited_for_over_tls(pico_dir, pki, tmp_path):
 
     folder, _, _ = pki
     config = tmp_path / "server.yaml"
-    config.write_text(f"server: {{host: 127.0.0.1, metrics_port: null, tls: {{cert_file: '{folder / 'server.pem'}', "
+    config.write_text(f"server: {{host: 127.0.0.1, metrics_port: null, http_port: null, "
+                      f"tls: {{cert_file: '{folder / 'server.pem'}', "
                       f"key_file: '{folder / 'server-key.pem'}'}}}}\ncache: {{enabled: false}}\n"
                       f"quality: {{enabled: false}}\nmodels:\n  - name: pico\n    path: '{pico_dir}'\n")
     connection = Connection(tls_ca=str(folder / "ca.pem"))

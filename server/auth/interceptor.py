@@ -28,6 +28,7 @@ access_log = logging.getLogger("prunefusion.server.access")
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 UNAUTHENTICATED = "missing or invalid API key (metadata 'authorization: Bearer KEY')"
+HTTP_UNAUTHENTICATED = "missing or invalid API key (header 'Authorization: Bearer KEY')"
 ANONYMOUS = "-"
 CANCELLATIONS = (asyncio.CancelledError, GeneratorExit)
 
@@ -130,9 +131,36 @@ class AccessControl(grpc.aio.ServerInterceptor):
         """The parsed request's checks: the key's model allow-list and its concurrency."""
         if state is None:
             return
+        names_model = "model" in getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", ())
+        self._admit_for(state, service, request.model if names_model else None)
+
+    @contextlib.contextmanager
+    def http_call(self, authorization: list, service: str, model: str | None):
+        """An HTTP request's checks, in the gRPC order (key, rate, then the model allow-list and concurrency), held
+        while the response is sent; raises Refusal. `model` None: the route names none (open to every key)."""
+        if self.keys is None:
+            yield ANONYMOUS
+            return
+        key = self.authenticate(authorization)
+        if key is None:
+            API_REQUESTS.labels(key=ANONYMOUS, result="unauthenticated").inc()
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, HTTP_UNAUTHENTICATED)
+        state = self._states[key.name]
+        wait = 0.0 if state.bucket is None else state.bucket.take(self._clock())
+        if wait > 0:
+            API_REQUESTS.labels(key=key.name, result="rate_limited").inc()
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"key {key.name!r} is over its "
+                          f"{key.limits.requests_per_second:g} requests/s; retry in {wait:.2f} s", retry_after_s=wait)
+        self._admit_for(state, service, model)
+        try:
+            yield key.name
+        finally:
+            state.in_flight -= 1
+
+    def _admit_for(self, state: _KeyState, service: str, requested: str | None) -> None:
         key = state.key
-        if key.models is not None and "model" in getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", ()):
-            model = self._model_of(service, request.model)
+        if key.models is not None and requested is not None:
+            model = self._model_of(service, requested)
             if model not in key.models:
                 API_REQUESTS.labels(key=key.name, result="permission_denied").inc()
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED,

@@ -177,6 +177,9 @@ class CachedEngine(Engine):
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def chat_prompt(self, messages):
+        return self.engine.chat_prompt(messages)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         deterministic = is_deterministic(request.params)
         if self.cache.backend is None or request.cache is CachePolicy.BYPASS or not deterministic:

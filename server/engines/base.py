@@ -11,12 +11,13 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 # defined below every layer (prunefusion/errors.py), part of this module's vocabulary for the engines
 from prunefusion.errors import InvalidRequestError  # noqa: F401
+from prunefusion.server.engines.chat import ChatMessage  # noqa: F401 - part of the vocabulary too
 
 if TYPE_CHECKING:
     import numpy as np
@@ -205,6 +206,11 @@ class Engine(ServingEngine):
     """A text engine: submit a request and stream its chunks."""
 
     task = "text"
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt that asks the model to answer `messages` (its chat template); InvalidRequestError if it has
+        none or the messages are malformed."""
+        raise InvalidRequestError("messages", f"model {self.name!r} does not take chat messages")
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:

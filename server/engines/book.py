@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -31,6 +31,7 @@ from prunefusion.server.engines.base import (
     Timings,
     Usage,
 )
+from prunefusion.server.engines.chat import ChatMessage, render_chat, template_of
 from prunefusion.server.engines.prompts import PromptEncoder
 from prunefusion.server.engines.text import IncrementalText
 from prunefusion.server.metrics import (
@@ -88,6 +89,10 @@ class RequestBook:
         self._runs, self._itl = MODEL_RUNS.labels(model), INTER_TOKEN_LATENCY.labels(model)
         self._ttft, self._e2e, self._queue = (m.labels(model) for m in (TIME_TO_FIRST_TOKEN, E2E_LATENCY, QUEUE_TIME))
         self._running, self._waiting = REQUESTS_RUNNING.labels(model), REQUESTS_WAITING.labels(model)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
 
     # ---- admission --------------------------------------------------------------------------------------------
     def check_open(self, healthy: bool) -> None:
@@ -212,3 +217,11 @@ class BookedEngine(Engine):
 
     def healthy(self) -> bool:
         return self.stats().healthy
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        if self.book is None:
+            raise EngineUnavailableError(f"model {self.name!r} has not started")
+        tokenizer = self.book.tokenizer
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        return render_chat(tokenizer, template_of(tokenizer, self.cfg.chat_template), messages, self.name,
+                           adds_bos=bos_id is not None and bos_id in self.book.prompts.encode_now(""))

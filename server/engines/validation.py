@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 
-from prunefusion.server.engines.base import GenerationRequest, InvalidRequestError, SamplingParams
+from prunefusion.server.engines.base import GenerationRequest, ImageLimits, InvalidRequestError, SamplingParams
 
 MAX_TEMPERATURE = 2.0  # as in vLLM and the OpenAI API: every engine accepts the same range
 MAX_GUIDANCE_SCALE = 50.0  # classifier-free guidance: a request's range, and the bound on a model's default
@@ -48,3 +49,18 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context_length:
         raise InvalidRequestError(
             "max_new_tokens", f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {context_length} tokens; ask for at most {context_length - prompt_tokens}")
+
+
+def in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidRequestError(name, f"must be in [{low:g}, {high:g}]; got {value:g}")
+
+
+def image_settings(limits: ImageLimits, steps: int | None, guidance_scale: float | None,
+                   seed: int | None) -> tuple[int, float, int]:
+    """A request's diffusion settings with the model's defaults filled in, checked (a random seed if none)."""
+    steps = limits.default_steps if steps is None else steps
+    guidance_scale = limits.default_guidance_scale if guidance_scale is None else guidance_scale
+    in_range("steps", steps, 1, limits.max_steps)
+    in_range("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
+    return steps, guidance_scale, random.getrandbits(63) if seed is None else seed

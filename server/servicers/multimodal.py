@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,10 +18,9 @@ from prunefusion.server.engines.base import (
     ImageEngine,
     ImageGenerationRequest,
     InterleavedRequest,
-    InvalidRequestError,
     TextPart,
 )
-from prunefusion.server.engines.validation import MAX_GUIDANCE_SCALE
+from prunefusion.server.engines.validation import image_settings, in_range
 from prunefusion.server.errors import grpc_status, unary_errors
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.text_generation import deadline_of
@@ -32,11 +30,6 @@ from prunefusion_client.v1 import multimodal_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("prunefusion.server.requests")  # INFO only with server.log_requests
 MAX_INTERLEAVED_IMAGES = 4
-
-
-def _in_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InvalidRequestError(name, f"must be in [{low:g}, {high:g}]; got {value:g}")
 
 
 def _optional(request, name: str, default):
@@ -53,19 +46,14 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
 
     @staticmethod
     def _image_settings(engine: ImageEngine, request) -> tuple[int, float, int]:
-        limits = engine.limits
-        steps = _optional(request, "steps", limits.default_steps)
-        guidance = _optional(request, "guidance_scale", limits.default_guidance_scale)
-        seed = _optional(request, "seed", random.getrandbits(63))
-        _in_range("steps", steps, 1, limits.max_steps)
-        _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE_SCALE)
-        return steps, guidance, seed
+        return image_settings(engine.limits, _optional(request, "steps", None),
+                              _optional(request, "guidance_scale", None), _optional(request, "seed", None))
 
     @staticmethod
     def _max_tokens(engine: ImageEngine, request) -> int:
         limit = engine.limits.max_caption_tokens
         max_tokens = _optional(request, "max_tokens", limit)
-        _in_range("max_tokens", max_tokens, 1, limit)
+        in_range("max_tokens", max_tokens, 1, limit)
         return max_tokens
 
     @unary_errors
@@ -107,7 +95,7 @@ class MultimodalServicer(pb_grpc.MultimodalServicer):
             steps, guidance, seed = self._image_settings(engine, request)
             max_tokens = self._max_tokens(engine, request)
             max_images = _optional(request, "max_images", 1)
-            _in_range("max_images", max_images, 0, MAX_INTERLEAVED_IMAGES)
+            in_range("max_images", max_images, 0, MAX_INTERLEAVED_IMAGES)
             request_id = request.request_id or uuid.uuid4().hex
             parts = engine.interleaved(InterleavedRequest(request.prompt, max_tokens, max_images, steps, guidance,
                                                           seed, deadline_of(context)))
