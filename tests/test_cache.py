@@ -59,7 +59,10 @@ def test_key_changes_with_every_input_and_only_then():
                   ("context_length", 128), ("max_new_tokens_limit", 50))]
     variants += [cache_key("generate", INFO, "hi", dataclasses.replace(PARAMS, **{f: v})) for f, v in
                  (("max_new_tokens", 11), ("temperature", 0.8), ("top_p", 0.8), ("top_k", 6), ("seed", 2),
-                  ("stop", ("y",)), ("stop", ("x", "y")))]
+                  ("stop", ("y",)), ("stop", ("x", "y")), ("presence_penalty", 0.1), ("frequency_penalty", 0.1),
+                  ("repetition_penalty", 1.1), ("min_new_tokens", 2), ("ignore_eos", True))]
+    variants.append(cache_key("generate", INFO, "", PARAMS, (1, 2, 3)))
+    variants.append(cache_key("generate", INFO, "", PARAMS, (1, 2, 4)))
     assert len({base, *variants}) == len(variants) + 1
 
 
@@ -67,6 +70,7 @@ def test_only_deterministic_requests_are_cacheable():
     assert is_deterministic(SamplingParams(5))
     assert is_deterministic(SamplingParams(5, temperature=1.0, seed=3))
     assert not is_deterministic(SamplingParams(5, temperature=1.0))
+    assert not is_deterministic(SamplingParams(5, logprobs=2))  # an entry holds no logprobs
 
 
 # ---- through the server ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 
+import grpc
 import httpx
 import numpy as np
 import openai
@@ -139,12 +140,16 @@ def test_image_generation_equals_grpc(oai, grpc_client):
 
 @pytest.mark.parametrize(("body", "param", "needle"), [
     ({"frobnicate": 1}, "frobnicate", "unknown parameter"),
-    ({"n": 2}, "n", "not supported"),
-    ({"logprobs": 3}, "logprobs", "not supported"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"best_of": 2}, "best_of", "not supported"),
+    ({"echo": True}, "echo", "not supported"),
+    ({"logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    ({"n": 9}, "n", "[1, 8]"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+    ({"min_tokens": 300, "max_tokens": 10}, "min_tokens", "max_new_tokens"),
+    ({"logprobs": 30}, "logprobs", "[0, 20]"),
     ({"max_tokens": 100000}, "max_tokens", "[1, 200]"),
     ({"temperature": 3}, "temperature", "[0, 2.0]"),
-    ({"prompt": [1, 2, 3]}, "prompt", "token-id prompts"),
+    ({"prompt": [10**6]}, "prompt", "outside the vocabulary"),
     ({"stop": 5}, "stop", ""),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(base_url, body, param, needle):
@@ -155,9 +160,45 @@ def test_bad_parameters_are_400_naming_the_parameter(base_url, body, param, need
 
 
 def test_noop_values_of_unsupported_parameters_are_accepted(oai):
-    got = oai.completions.create(model="pico", prompt=PROMPT, max_tokens=4, temperature=0, n=1, logprobs=None,
-                                 presence_penalty=0, frequency_penalty=0.0, echo=False)
+    got = oai.completions.create(model="pico", prompt=PROMPT, max_tokens=4, temperature=0, best_of=1, echo=False,
+                                 extra_body={"logit_bias": {}})
     assert got.usage.completion_tokens == 4
+
+
+def test_token_id_prompts_and_penalties_equal_grpc(oai, http_server):
+    from prunefusion_client.v1 import text_generation_pb2 as pb
+    from prunefusion_client.v1 import text_generation_pb2_grpc as pb_grpc
+
+    ids = [1, 266, 40, 87]
+    with grpc.insecure_channel(http_server.target) as channel:
+        want = pb_grpc.TextGenerationStub(channel).Generate(pb.GenerateRequest(
+            model="pico", prompt_token_ids=ids, max_new_tokens=10, presence_penalty=1.0, repetition_penalty=1.2,
+            min_new_tokens=3, logprobs=2), timeout=60)
+    got = oai.completions.create(model="pico", prompt=ids, max_tokens=10, temperature=0, presence_penalty=1.0,
+                                 logprobs=2, extra_body={"repetition_penalty": 1.2, "min_tokens": 3})
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(ids)
+    assert got.choices[0].logprobs.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-6)
+    assert got.choices[0].logprobs.tokens == [lp.token for lp in want.logprobs]
+    # OpenAI's legacy shape keys alternatives by their text (two byte-fallback tokens can share one)
+    assert [set(top) for top in got.choices[0].logprobs.top_logprobs] == [{t.token for t in lp.top}
+                                                                          for lp in want.logprobs]
+
+
+def test_chat_logprobs_and_n_samples(oai, grpc_client):
+    messages = [{"role": "user", "content": "What is os?"}]
+    got = oai.chat.completions.create(model="pico", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                      top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == got.choices[0].message.content
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    sampled = oai.completions.create(model="pico", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, n=3)
+    singles = [grpc_client.generate(PROMPT, "pico", GenerateOptions(max_new_tokens=8, temperature=1.0, seed=5 + i)).text
+               for i in range(3)]
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and [c.text for c in sampled.choices] == singles
+    streamed = list(oai.completions.create(model="pico", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, n=3,
+                                           stream=True))
+    assert ["".join(c.choices[0].text for c in streamed if c.choices[0].index == i) for i in range(3)] == singles
 
 
 def test_errors_have_openai_shape_and_status(oai, base_url):
@@ -214,3 +255,18 @@ def test_a_full_queue_is_429_with_retry_after(base_url):
         refused = httpx.post(f"{base_url}/completions", json=body, timeout=30)
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_python_client_chat_and_cli_logprobs(http_server, grpc_client, capsys):
+    from prunefusion_client.cli import main
+
+    reply = grpc_client.chat([("system", "Be brief."), ("user", "What is os?")], "pico",
+                             GenerateOptions(max_new_tokens=8, temperature=0, logprobs=2))
+    rendered = grpc_client.generate("system: Be brief.\nuser: What is os?\nassistant:", "pico",
+                                    GenerateOptions(max_new_tokens=8, temperature=0))
+    assert reply.text == rendered.text and len(reply.logprobs) == 8
+    assert main(["--target", http_server.target, "chat", "What is os?", "--system", "Be brief.", "--model", "pico",
+                 "--max-new-tokens", "8", "--temperature", "0", "--logprobs", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == rendered.text + "\n"
+    assert len([line for line in err.splitlines() if "\t" in line]) == 8  # one logprob line per token

@@ -12,7 +12,13 @@ from pico import pico_family_model, save_pico
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunefusion.server.config import ConfigError, VllmModelConfig, parse_config
-from prunefusion.server.engines.base import FinishReason, GenerationRequest, SamplingParams, collect
+from prunefusion.server.engines.base import (
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    collect,
+)
 from prunefusion.server.engines.vllm_engine import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     engine_arguments,
@@ -47,9 +53,15 @@ def test_cpu_kv_cache_default_yields_to_the_environment_and_gpu_leaves_it_to_vll
 
 
 def test_sampling_arguments():
-    params = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=0, seed=11, stop=("\n",))
-    assert sampling_arguments(params) == {"max_tokens": 7, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 11,
-                                          "detokenize": False}  # stop sequences: applied by the adapter's detokenizer
+    params = SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=0, seed=11, stop=("\n",),
+                            presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.2, min_new_tokens=3,
+                            ignore_eos=True)
+    assert sampling_arguments(params) == {  # stop sequences: applied by the adapter's detokenizer
+        "max_tokens": 7, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 11, "presence_penalty": 0.5,
+        "frequency_penalty": -0.25, "repetition_penalty": 1.2, "min_tokens": 3, "ignore_eos": True,
+        "detokenize": False}
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        sampling_arguments(SamplingParams(max_new_tokens=7, logprobs=2))
 
 
 def test_config_accepts_vllm_options_and_refuses_tensor_parallel_on_cpu():

@@ -189,7 +189,8 @@ class CachedEngine(Engine):
 
     async def _through_cache(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         cache, whole = self.cache, not request.stream
-        key = f"{cache.settings.namespace}:gen:{cache_key('generate', self.info, request.prompt, request.params)}"
+        digest = cache_key('generate', self.info, request.prompt, request.params, request.prompt_ids)
+        key = f"{cache.settings.namespace}:gen:{digest}"
         started = time.monotonic()
         if request.cache is CachePolicy.DEFAULT:
             found, source = await cache.lookup(key), CacheSource.STORED

@@ -72,17 +72,41 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's: logit - frequency * count - presence * [count > 0], over the tokens generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and transformers': a token seen in the prompt or the output has its logit divided by it (if positive)
+    # or multiplied by it (if negative); 1 is off
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # EOS is masked and stop sequences are not looked for until this many tokens
+    ignore_eos: bool = False  # EOS is an ordinary token: generation runs to max_new_tokens or a stop sequence
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives (0: none)
 
     @property
     def greedy(self) -> bool:
         # as in vLLM: a temperature this small would overflow the scaled logits; it means "take the argmax"
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (log_softmax of its raw logits: before temperature,
+    penalties and filters, as vLLM reports them), with the most likely tokens at that step (id, text, logprob)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
 
 @dataclass
 class GenerationRequest:
     request_id: str
-    prompt: str
+    prompt: str  # empty when prompt_ids is given
     params: SamplingParams
     # time.monotonic() of arrival and of the deadline (None: no deadline).
     arrival: float = field(default_factory=time.monotonic)
@@ -90,6 +114,7 @@ class GenerationRequest:
     cache: CachePolicy = CachePolicy.DEFAULT  # read by the cache wrapper; engines ignore it
     # False: the caller folds the stream into one result (unary), so a cached hit may be replayed as one chunk
     stream: bool = True
+    prompt_ids: tuple[int, ...] = ()  # a prompt given as token ids (then `prompt` is empty)
 
 
 @dataclass(frozen=True)
@@ -116,6 +141,7 @@ class GenerationChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     cache_source: CacheSource = CacheSource.NONE  # not NONE: replayed, not produced by the model for this request
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
     @property
     def cached(self) -> bool:
@@ -137,6 +163,7 @@ class GenerationResult:
     usage: Usage
     timings: Timings
     cache_source: CacheSource = CacheSource.NONE
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def cached(self) -> bool:
@@ -147,13 +174,15 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
     """Concatenate a stream into one result; unary calls are defined as this, so stream == unary by construction."""
     texts: list[str] = []
     ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
     async for chunk in chunks:
         texts.append(chunk.text)
         ids.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs)
         if chunk.finished:
             assert chunk.usage is not None and chunk.timings is not None and chunk.finish_reason is not None
             return GenerationResult(chunk.request_id, "".join(texts), tuple(ids), chunk.finish_reason,
-                                    chunk.usage, chunk.timings, chunk.cache_source)
+                                    chunk.usage, chunk.timings, chunk.cache_source, tuple(logprobs))
     raise RuntimeError("engine stream ended without a final chunk")
 
 
@@ -307,3 +336,38 @@ class ImageEngine(ServingEngine):
     @abc.abstractmethod
     def interleaved(self, request: InterleavedRequest) -> AsyncIterator[TextPart | ImagePart]:
         """Text and images as the model emits them; closing the iterator stops the model's work at its next step."""
+
+
+# ---- embeddings ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbeddingLimits:
+    """What an embedding model accepts, fixed when it starts."""
+
+    dimensions: int  # length of each vector
+    max_tokens: int  # per text, [CLS] and [SEP] included; longer texts are truncated (or refused: `truncate`)
+    truncate: bool
+    max_inputs: int  # texts per request
+    max_batch_size: int  # texts per forward pass
+    max_wait_seconds: float
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: np.ndarray  # float32 [len(texts), dimensions], unit L2 norm, in the order of the texts
+    prompt_tokens: int  # tokens the model read (after truncation), summed over the texts
+    queue_seconds: float
+    batch_size: int  # requests that shared the model call (itself included)
+    batch_texts: int  # texts in that call
+
+
+class EmbeddingEngine(ServingEngine):
+    """A sentence encoder: texts in, mean-pooled, L2-normalised vectors out (as sentence-transformers computes)."""
+
+    task = "embedding"
+    limits: EmbeddingLimits  # set by start()
+
+    @abc.abstractmethod
+    async def embed(self, texts: Sequence[str], deadline: float | None = None) -> EmbeddingResult:
+        """Raises InvalidRequestError naming `texts` (or `texts[i]`) for empty input, too many texts or (with
+        truncate off) a text that is too long; QueueFullError / EngineUnavailableError / TimeoutError as the
+        other engines do."""

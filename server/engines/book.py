@@ -29,6 +29,7 @@ from prunefusion.server.engines.base import (
     InvalidRequestError,
     QueueFullError,
     Timings,
+    TokenLogprob,
     Usage,
 )
 from prunefusion.server.engines.chat import ChatMessage, render_chat, template_of
@@ -108,9 +109,10 @@ class RequestBook:
 
     def admit(self, kind: type[Entry], request: GenerationRequest, prompt_ids: list[int], **state) -> Entry:
         """Take a place for an encoded request, or refuse it (duplicate id, capacity)."""
+        params = request.params
         entry = kind(request=request, prompt_ids=prompt_ids, text=IncrementalText(
-            self._tokenizer, prompt_ids, request.params.stop, eos_token_ids=self._eos,
-            max_new_tokens=request.params.max_new_tokens), **state)
+            self._tokenizer, prompt_ids, params.stop, eos_token_ids=frozenset() if params.ignore_eos else self._eos,
+            max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens), **state)
         with self._lock:
             if request.request_id in self._entries:
                 raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
@@ -133,10 +135,11 @@ class RequestBook:
         return len(self._entries)
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    def tokens(self, entry: TextRequest, token_ids: list[int], *, then: FinishReason | None = None
-               ) -> GenerationChunk | None:
+    def tokens(self, entry: TextRequest, token_ids: list[int], *, then: FinishReason | None = None,
+               logprobs: Sequence[tuple[float, list[tuple[int, float]]] | None] = ()) -> GenerationChunk | None:
         """Record sampled tokens; their chunk, final when the request ends within them, or after them with `then`
-        (an engine that learned from its backend that the request is over). None when there is nothing to say."""
+        (an engine that learned from its backend that the request is over). None when there is nothing to say.
+        `logprobs`: per token, (its logprob, the top (id, logprob)) when the request asked for them."""
         if token_ids and entry.first_token_at is None:
             entry.first_token_at = time.monotonic()
         deltas: list[str] = []
@@ -145,15 +148,26 @@ class RequestBook:
             delta, reason = entry.text.accept(token)
             deltas.append(delta)
             if reason is not None:
-                return self.finish(entry, reason, "".join(deltas), tuple(token_ids[:i + 1]))
+                return self.finish(entry, reason, "".join(deltas), tuple(token_ids[:i + 1]),
+                                   self._logprobs(token_ids[:i + 1], logprobs))
         if then is not None:
-            return self.finish(entry, then, "".join(deltas) + entry.text.finish(), tuple(token_ids))
+            return self.finish(entry, then, "".join(deltas) + entry.text.finish(), tuple(token_ids),
+                               self._logprobs(token_ids, logprobs))
         if not token_ids:
             return None
-        return self._chunk(entry, GenerationChunk(entry.request_id, "".join(deltas), tuple(token_ids)))
+        return self._chunk(entry, GenerationChunk(entry.request_id, "".join(deltas), tuple(token_ids),
+                                                  logprobs=self._logprobs(token_ids, logprobs)))
 
-    def finish(self, entry: TextRequest, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = ()
-               ) -> GenerationChunk:
+    def _logprobs(self, token_ids: Sequence[int], logprobs: Sequence) -> tuple[TokenLogprob, ...]:
+        """The tokens' logprobs with their texts (each token decoded alone, special tokens kept)."""
+        def text(token: int) -> str:
+            return self._tokenizer.decode([token], skip_special_tokens=False)
+
+        return tuple(TokenLogprob(token, text(token), lp[0], tuple((t, text(t), v) for t, v in lp[1]))
+                     for token, lp in zip(token_ids, logprobs, strict=False) if lp is not None)
+
+    def finish(self, entry: TextRequest, reason: FinishReason, text: str = "", token_ids: tuple[int, ...] = (),
+               logprobs: tuple[TokenLogprob, ...] = ()) -> GenerationChunk:
         """End a request: counted, timed, out of the book; its final chunk."""
         now = time.monotonic()
         self.drop(entry)
@@ -171,7 +185,8 @@ class RequestBook:
                 self._e2e.observe(timings.total_seconds)
                 self._queue.observe(timings.queue_seconds)
         return self._chunk(entry, GenerationChunk(entry.request_id, text, token_ids, reason,
-                                                  Usage(len(entry.prompt_ids), len(entry.output_ids)), timings))
+                                                  Usage(len(entry.prompt_ids), len(entry.output_ids)), timings,
+                                                  logprobs=logprobs))
 
     def drop(self, entry: TextRequest) -> None:
         """Out of the book without a finish (the request failed; the caller raises its error)."""

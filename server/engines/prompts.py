@@ -34,11 +34,23 @@ class PromptEncoder:
         """The prompt's token ids, after every check: a prompt longer than any that could fit the context is refused
         from its length alone, a long one is tokenized in a thread."""
         check_request(request, self.max_new_tokens_limit)
+        if request.prompt_ids:
+            return self.check_ids(request)
         chars = len(request.prompt)
         if chars > self.context_length * self.max_token_chars:
             raise InvalidRequestError("prompt", f"has {chars} characters, more than {self.context_length} "
                                                 "tokens (the model's context) can hold")
         ids = (self.encode_now(request.prompt) if chars <= INLINE_TOKENIZE_CHARS
                else await asyncio.to_thread(self.encode_now, request.prompt))
+        check_prompt_length(len(ids), request.params.max_new_tokens, self.context_length)
+        return ids
+
+    def check_ids(self, request: GenerationRequest) -> list[int]:
+        """A prompt given as token ids: each must be in the tokenizer's vocabulary; used as is (no BOS added)."""
+        vocabulary = len(self._tokenizer)
+        bad = next((i for i in request.prompt_ids if not 0 <= i < vocabulary), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocabulary})")
+        ids = list(request.prompt_ids)
         check_prompt_length(len(ids), request.params.max_new_tokens, self.context_length)
         return ids

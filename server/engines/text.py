@@ -39,11 +39,13 @@ class IncrementalText:
     """Turns a growing list of token ids into text deltas, watching for stop sequences."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], stops: Sequence[str], *,
-                 eos_token_ids: Collection[int] = frozenset(), max_new_tokens: int | None = None):
+                 eos_token_ids: Collection[int] = frozenset(), max_new_tokens: int | None = None,
+                 min_new_tokens: int = 0):
         self._tokenizer = tokenizer
         self._stops = tuple(stops)
         self._eos = eos_token_ids
         self._max_new_tokens = max_new_tokens
+        self._min_new_tokens = min_new_tokens  # neither EOS nor a stop sequence ends the request before this many
         self.generated = 0  # tokens accepted
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
@@ -59,7 +61,7 @@ class IncrementalText:
         """Take one sampled token: the text to emit now and why the request ends here (None: it goes on). An EOS
         token adds no text and flushes what was pending."""
         self.generated += 1
-        if token_id in self._eos:
+        if token_id in self._eos and self.generated > self._min_new_tokens:
             return self.finish(), FinishReason.EOS
         delta = self.add(token_id)
         if self.stopped:
@@ -92,7 +94,8 @@ class IncrementalText:
         previous_length = len(self.text)
         self.text += full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        at = find_stop(self.text, self._stops, previous_length) if self._stops else -1
+        looking = self._stops and self.generated >= self._min_new_tokens
+        at = find_stop(self.text, self._stops, previous_length) if looking else -1
         if at >= 0:
             self.text = self.text[:at]
             self.stopped = True

@@ -33,7 +33,7 @@ from prunefusion.server.engines.base import EngineStats, FinishReason, Generatio
 from prunefusion.server.engines.book import BookedEngine, TextRequest
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
-from prunefusion.server.engines.sampling import select_tokens
+from prunefusion.server.engines.sampling import apply_penalties, select_tokens, token_logprobs
 from prunefusion.server.metrics import BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class TorchEngine(BookedEngine):
         self._accepting = False
         self.steps = 0  # decode steps run
         self.peak_batch = 0  # most rows decoded together in one step
+        self._eos_ids: frozenset[int] = frozenset()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -70,6 +71,7 @@ class TorchEngine(BookedEngine):
             c.resolved_path, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
             context_length=c.context_length))
         self.open_book(self._loaded, device=torch.device(c.device).type)
+        self._eos_ids = frozenset(self._loaded.eos_token_ids)
         await loop.run_in_executor(self._executor, self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
@@ -187,8 +189,8 @@ class TorchEngine(BookedEngine):
         cache = DynamicCache()  # full-length layers for every model, so rows can be merged (see kv_batch.py)
         ids = torch.tensor([seq.prompt_ids], device=self.cfg.device)
         logits = self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        token = select_tokens(logits[:, -1], [seq.request.params], [seq.generator])[0]
-        chunk = self.book.tokens(seq, [token])
+        tokens, logprobs = self._select(logits[:, -1], [seq])
+        chunk = self.book.tokens(seq, tokens, logprobs=logprobs)
         if not seq.done:  # a row that ended on its first token never joins the batch cache
             self._kv.join(cache, len(seq.prompt_ids))
             self._active.append(seq)
@@ -206,8 +208,16 @@ class TorchEngine(BookedEngine):
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         BATCH_SIZE.labels(self.name).observe(len(rows))
-        tokens = select_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
-        return [(seq, self.book.tokens(seq, [tok])) for seq, tok in zip(rows, tokens, strict=True)]
+        tokens, logprobs = self._select(logits, rows)
+        return [(seq, self.book.tokens(seq, [tok], logprobs=[lp])) for seq, tok, lp in zip(rows, tokens, logprobs,
+                                                                                            strict=True)]
+
+    def _select(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[list[int], list]:
+        """Each row's next token (penalties, then sampling) and, for rows that asked, its logprobs."""
+        params = [s.request.params for s in rows]
+        adjusted = apply_penalties(logits, params, [(s.prompt_ids, s.output_ids) for s in rows], self._eos_ids)
+        tokens = select_tokens(adjusted, params, [s.generator for s in rows])
+        return tokens, token_logprobs(logits, tokens, [p.logprobs for p in params])
 
     def _drop_done(self) -> None:
         keep = [i for i, seq in enumerate(self._active) if not seq.done]

@@ -11,6 +11,9 @@ MAX_TEMPERATURE = 2.0  # as in vLLM and the OpenAI API: every engine accepts the
 MAX_GUIDANCE_SCALE = 50.0  # classifier-free guidance: a request's range, and the bound on a model's default
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit)
 
 
 def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> None:
@@ -25,6 +28,18 @@ def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> 
         raise InvalidRequestError("top_k", f"must be >= 0 (0 disables it), got {params.top_k}")
     if params.seed is not None and not 0 <= params.seed < 2**63:
         raise InvalidRequestError("seed", f"must be in [0, 2**63), got {params.seed}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise InvalidRequestError(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+    if not (math.isfinite(params.repetition_penalty) and 0 < params.repetition_penalty <= MAX_REPETITION_PENALTY):
+        raise InvalidRequestError("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 is off), "
+                                                        f"got {params.repetition_penalty}")
+    if not 0 <= params.min_new_tokens <= params.max_new_tokens:
+        raise InvalidRequestError("min_new_tokens", f"must be in [0, max_new_tokens ({params.max_new_tokens})], "
+                                                    f"got {params.min_new_tokens}")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}] top alternatives, got {params.logprobs}")
     if len(params.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequestError("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop)}")
     for s in params.stop:
@@ -34,7 +49,9 @@ def check_sampling_params(params: SamplingParams, max_new_tokens_limit: int) -> 
 
 def check_request(request: GenerationRequest, max_new_tokens_limit: int) -> None:
     """Everything that can be checked without the tokenizer."""
-    if not request.prompt:
+    if request.prompt and request.prompt_ids:
+        raise InvalidRequestError("prompt", "give a prompt or prompt token ids, not both")
+    if not request.prompt and not request.prompt_ids:
         raise InvalidRequestError("prompt", "must not be empty")
     check_sampling_params(request.params, max_new_tokens_limit)
 

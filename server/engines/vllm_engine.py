@@ -74,8 +74,12 @@ def engine_arguments(cfg: VllmModelConfig, context_length: int, environ=os.envir
 def sampling_arguments(params: SamplingParams) -> dict[str, Any]:
     """The keyword arguments of vLLM's `SamplingParams` (output_kind aside). Greedy below temperature 1e-5 and
     top_k == 0 meaning "off" are the same conventions in both. Stop sequences are applied by the adapter."""
+    if params.logprobs is not None:
+        raise InvalidRequestError("logprobs", "the vLLM engine does not report logprobs yet; ask a torch model")
     return dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                top_k=params.top_k, seed=params.seed, detokenize=False)
+                top_k=params.top_k, seed=params.seed, presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                min_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos, detokenize=False)
 
 
 @dataclass(eq=False)

@@ -36,6 +36,7 @@ from prunefusion.server.engines.base import (
     Usage,
     collect,
 )
+from prunefusion.server.engines.fanout import merged, sample_requests
 from prunefusion.server.engines.validation import image_settings
 from prunefusion.server.openai.errors import describe, error_body, error_response
 from prunefusion.server.openai.schemas import ChatCompletionRequest, CompletionRequest, ImageRequest, parse
@@ -96,6 +97,30 @@ def finish_json(reason: FinishReason) -> str:
     return FINISH_REASONS[reason]
 
 
+def completion_logprobs(logprobs) -> dict | None:
+    """/v1/completions' legacy logprobs object for a choice's (or a chunk's) tokens."""
+    if not logprobs:
+        return None
+    offsets, at = [], 0
+    for lp in logprobs:
+        offsets.append(at)
+        at += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{text: v for _, text, v in lp.top} for lp in logprobs], "text_offset": offsets}
+
+
+def chat_logprobs(logprobs) -> dict | None:
+    """/v1/chat/completions' logprobs object: per token its logprob, UTF-8 bytes and top alternatives."""
+    if not logprobs:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(text, v) for _, text, v in lp.top]}
+                        for lp in logprobs]}
+
+
 class Shapes:
     """The response objects of one endpoint (completions or chat): whole, streamed chunk, usage-only chunk."""
 
@@ -103,27 +128,30 @@ class Shapes:
         self.chat, self.model, self.id, self.created = chat, model, request_id, created
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.logprobs = chat_logprobs if chat else completion_logprobs
 
-    def choice(self, index: int, text: str, reason: FinishReason) -> dict:
-        body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": index, **body, "logprobs": None, "finish_reason": finish_json(reason)}
+    def choice(self, index: int, result) -> dict:
+        body = {"message": {"role": "assistant", "content": result.text}} if self.chat else {"text": result.text}
+        return {"index": index, **body, "logprobs": self.logprobs(result.logprobs),
+                "finish_reason": finish_json(result.finish_reason)}
 
     def whole(self, results) -> dict:
         usage = Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self.choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
+                "choices": [self.choice(i, r) for i, r in enumerate(results)],
                 "usage": usage_json(usage), "cached": all(r.cached for r in results)}
 
-    def chunk(self, chunk: GenerationChunk, first: bool, with_usage: bool) -> dict:
+    def chunk(self, index: int, chunk: GenerationChunk, first: bool, with_usage: bool) -> dict:
         reason = None if chunk.finish_reason is None else finish_json(chunk.finish_reason)
         if self.chat:
             delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            body = {"delta": delta}
         else:
-            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": reason}
-        body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [choice]}
-        return {**body, "usage": None} if with_usage else body
+            body = {"text": chunk.text}
+        choice = {"index": index, **body, "logprobs": self.logprobs(chunk.logprobs), "finish_reason": reason}
+        message = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                   "choices": [choice]}
+        return {**message, "usage": None} if with_usage else message
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -135,11 +163,11 @@ async def run_whole(engine, request: GenerationRequest):
         return await collect(chunks)
 
 
-async def stream_response(engine, request: GenerationRequest, shapes: Shapes, include_usage: bool,
+async def stream_response(engine, requests: list[GenerationRequest], shapes: Shapes, include_usage: bool,
                           admission: contextlib.ExitStack) -> EventSourceResponse:
-    """SSE: `data: {chunk}` per delta, the usage chunk if asked for, then `data: [DONE]`. The engine's first chunk
-    is awaited here, so its refusals still get their own status; `admission` is released when the stream ends."""
-    chunks = engine.generate(request)
+    """SSE: `data: {chunk}` per delta of every choice, the usage chunk if asked for, then `data: [DONE]`. The first
+    chunk is awaited here, so a refusal still gets its own status; `admission` is released when the stream ends."""
+    chunks = merged([engine.generate(r) for r in requests])
     try:
         first = await anext(chunks)
     except BaseException:
@@ -147,15 +175,20 @@ async def stream_response(engine, request: GenerationRequest, shapes: Shapes, in
         raise
 
     async def events() -> AsyncIterator[dict]:
+        seen: set[int] = set()
+        prompt_tokens = completion_tokens = 0
         try:
-            chunk, is_first = first, True
+            index, chunk = first
             while True:
-                yield {"data": json.dumps(shapes.chunk(chunk, is_first, include_usage))}
+                yield {"data": json.dumps(shapes.chunk(index, chunk, index not in seen, include_usage))}
+                seen.add(index)
                 if chunk.finished:
-                    break
-                chunk, is_first = await anext(chunks), False
+                    prompt_tokens += chunk.usage.prompt_tokens
+                    completion_tokens += chunk.usage.completion_tokens
+                index, chunk = await anext(chunks)
+        except StopAsyncIteration:
             if include_usage:
-                yield {"data": json.dumps(shapes.usage_chunk(chunk.usage))}
+                yield {"data": json.dumps(shapes.usage_chunk(Usage(prompt_tokens, completion_tokens)))}
         except Exception as exc:  # noqa: BLE001 - after the 200: the error travels as an event, as vLLM sends it
             yield {"data": json.dumps(describe(exc)[1])}
         finally:
@@ -211,15 +244,17 @@ def build_app(ctx: HttpContext) -> FastAPI:
             params = req.sampling(engine.info.default_max_new_tokens)
             request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             shapes = Shapes(chat, engine.info.name, request_id, int(time.time()))
-            domain = [GenerationRequest(f"{request_id}-{i}" if len(prompts) > 1 else request_id, p, params,
-                                        stream=req.stream) for i, p in enumerate(prompts)]
+            # choice index = prompt index * n + sample index, as OpenAI numbers them
+            requests = [sample for i, p in enumerate(prompts) for sample in sample_requests(GenerationRequest(
+                f"{request_id}-{i}" if len(prompts) > 1 else request_id, p if isinstance(p, str) else "", params,
+                stream=req.stream, prompt_ids=() if isinstance(p, str) else p), req.n)]
             if req.stream:
-                response = await stream_response(engine, domain[0], shapes, req.include_usage, admission)
+                response = await stream_response(engine, requests, shapes, req.include_usage, admission)
                 streaming = True
                 return response
             try:
-                async with asyncio.TaskGroup() as group:  # one failure cancels the other prompts
-                    tasks = [group.create_task(run_whole(engine, d)) for d in domain]
+                async with asyncio.TaskGroup() as group:  # one failure cancels the other choices
+                    tasks = [group.create_task(run_whole(engine, r)) for r in requests]
             except ExceptionGroup as failed:  # the first error is the answer
                 raise failed.exceptions[0] from None
             return shapes.whole([t.result() for t in tasks])

@@ -17,16 +17,8 @@ from prunefusion.server.engines.chat import ChatMessage
 
 # parameter -> the values that change nothing (accepted); any other value is refused, naming the parameter
 NOT_YET: dict[str, tuple] = {
-    "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "min_tokens": (None, 0),
-    "ignore_eos": (None, False),
     "logit_bias": (None, {}),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -37,7 +29,7 @@ NOT_YET: dict[str, tuple] = {
     "response_format": (None, {"type": "text"}),
 }
 # the engines' field names (engines/validation.py) as OpenAI calls them, for error messages
-PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_token_ids": "prompt"}
 MAX_USER_CHARS = 256
 
 
@@ -62,6 +54,16 @@ class Sampling(Strict):
     user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None  # accepted; the access log has the key
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extra
+    min_tokens: int = 0  # vLLM's extra
+    ignore_eos: bool = False  # vLLM's extra
+
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives per token the request asks for (None: no logprobs)."""
+        return None
 
     def sampling(self, default_max_new_tokens: int, max_tokens: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -70,7 +72,9 @@ class Sampling(Strict):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None or self.top_k == -1 else self.top_k,
-            seed=self.seed, stop=stop)
+            seed=self.seed, stop=stop, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            min_new_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=self.top_logprobs_count())
 
     @property
     def include_usage(self) -> bool:
@@ -79,17 +83,21 @@ class Sampling(Strict):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # alternatives per token (OpenAI allows up to 5; this server up to 20)
 
-    def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts:
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
             raise InvalidRequestError("prompt", "must not be empty")
-        if any(not isinstance(p, str) for p in prompts):
-            raise InvalidRequestError("prompt", "token-id prompts are not supported yet; send text")
-        if self.stream and len(prompts) > 1:
-            raise InvalidRequestError("prompt", "a streamed completion takes one prompt, got a list of "
-                                                f"{len(prompts)}")
-        return prompts
+        if isinstance(prompt[0], int):  # one prompt of token ids
+            return [tuple(prompt)]
+        return [p if isinstance(p, str) else tuple(p) for p in prompt]
 
 
 class TextPart(Strict):
@@ -111,6 +119,13 @@ class Message(Strict):
 class ChatCompletionRequest(Sampling):
     messages: list[Message]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def top_logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.text()) for m in self.messages]

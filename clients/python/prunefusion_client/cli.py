@@ -2,6 +2,8 @@
 
     prunefusion-client generate "def fibonacci(n):" --stream
     prunefusion-client generate "The os module" --model tiny-lm --seed 7 --temperature 0.8
+    prunefusion-client generate "The os module" --logprobs 3 --presence-penalty 0.5 --n 2
+    prunefusion-client chat "What does the os module do?" --system "Answer briefly."
     prunefusion-client models
     prunefusion-client image "a red circle on the left" -o out.png --seed 3
     prunefusion-client caption out.png
@@ -21,12 +23,30 @@ from prunefusion_client import connection
 from prunefusion_client.client import DEFAULT_TARGET, Client, GenerateOptions, ImageOptions
 
 
+def _options(args: argparse.Namespace) -> GenerateOptions:
+    messages = [("system", args.system)] if getattr(args, "system", None) else []
+    if args.command == "chat":
+        messages.append(("user", args.prompt))
+    return GenerateOptions(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=args.stop or [], cache_policy=args.cache, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs, n=args.n,
+        messages=messages)
+
+
+def _print_logprobs(logprobs) -> None:
+    for lp in logprobs:
+        alternatives = "  ".join(f"{t.token!r} {t.logprob:.3f}" for t in lp.top)
+        print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
+
+
 def _generate(client: Client, args: argparse.Namespace) -> None:
-    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=args.stop or [], cache_policy=args.cache)
+    options = _options(args)
+    prompt = "" if args.command == "chat" else args.prompt
     if args.stream:
         last = None
-        for chunk in client.generate_stream(args.prompt, args.model, options):
+        for chunk in client.generate_stream(prompt, args.model, options):
             if args.json:
                 print(json.dumps(MessageToDict(chunk)), flush=True)
             else:
@@ -37,12 +57,14 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
             print()
             print(f"[{_summary(last)}]", file=sys.stderr)
         return
-    response = client.generate(args.prompt, args.model, options)
+    response = client.generate(prompt, args.model, options)
     if args.json:
         print(json.dumps(MessageToDict(response), indent=2))
-    else:
-        print(response.text)
-        print(f"[{_summary(response)}]", file=sys.stderr)
+        return
+    for sample in response.samples or [response]:
+        print(sample.text)
+        _print_logprobs(sample.logprobs)
+    print(f"[{_summary(response)}]", file=sys.stderr)
 
 
 def _summary(message) -> str:
@@ -103,19 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print protobuf messages as JSON")
     connection.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default="", help="model name (default: the server's first model)")
-    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--temperature", type=float, help="0 = greedy (the server default)")
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    gen.add_argument("--cache", default="default", choices=["default", "bypass", "refresh"],
-                     help="response-cache policy (only deterministic requests are cached)")
-    gen.set_defaults(func=_generate)
+    for name, help_text in (("generate", "generate a completion"),
+                            ("chat", "the model's reply to a user message (its chat template, on the server)")):
+        gen = sub.add_parser(name, help=help_text)
+        gen.add_argument("prompt", help="the prompt" if name == "generate" else "the user's message")
+        if name == "chat":
+            gen.add_argument("--system", help="a system message before it")
+        gen.add_argument("--model", default="", help="model name (default: the server's first model)")
+        gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+        gen.add_argument("--max-new-tokens", type=int)
+        gen.add_argument("--temperature", type=float, help="0 = greedy (the server default)")
+        gen.add_argument("--top-p", type=float)
+        gen.add_argument("--top-k", type=int)
+        gen.add_argument("--seed", type=int)
+        gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+        gen.add_argument("--presence-penalty", type=float, help="OpenAI's, in [-2, 2]")
+        gen.add_argument("--frequency-penalty", type=float, help="OpenAI's, in [-2, 2]")
+        gen.add_argument("--repetition-penalty", type=float, help="vLLM's and transformers', 1 = off")
+        gen.add_argument("--min-new-tokens", type=int, help="no EOS or stop sequence before this many tokens")
+        gen.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence tokens")
+        gen.add_argument("--logprobs", type=int, metavar="N",
+                         help="print each token's logprob and its N most likely alternatives (to stderr)")
+        gen.add_argument("--n", type=int, help="independent samples (a seed gives sample i the seed + i)")
+        gen.add_argument("--cache", default="default", choices=["default", "bypass", "refresh"],
+                         help="response-cache policy (only deterministic requests are cached)")
+        gen.set_defaults(func=_generate)
     image = sub.add_parser("image", help="generate an image with a Transfusion model")
     image.add_argument("prompt")
     image.add_argument("-o", "--output", default="out.png", help="PNG file to write (default %(default)s)")

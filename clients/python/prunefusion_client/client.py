@@ -10,6 +10,7 @@ $PRUNEFUSION_API_KEY.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,14 +41,26 @@ class GenerateOptions:
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
     cache_policy: str = "default"  # default | bypass | refresh (see CachePolicy in the proto)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # per-token logprobs with this many top alternatives (response.logprobs)
+    n: int | None = None  # samples (response.samples; stream chunks carry `index`)
+    messages: list[tuple[str, str]] = field(default_factory=list)  # (role, content): chat instead of a prompt
+    prompt_token_ids: list[int] = field(default_factory=list)  # token ids instead of a prompt
+
+    OPTIONAL = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_new_tokens", "logprobs", "n")
 
     def to_request(self, prompt: str, model: str) -> pb.GenerateRequest:
-        optional = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("temperature", self.temperature),
-                                      ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed))
-                    if v is not None}
+        optional = {k: getattr(self, k) for k in self.OPTIONAL if getattr(self, k) is not None}
         policy = pb.CachePolicy.Value(f"CACHE_POLICY_{self.cache_policy.upper()}")
         return pb.GenerateRequest(model=model, prompt=prompt, stop=self.stop, request_id=self.request_id,
-                                  cache_policy=policy, **optional)
+                                  cache_policy=policy, ignore_eos=self.ignore_eos,
+                                  messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages],
+                                  prompt_token_ids=self.prompt_token_ids, **optional)
 
 
 @dataclass
@@ -140,6 +153,12 @@ class Client:
         request = (options or GenerateOptions()).to_request(prompt, model)
         return self._stub.Generate(request, timeout=timeout or self.timeout)
 
+    def chat(self, messages: list[tuple[str, str]], model: str = "", options: GenerateOptions | None = None, *,
+             timeout: float | None = None) -> pb.GenerateResponse:
+        """The model's reply to (role, content) messages, rendered with its chat template on the server."""
+        return self.generate("", model, dataclasses.replace(options or GenerateOptions(), messages=list(messages)),
+                             timeout=timeout)
+
     def generate_stream(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
                         timeout: float | None = None) -> Iterator[pb.GenerateStreamChunk]:
         """Yield chunks; closing the iterator early cancels the call (the server frees the slot)."""
@@ -226,6 +245,11 @@ class AsyncClient:
                        timeout: float | None = None) -> pb.GenerateResponse:
         request = (options or GenerateOptions()).to_request(prompt, model)
         return await self._stub.Generate(request, timeout=timeout or self.timeout)
+
+    async def chat(self, messages: list[tuple[str, str]], model: str = "", options: GenerateOptions | None = None,
+                   *, timeout: float | None = None) -> pb.GenerateResponse:
+        return await self.generate("", model, dataclasses.replace(options or GenerateOptions(),
+                                                                  messages=list(messages)), timeout=timeout)
 
     async def generate_stream(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
                               timeout: float | None = None) -> AsyncIterator[pb.GenerateStreamChunk]:

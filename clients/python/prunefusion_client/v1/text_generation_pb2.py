@@ -25,35 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$prunefusion/v1/text_generation.proto\x12\x0eprunefusion.v1\"\xb7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x31\n\x0c\x63\x61\x63he_policy\x18\n \x01(\x0e\x32\x1b.prunefusion.v1.CachePolicyB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x9e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\t \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\"\x92\x02\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\x08 \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x08 \x01(\r\x12\x0c\n\x04path\x18\t \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.prunefusion.v1.ModelInfo*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05*]\n\x0b\x43\x61\x63heSource\x12\x1c\n\x18\x43\x41\x43HE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_SOURCE_STORED\x10\x01\x12\x17\n\x13\x43\x41\x43HE_SOURCE_SHARED\x10\x02*Z\n\x0b\x43\x61\x63hePolicy\x12\x18\n\x14\x43\x41\x43HE_POLICY_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x32\x8e\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.prunefusion.v1.GenerateRequest\x1a .prunefusion.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\x1f.prunefusion.v1.GenerateRequest\x1a#.prunefusion.v1.GenerateStreamChunk0\x01\x12S\n\nListModels\x12!.prunefusion.v1.ListModelsRequest\x1a\".prunefusion.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$prunefusion/v1/text_generation.proto\x12\x0eprunefusion.v1\"\xa0\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x31\n\x0c\x63\x61\x63he_policy\x18\n \x01(\x0e\x32\x1b.prunefusion.v1.CachePolicy\x12-\n\x08messages\x18\x0b \x03(\x0b\x32\x1b.prunefusion.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\r\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x10 \x01(\x05H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\t\x88\x01\x01\x12\x0e\n\x01n\x18\x13 \x01(\rH\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x11\n\x0f_min_new_tokensB\x0b\n\t_logprobsB\x04\n\x02_n\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"i\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.prunefusion.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd3\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.prunefusion.v1.TokenLogprob\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xf7\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\t \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\x12.\n\x08logprobs\x18\n \x03(\x0b\x32\x1c.prunefusion.v1.TokenLogprob\x12\'\n\x07samples\x18\x0b \x03(\x0b\x32\x16.prunefusion.v1.Sample\"\xd1\x02\n\x13GenerateStreamChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.prunefusion.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.prunefusion.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.prunefusion.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12\x31\n\x0c\x63\x61\x63he_source\x18\x08 \x01(\x0e\x32\x1b.prunefusion.v1.CacheSource\x12.\n\x08logprobs\x18\t \x03(\x0b\x32\x1c.prunefusion.v1.TokenLogprob\x12\r\n\x05index\x18\n \x01(\r\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x08 \x01(\r\x12\x0c\n\x04path\x18\t \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.prunefusion.v1.ModelInfo*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05*]\n\x0b\x43\x61\x63heSource\x12\x1c\n\x18\x43\x41\x43HE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_SOURCE_STORED\x10\x01\x12\x17\n\x13\x43\x41\x43HE_SOURCE_SHARED\x10\x02*Z\n\x0b\x43\x61\x63hePolicy\x12\x18\n\x14\x43\x41\x43HE_POLICY_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x32\x8e\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.prunefusion.v1.GenerateRequest\x1a .prunefusion.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\x1f.prunefusion.v1.GenerateRequest\x1a#.prunefusion.v1.GenerateStreamChunk0\x01\x12S\n\nListModels\x12!.prunefusion.v1.ListModelsRequest\x1a\".prunefusion.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prunefusion.v1.text_generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1372
-  _globals['_FINISHREASON']._serialized_end=1547
-  _globals['_CACHESOURCE']._serialized_start=1549
-  _globals['_CACHESOURCE']._serialized_end=1642
-  _globals['_CACHEPOLICY']._serialized_start=1644
-  _globals['_CACHEPOLICY']._serialized_end=1734
+  _globals['_FINISHREASON']._serialized_start=2316
+  _globals['_FINISHREASON']._serialized_end=2491
+  _globals['_CACHESOURCE']._serialized_start=2493
+  _globals['_CACHESOURCE']._serialized_end=2586
+  _globals['_CACHEPOLICY']._serialized_start=2588
+  _globals['_CACHEPOLICY']._serialized_end=2678
   _globals['_GENERATEREQUEST']._serialized_start=57
-  _globals['_GENERATEREQUEST']._serialized_end=368
-  _globals['_USAGE']._serialized_start=370
-  _globals['_USAGE']._serialized_end=427
-  _globals['_TIMINGS']._serialized_start=429
-  _globals['_TIMINGS']._serialized_end=521
-  _globals['_GENERATERESPONSE']._serialized_start=524
-  _globals['_GENERATERESPONSE']._serialized_end=810
-  _globals['_GENERATESTREAMCHUNK']._serialized_start=813
-  _globals['_GENERATESTREAMCHUNK']._serialized_end=1087
-  _globals['_LISTMODELSREQUEST']._serialized_start=1089
-  _globals['_LISTMODELSREQUEST']._serialized_end=1108
-  _globals['_MODELINFO']._serialized_start=1111
-  _globals['_MODELINFO']._serialized_end=1304
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1306
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1369
-  _globals['_TEXTGENERATION']._serialized_start=1737
-  _globals['_TEXTGENERATION']._serialized_end=2007
+  _globals['_GENERATEREQUEST']._serialized_end=729
+  _globals['_CHATMESSAGE']._serialized_start=731
+  _globals['_CHATMESSAGE']._serialized_end=775
+  _globals['_TOKENLOGPROB']._serialized_start=777
+  _globals['_TOKENLOGPROB']._serialized_end=882
+  _globals['_TOPLOGPROB']._serialized_start=884
+  _globals['_TOPLOGPROB']._serialized_end=946
+  _globals['_SAMPLE']._serialized_start=949
+  _globals['_SAMPLE']._serialized_end=1160
+  _globals['_USAGE']._serialized_start=1162
+  _globals['_USAGE']._serialized_end=1219
+  _globals['_TIMINGS']._serialized_start=1221
+  _globals['_TIMINGS']._serialized_end=1313
+  _globals['_GENERATERESPONSE']._serialized_start=1316
+  _globals['_GENERATERESPONSE']._serialized_end=1691
+  _globals['_GENERATESTREAMCHUNK']._serialized_start=1694
+  _globals['_GENERATESTREAMCHUNK']._serialized_end=2031
+  _globals['_LISTMODELSREQUEST']._serialized_start=2033
+  _globals['_LISTMODELSREQUEST']._serialized_end=2052
+  _globals['_MODELINFO']._serialized_start=2055
+  _globals['_MODELINFO']._serialized_end=2248
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2250
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2313
+  _globals['_TEXTGENERATION']._serialized_start=2681
+  _globals['_TEXTGENERATION']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)
