@@ -321,8 +321,10 @@ class PrunefusionServer:
             # their streams (a final CANCELLED chunk each) and the flush time lets those last messages go out
             # before gRPC cuts whatever is left
             stopping = asyncio.ensure_future(self._server.stop(grace + FLUSH_SECONDS))
-            done, _ = await asyncio.wait({stopping}, timeout=grace)
-            if not done:
+            # both front ends' calls in flight (the HTTP one's stop returns once its requests have ended)
+            draining = {stopping} | ({http_stopping} if http_stopping is not None else set())
+            _, pending = await asyncio.wait(draining, timeout=grace)
+            if pending:
                 log.info("drain time is up: ending the requests still running (FINISH_REASON_CANCELLED)")
             await self.registry.shutdown()
             await stopping

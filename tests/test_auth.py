@@ -44,7 +44,7 @@ def keys_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def auth_server(keys_file, pico_dir, transfusion_dir):
     config = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": None, "access_log": True,
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0, "access_log": True,
                    "auth": {"api_keys_file": str(keys_file), "reload_seconds": 0.2, "metrics_requires_key": True}},
         "cache": {"enabled": False}, "quality": {"workers": 0},
         "models": [
@@ -495,3 +495,35 @@ def test_keys_from_an_environment_variable_and_a_file_together(tmp_path, monkeyp
     monkeypatch.delenv("PF_TEST_KEYS")
     with pytest.raises(KeyFileError, match="api_keys_env: the environment variable PF_TEST_KEYS is not set"):
         source.load()
+
+
+# ---- the HTTP API: the same keys, limits and allow-lists ---------------------------------------------------------
+def test_http_api_takes_the_same_keys(auth_server):
+    import httpx
+
+    base = f"http://127.0.0.1:{auth_server.server.http_port}"
+    body = {"model": "pico-lm", "prompt": "a", "max_tokens": 2, "temperature": 0}
+
+    def post(key: str | None, path: str = "/v1/completions", json=body, headers=None):
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(base + path, json=json, headers={**auth, **(headers or {})}, timeout=30)
+
+    missing, wrong = post(None), post("pf-wrong-0123456789")
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json() == wrong.json() and missing.json()["error"]["type"] == "authentication_error"
+    assert KEYS["alice"] not in wrong.text
+    assert post(KEYS["alice"]).status_code == 200
+    assert post(None, headers={"Authorization": f"bearer {KEYS['alice']}"}).status_code == 200  # RFC 7235: any case
+    assert httpx.get(base + "/v1/models", timeout=30).status_code == 401
+    assert httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEYS['alice']}"},
+                     timeout=30).status_code == 200
+    assert httpx.get(base + "/health", timeout=30).status_code == 200  # liveness and readiness need no key
+    assert httpx.get(base + "/ready", timeout=30).status_code == 200
+    # the allow-list: pico-only may use the LM (by name, or as the default model) but not the image model
+    assert post(KEYS["pico-only"]).status_code == 200
+    image = post(KEYS["pico-only"], "/v1/images/generations", {"model": "pico-tf", "prompt": "a red circle"})
+    assert image.status_code == 403 and image.json()["error"]["type"] == "permission_error"
+    # the rate limit (rps=2, burst=2): the third call in a row is refused with Retry-After
+    codes = [post(KEYS["limited"]) for _ in range(3)]
+    assert [c.status_code for c in codes[:2]] == [200, 200] and codes[2].status_code == 429
+    assert int(codes[2].headers["retry-after"]) >= 1

@@ -106,6 +106,41 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_drains_the_http_api_too(tmp_path):
+    """SIGTERM with an HTTP stream in flight: /ready says 503 at once while new HTTP requests are still answered
+    through the drain delay; the stream runs to its end (`finish_reason: length`, then `[DONE]`); exit 0."""
+    import httpx
+
+    http_port = free_port()
+    proc, target = serve_slow_model(tmp_path, f"drain_delay_seconds: 1.5, drain_seconds: 60, metrics_port: null, "
+                                    f"http_port: {http_port}", context=1024, max_new_tokens=600,
+                                    extra="quality: {enabled: false}\n")
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
+        body = {"model": "slow", "prompt": "The os module", "max_tokens": 600, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            events = [next(line for line in lines if line.startswith("data: "))]
+            proc.send_signal(signal.SIGTERM)
+            while httpx.get(f"{base}/ready", timeout=10).status_code != 503:
+                time.sleep(0.01)
+            during_delay = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 3},
+                                      timeout=30)
+            events += [line for line in lines if line.startswith("data: ")]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert during_delay.status_code == 200 and during_delay.json()["usage"]["completion_tokens"] == 3
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) > 100  # every token's chunk arrived, through the drain
+
+
+@pytest.mark.slow
 def test_sigterm_keeps_serving_through_the_drain_delay_then_ends_streams_cancelled(tmp_path):
     """Health says NOT_SERVING at once while new calls are still answered for drain_delay_seconds; a stream still
     running when drain_seconds end gets a final FINISH_REASON_CANCELLED chunk (not a cut stream); exit 0."""
