@@ -26,12 +26,14 @@ grpc_gevent.init_gevent()  # before any channel exists: gRPC's polling must yiel
 
 import itertools  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 
 import gevent.pool  # noqa: E402
 import grpc  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
+from locust.contrib.fasthttp import FastHttpSession  # noqa: E402
 
 from prunefusion_client import Client, GenerateOptions, ImageOptions, connection, score_request  # noqa: E402
 
@@ -60,6 +62,9 @@ def _options(parser) -> None:
     parser.add_argument("--pf-cache", default="bypass", choices=["default", "bypass", "refresh"])
     parser.add_argument("--pf-seed", type=int, default=0)
     parser.add_argument("--pf-records", default="", help="append one JSON line per request to this file")
+    parser.add_argument("--pf-api", default="grpc", choices=["grpc", "http"],
+                        help="http: text requests through the OpenAI-compatible API (/v1/completions, SSE streams)")
+    parser.add_argument("--pf-http-url", default="http://127.0.0.1:8000", help="--pf-api http: the API's base URL")
     connection.add_arguments(parser, prefix="pf-")  # the key itself comes through $PRUNEFUSION_API_KEY
 
 
@@ -103,6 +108,19 @@ def shapes_prompt(rng: random.Random) -> str:
     return rng.choice(shapes.all_scenes()).caption()
 
 
+class HttpStatus(Exception):
+    def __init__(self, status: int, message: str = ""):
+        super().__init__(f"HTTP {status} {message}".strip())
+        self.status = status
+
+
+class _Silent:
+    """A request-event hook that drops what it is given."""
+
+    def fire(self, **_kwargs) -> None:
+        pass
+
+
 class _Calls(User):
     """The RPCs and the per-request record; subclasses decide when requests start."""
 
@@ -119,6 +137,14 @@ class _Calls(User):
                         "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight}
         if sum(self.weights.values()) <= 0:
             raise ValueError("every --pf-*-weight is 0: nothing to send")
+        self.http = None
+        if o.pf_api == "http":
+            if any(self.weights[rpc] for rpc in ("GenerateImage", "Caption", "Score")):
+                raise ValueError("--pf-api http load-tests text requests only (stream and unary weights)")
+            key = os.environ.get("PRUNEFUSION_API_KEY")
+            # our own records and events, not the session's: it would count every request a second time
+            self.http = FastHttpSession(o.pf_http_url, request_event=_Silent(), user=self,
+                                        headers={"Authorization": f"Bearer {key}"} if key else None)
         # rendered before the run, not between requests: CPU work here would stall every greenlet's timestamps
         self.caption_pngs = [shapes_png(self.rng) for _ in range(16)] if o.pf_caption_weight > 0 else []
 
@@ -130,10 +156,52 @@ class _Calls(User):
         return GenerateOptions(max_new_tokens=self.opts.pf_max_new_tokens, cache_policy=self.opts.pf_cache,
                                temperature=0.0)
 
+    def _http_body(self, prompt: str, stream: bool) -> dict:
+        o = self.opts
+        usage = {"stream_options": {"include_usage": True}} if stream else {}
+        return {"model": o.pf_model, "prompt": prompt, "max_tokens": o.pf_max_new_tokens, "temperature": 0,
+                "stream": stream, "cache": o.pf_cache, **usage}
+
+    def _http_stream(self, prompt: str, t0: float):
+        """SSE from /v1/completions: the first event with a choice is the first token (as the gRPC user counts the
+        first chunk with token ids); the usage event at the end gives the token count."""
+        reply = self.http.request("POST", "/v1/completions", json=self._http_body(prompt, True), stream=True)
+        if reply.status_code != 200:
+            raise HttpStatus(reply.status_code)
+        ttft, tokens, gaps, last, pending = None, 0, [], None, ""
+        for piece in reply.iter_content(chunk_size=4096):
+            pending += piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                data = line.strip().removeprefix("data: ")
+                if not line.startswith("data: ") or data == "[DONE]":
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    raise HttpStatus(500, event["error"].get("message", ""))
+                now = time.perf_counter()
+                if event.get("choices"):
+                    if ttft is None:
+                        ttft = now - t0
+                        events.request.fire(request_type="http", name="TTFT", response_time=ttft * 1000,
+                                            response_length=0, exception=None, context={})
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                elif event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return ttft, tokens, gaps
+
+    def _http_unary(self, prompt: str, t0: float):
+        reply = self.http.request("POST", "/v1/completions", json=self._http_body(prompt, False))
+        if reply.status_code != 200:
+            raise HttpStatus(reply.status_code)
+        return None, json.loads(reply.content)["usage"]["completion_tokens"], []
+
     def _record(self, rpc: str, started: float, e2e: float, ttft: float | None, tokens: int, gaps: list[float],
                 status: str, error: Exception | None) -> None:
-        events.request.fire(request_type="grpc", name=rpc, response_time=e2e * 1000, response_length=tokens,
-                            exception=error, context={"status": status})
+        events.request.fire(request_type=self.opts.pf_api, name=rpc, response_time=e2e * 1000,
+                            response_length=tokens, exception=error, context={"status": status})
         if _records is not None:
             model = {"GenerateImage": self.opts.pf_image_model, "Caption": self.opts.pf_image_model,
                      "Score": "QualityFilter"}.get(rpc, self.opts.pf_model)
@@ -145,6 +213,8 @@ class _Calls(User):
         rpc = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
         call = {"GenerateStream": self._stream, "Generate": self._unary, "GenerateImage": self._image,
                 "Caption": self._caption, "Score": self._score}[rpc]
+        if self.http is not None:
+            call = {"GenerateStream": self._http_stream, "Generate": self._http_unary}[rpc]
         inputs = self._inputs(rpc)  # made before the clock starts
         started, t0 = time.time(), time.perf_counter()
         ttft, tokens, gaps, status, error = None, 0, [], "OK", None
@@ -152,6 +222,8 @@ class _Calls(User):
             ttft, tokens, gaps = call(inputs, t0)
         except grpc.RpcError as err:
             status, error = err.code().name, err
+        except HttpStatus as err:
+            status, error = f"HTTP_{err.status}", err
         except Exception as err:  # noqa: BLE001 - a client-side failure is a counted error, not a lost request
             status, error = f"CLIENT_{type(err).__name__}", err
         except BaseException as err:  # GreenletExit: the run's stop timeout killed the request while it ran

@@ -31,9 +31,19 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 QUALITY = "QualityFilter"  # a pseudo-model: --quality load-tests the QualityFilter service's Score
 
 
-def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.Namespace, records: Path,
+HTTP_SUFFIX = "@http"  # a model's rows through the OpenAI-compatible API: "tiny-lm@http"
+
+
+def api_of(column: str) -> tuple[str, str]:
+    """("tiny-lm", "http") for "tiny-lm@http"; ("tiny-lm", "grpc") for "tiny-lm"."""
+    return (column.removesuffix(HTTP_SUFFIX), "http") if column.endswith(HTTP_SUFFIX) else (column, "grpc")
+
+
+def run_locust(target: str, column: str, load: tuple[str, float], args: argparse.Namespace, records: Path,
                image_model: bool) -> str:
-    """One headless locust run at ("closed", users) or ("open", requests/s); returns its output (diagnostics)."""
+    """One headless locust run at ("closed", users) or ("open", requests/s); returns its output (diagnostics).
+    `column`: a model name, with HTTP_SUFFIX for the HTTP API."""
+    model, api = api_of(column)
     records.unlink(missing_ok=True)
     mode, level = load
     conn = connection.from_args(args)
@@ -52,7 +62,8 @@ def run_locust(target: str, model: str, load: tuple[str, float], args: argparse.
                "--host", target, "--pf-prompt-words", str(args.prompt_words),
                "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
                "--pf-image-steps", str(args.image_steps), "--pf-rate", str(level if mode == "open" else 1.0),
-               "--pf-records", str(records), *weights, *connection.as_arguments(conn, "pf-")]
+               "--pf-records", str(records), *weights, *connection.as_arguments(conn, "pf-"),
+               "--pf-api", api, "--pf-http-url", args.http_url]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180,
                               env=connection.child_environment(conn))
@@ -202,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     config = None if args.serve == "default" else Path(args.serve)
     print(f"starting prunefusion serve ({args.serve} config; log: {out / 'server.log'})", flush=True)
     with ServerProcess(config, log=out / "server.log", connection=connection.from_args(args)) as server:
+        args.http_url = args.http_url or server.http_url
         return run_against(server.target, args)
 
 
@@ -233,6 +245,14 @@ def run_against(target: str, args: argparse.Namespace) -> int:
     if not models:
         raise ValueError("nothing to test: name --models and/or --quality")
     unknown = [m for m in models if m not in layers and m not in image_models and m != QUALITY]
+    if "http" in args.apis:
+        if any(m not in layers for m in models):
+            raise ValueError("--apis http load-tests text models only")
+        args.http_url = args.http_url or f"http://{target.rpartition(':')[0] or '127.0.0.1'}:8000"
+        # each model through gRPC, then through HTTP: one run compares the two front ends on the same engine
+        suffixes = [suffix for api, suffix in (("grpc", ""), ("http", HTTP_SUFFIX)) if api in args.apis]
+        models = [m + suffix for m in models for suffix in suffixes]
+        layers = {**layers, **{m + HTTP_SUFFIX: n for m, n in layers.items()}}
     if unknown:
         raise ValueError(f"the server at {target} does not serve {unknown}; it serves "
                          f"{sorted(layers) + sorted(image_models)}")
@@ -288,6 +308,11 @@ def register(subparsers) -> None:
     p.add_argument("--serve", nargs="?", const="default", help="start `prunefusion serve` for the test (the embedded "
                    "default config, or this config file) instead of using --target")
     p.add_argument("--models", nargs="*", default=[], help="model names; the first is the baseline")
+    p.add_argument("--apis", nargs="+", default=["grpc"], choices=["grpc", "http"],
+                   help="front ends to load: `grpc http` runs each text model through both (rows MODEL and "
+                   "MODEL@http, interleaved in rounds)")
+    p.add_argument("--http-url", help="the OpenAI-compatible API's base URL (default: --target's host, port 8000; "
+                   "with --serve: the started server's)")
     p.add_argument("--quality", action="store_true", help="also load-test QualityFilter.Score")
     p.add_argument("--score-docs", type=int, default=16, help="documents per Score call (~1 KB each)")
     p.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16], help="closed-loop user counts")

@@ -21,10 +21,12 @@ class ServerProcess:
     def __init__(self, config: Path | None, *, startup_timeout_s: float = 3600.0, log: Path | None = None,
                  connection=None) -> None:
         """`connection` (a prunefusion_client Connection): how to reach it, e.g. its TLS files; None: plaintext."""
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.connection = connection
         self.target = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "prunefusion.cli", "serve", "--port", str(self.port)]
+        self.http_url = f"http://127.0.0.1:{self.http_port}"  # the OpenAI-compatible API (plaintext configs)
+        command = [sys.executable, "-m", "prunefusion.cli", "serve", "--port", str(self.port),
+                   "--http-port", str(self.http_port)]
         if config is not None:
             command += ["--config", str(config)]
         self.log_path = log

@@ -42,7 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
     from prunefusion.server.config import load_config
 
     config = load_config(args.config)
-    overrides = {"port": args.port} if args.port is not None else {}
+    overrides = {key: value for key, value in (("port", args.port), ("http_port", args.http_port))
+                 if value is not None}
     if args.no_build:
         overrides["build_missing_models"] = False
     if overrides:
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--config", help="YAML config (default: the embedded default)")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--http-port", type=int, help="override server.http_port (the OpenAI-compatible HTTP API)")
     serve.add_argument("--no-build", action="store_true", help="never build a missing model (server."
                        "build_missing_models: false): stop at once, naming its directory and the command that builds "
                        "it (what a Kubernetes Deployment runs; a Job builds the models)")

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from prunefusion.images import check_output_size, encode_png
 from prunefusion.server.auth.interceptor import AccessControl
 from prunefusion.server.engines.base import (
+    CachePolicy,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -247,7 +248,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
             # choice index = prompt index * n + sample index, as OpenAI numbers them
             requests = [sample for i, p in enumerate(prompts) for sample in sample_requests(GenerationRequest(
                 f"{request_id}-{i}" if len(prompts) > 1 else request_id, p if isinstance(p, str) else "", params,
-                stream=req.stream, prompt_ids=() if isinstance(p, str) else p), req.n)]
+                stream=req.stream, prompt_ids=() if isinstance(p, str) else p, cache=CachePolicy(req.cache)), req.n)]
             if req.stream:
                 response = await stream_response(engine, requests, shapes, req.include_usage, admission)
                 streaming = True

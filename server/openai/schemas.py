@@ -60,6 +60,7 @@ class Sampling(Strict):
     repetition_penalty: float = 1.0  # vLLM's extra
     min_tokens: int = 0  # vLLM's extra
     ignore_eos: bool = False  # vLLM's extra
+    cache: Literal["default", "bypass", "refresh"] = "default"  # prunefusion: the response cache's policy
 
     def top_logprobs_count(self) -> int | None:
         """How many alternatives per token the request asks for (None: no logprobs)."""
