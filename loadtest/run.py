@@ -63,7 +63,7 @@ def run_locust(target: str, column: str, load: tuple[str, float], args: argparse
                "--pf-max-new-tokens", str(args.max_new_tokens), "--pf-cache", args.cache, "--pf-seed", str(args.seed),
                "--pf-image-steps", str(args.image_steps), "--pf-rate", str(level if mode == "open" else 1.0),
                "--pf-records", str(records), *weights, *connection.as_arguments(conn, "pf-"),
-               "--pf-api", api, "--pf-http-url", args.http_url]
+               *(["--pf-api", "http", "--pf-http-url", args.http_url] if api == "http" else [])]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 180,
                               env=connection.child_environment(conn))
