@@ -156,10 +156,11 @@ def export_minilm_onnx(out_dir: Path, *, int8: bool = False) -> Path:
 
 
 class OnnxEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings with onnxruntime (CPUExecutionProvider) and the fast tokenizer."""
+    """all-MiniLM-L6-v2 (or any `export-onnx`ed encoder) sentence embeddings with onnxruntime and the fast tokenizer.
+    `providers`: onnxruntime's execution providers in order of preference (default: the CPU one)."""
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, *, threads: int | None = None,
-                 max_length: int = MAX_LENGTH) -> None:
+                 max_length: int = MAX_LENGTH, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -174,22 +175,19 @@ class OnnxEmbedder:
         # shared CPU, and measured no slower here (2 cores, 200 short sentences)
         if threads is not None:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=list(providers))
         self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         self.tokenizer.no_padding()  # padded per batch below, to that batch's longest
         self.tokenizer.enable_truncation(max_length)  # counts [CLS] and [SEP], as transformers' truncation does
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, [CLS] and [SEP] included, truncated to max_length."""
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
-    def _forward(self, ids: list[list[int]]) -> np.ndarray:
-        longest = max(len(x) for x in ids)
-        input_ids = np.full((len(ids), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), longest), dtype=np.int64)
-        for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = x
-            mask[row, :len(x)] = 1
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """One forward pass over `ids` padded to the longest: [len(ids), hidden] float32, unit L2 norm."""
+        input_ids, mask = pad_batch(ids, self.pad_id)
         hidden = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
         return mean_pool_normalize(hidden, mask)
 
@@ -204,12 +202,23 @@ class OnnxEmbedder:
         out = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
         if not texts:
             return out
-        ids = self._tokenize(texts)
+        ids = self.tokenize(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: a memory problem shows at once
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            out[rows] = self._forward([ids[i] for i in rows])
+            out[rows] = self.embed_ids([ids[i] for i in rows])
         return out
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), int64 [len(ids), longest]: rows right-padded with `pad_id`, mask 1 on tokens."""
+    longest = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+    return input_ids, mask
 
 
 def mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -239,4 +248,4 @@ def default_embedder(cache_dir: Path | None = None, int8: bool = False, *,
 
 
 __all__ = ["EMBEDDING_DIM", "FP32_NAME", "INT8_NAME", "OnnxEmbedder", "default_embedder", "default_export_dir",
-           "export_minilm_onnx", "mean_pool_normalize", "minilm_dir", "quantize_int8", "source_digest"]
+           "export_minilm_onnx", "mean_pool_normalize", "minilm_dir", "pad_batch", "quantize_int8", "source_digest"]

@@ -36,10 +36,13 @@ from prunefusion.server.guard import RequestBounds, RequestGuard
 from prunefusion.server.health import DrainableHealth
 from prunefusion.server.metrics import start_metrics_server
 from prunefusion.server.registry import ModelRegistry
+from prunefusion.server.servicers.embeddings import EmbeddingsServicer
 from prunefusion.server.servicers.multimodal import MultimodalServicer
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
 from prunefusion.server.startup import build_missing, cache_url, check_built, is_built, open_cache
 from prunefusion_client.v1 import (
+    embeddings_pb2,
+    embeddings_pb2_grpc,
     multimodal_pb2,
     multimodal_pb2_grpc,
     quality_filter_pb2,
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 
 # the service each task's models answer, as registered (health and reflection list exactly the served ones)
 SERVICE_OF_TASK = {"text": text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-                   "multimodal": multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name}
+                   "multimodal": multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name,
+                   "embedding": embeddings_pb2.DESCRIPTOR.services_by_name["Embeddings"].full_name}
 QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name
 FLUSH_SECONDS = 2.0  # after the drain: how long the streams' final CANCELLED chunks get to go out
 
@@ -128,6 +132,7 @@ class PrunefusionServer:
         return RequestBounds({
             SERVICE_OF_TASK["text"]: cfg.max_text_request_kb << 10,
             SERVICE_OF_TASK["multimodal"]: cfg.max_image_request_mb << 20,
+            SERVICE_OF_TASK["embedding"]: cfg.max_text_request_kb << 10,
             QUALITY_SERVICE: self.config.quality.max_batch_bytes + (1 << 20),  # + ids, options, framing
         })
 
@@ -153,6 +158,9 @@ class PrunefusionServer:
         if SERVICE_OF_TASK["multimodal"] in self.services:
             multimodal_pb2_grpc.add_MultimodalServicer_to_server(
                 MultimodalServicer(self.registry, expose_paths=cfg.expose_paths), self._server)
+        if SERVICE_OF_TASK["embedding"] in self.services:
+            embeddings_pb2_grpc.add_EmbeddingsServicer_to_server(
+                EmbeddingsServicer(self.registry, expose_paths=cfg.expose_paths), self._server)
         if self.config.quality.enabled:
             from prunefusion.server.servicers.quality_filter import QualityFilterServicer
 
@@ -195,7 +203,7 @@ class PrunefusionServer:
         gc.freeze()
         self._loaded = True
         await self._update_health()
-        log.info("SERVING %s", ", ".join(i.name for task in ("text", "multimodal") for i in self.registry.infos(task)))
+        log.info("SERVING %s", ", ".join(i.name for task in SERVICE_OF_TASK for i in self.registry.infos(task)))
 
     async def _load_models(self) -> None:
         """The models already built first (seconds each), then each missing one built and loaded, in config order (a

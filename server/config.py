@@ -149,10 +149,54 @@ class TransfusionModelConfig(ModelConfigBase):
     images: ImageOptions = ImageOptions()
 
 
+class EmbeddingOptions(StrictModel):
+    """How an embedding model takes texts (both embedding engines)."""
+
+    max_wait_ms: Annotated[float, Field(ge=0)] = 5.0  # how long a request waits for others to share its forward pass
+    max_inputs: Annotated[int, Field(ge=1)] = 256  # texts per request (OpenAI allows 2048; one request, one batch)
+    # tokens per text, [CLS] and [SEP] included. null: sentence_bert_config.json's max_seq_length (256 for MiniLM),
+    # else the model's max_position_embeddings
+    max_tokens: Annotated[int, Field(ge=2)] | None = None
+    # true: a longer text is cut to max_tokens, as sentence-transformers does; false: it is refused (texts[i])
+    truncate: bool = True
+
+
+class EmbeddingModelConfig(ModelConfigBase):
+    """An encoder (Embeddings service): mean-pooled, L2-normalised sentence embeddings."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32  # texts per forward pass
+    embeddings: EmbeddingOptions = EmbeddingOptions()
+
+
+class OnnxEmbeddingConfig(EmbeddingModelConfig):
+    """engine: onnx — onnxruntime on a `prunefusion compress export-onnx` directory (server/engines/onnx_engine.py);
+    device: cuda uses the CUDA execution provider (onnxruntime-gpu), cpu the CPU one."""
+
+    engine_class: ClassVar[str] = "prunefusion.server.engines.onnx_engine:OnnxEmbeddingEngine"
+    engine: Literal["onnx"]
+    threads: Annotated[int, Field(ge=1)] | None = None  # onnxruntime's intra-op threads; null: one per core
+
+    @model_validator(mode="after")
+    def _fp32_export(self) -> OnnxEmbeddingConfig:
+        if self.dtype != "float32":
+            raise ValueError("dtype: the ONNX export is float32 (export-onnx writes one precision)")
+        return self
+
+
+class EncoderEmbeddingConfig(EmbeddingModelConfig):
+    """engine: torch-encoder — the Hugging Face encoder on plain PyTorch (server/engines/encoder_engine.py): the
+    reference the ONNX engine is checked against."""
+
+    engine_class: ClassVar[str] = "prunefusion.server.engines.encoder_engine:EncoderEmbeddingEngine"
+    engine: Literal["torch-encoder"]
+
+
 MODEL_CONFIGS: dict[str, type[ModelConfigBase]] = {
     "torch": TorchModelConfig,
     "vllm": VllmModelConfig,
     "transfusion": TransfusionModelConfig,
+    "onnx": OnnxEmbeddingConfig,
+    "torch-encoder": EncoderEmbeddingConfig,
 }
 
 

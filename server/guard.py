@@ -28,7 +28,7 @@ from prunefusion.server.metrics import REQUESTS_REJECTED
 log = logging.getLogger(__name__)
 
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")  # RpcMethodHandler's behaviour fields
-BULK_FIELDS = {"prompt", "text"}  # free text: bounded by the request's size only
+BULK_FIELDS = {"prompt", "text", "texts"}  # free text: bounded by the request's size only
 IDENTIFIER_FIELDS = {"request_id", "model", "id", "duplicate_of"}  # logged and echoed: short, printable, one line
 MAX_IDENTIFIER_CHARS = 256  # a document id may be a URL
 MAX_OTHER_STRING_CHARS = 1024  # stop sequences, method and profile names, threshold keys

@@ -19,7 +19,7 @@ from prunefusion.server.guard import echo
 
 log = logging.getLogger(__name__)
 
-SERVICE_OF_TASK = {"text": "TextGeneration", "multimodal": "Multimodal"}
+SERVICE_OF_TASK = {"text": "TextGeneration", "multimodal": "Multimodal", "embedding": "Embeddings"}
 
 
 class ModelNotFoundError(LookupError):

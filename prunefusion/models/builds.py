@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunefusion.lazy import resolve
+
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +91,10 @@ BUILD_KINDS = (
               _build_transfusion, _transfusion_command),
     BuildKind("a compression job", lambda: sorted(packaged_jobs()) + ["JOB.yaml"],
               lambda name: job_file(name) is not None, _run_job, _job_command),
+    BuildKind("an ONNX export", lambda: resolve("prunefusion.models.onnx_build:names")(),
+              lambda name: resolve("prunefusion.models.onnx_build:matches")(name),
+              lambda *a: resolve("prunefusion.models.onnx_build:build_onnx")(*a),
+              lambda *a: resolve("prunefusion.models.onnx_build:onnx_command")(*a)),
 )
 
 

@@ -288,6 +288,8 @@ def build_app(ctx: HttpContext) -> FastAPI:
             return {"created": int(time.time()), "data": [
                 {"b64_json": base64.b64encode(encode_png(r.pixels, size)[0]).decode("ascii")} for r in results]}
 
+    from prunefusion.server.openai.embeddings import add_embedding_routes  # POST /v1/embeddings
+    add_embedding_routes(app, ctx, admit)
     return app
 
 

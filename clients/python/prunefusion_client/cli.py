@@ -7,6 +7,7 @@
     prunefusion-client models
     prunefusion-client image "a red circle on the left" -o out.png --seed 3
     prunefusion-client caption out.png
+    prunefusion-client embed "a first sentence" "a second one" --model minilm   # one JSON vector a line
     prunefusion-client --tls-ca ca.pem --api-key "$KEY" models      # a server with TLS and API keys
 """
 
@@ -116,6 +117,18 @@ def _caption(client: Client, args: argparse.Namespace) -> None:
     print(json.dumps(MessageToDict(response), indent=2) if args.json else response.text)
 
 
+def _embed(client: Client, args: argparse.Namespace) -> None:
+    response = client.embed(args.texts, args.model)
+    if args.json:
+        print(json.dumps(MessageToDict(response), indent=2))
+        return
+    for embedding in response.embeddings:
+        print(json.dumps([round(v, 7) for v in embedding.values]))
+    t = response.timings
+    print(f"[model={response.model} dimensions={response.dimensions} prompt_tokens={response.prompt_tokens} "
+          f"batch={t.batch_size} total={t.total_seconds * 1000:.1f}ms]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunefusion-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--model", default="")
     caption.add_argument("--max-tokens", type=int)
     caption.set_defaults(func=_caption)
+    embed = sub.add_parser("embed", help="sentence embeddings of TEXTs (one JSON vector a line, in order)")
+    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--model", default="", help="model name (default: the server's first embedding model)")
+    embed.set_defaults(func=_embed)
     models = sub.add_parser("models", help="list the served models: text (TextGeneration) and image (Multimodal)")
     models.set_defaults(func=_models)
     return parser

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from prunefusion_client.connection import Connection, channel_target
+from prunefusion_client.v1 import embeddings_pb2 as em
+from prunefusion_client.v1 import embeddings_pb2_grpc as em_grpc
 from prunefusion_client.v1 import multimodal_pb2 as mm
 from prunefusion_client.v1 import multimodal_pb2_grpc as mm_grpc
 from prunefusion_client.v1 import quality_filter_pb2 as qf
@@ -125,7 +127,7 @@ def channel_options(max_attempts: int) -> list[tuple[str, object]]:
     if max_attempts >= 2:  # gRPC requires maxAttempts >= 2 in a retry policy; 1 means no retries at all
         config["methodConfig"] = [{
             "name": [{"service": "prunefusion.v1.TextGeneration"}, {"service": "prunefusion.v1.Multimodal"},
-                     {"service": "prunefusion.v1.QualityFilter"}],
+                     {"service": "prunefusion.v1.QualityFilter"}, {"service": "prunefusion.v1.Embeddings"}],
             "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
         }]
@@ -146,6 +148,7 @@ class Client:
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)
+        self._embeddings = em_grpc.EmbeddingsStub(self._channel)
         self.timeout = timeout
 
     def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
@@ -218,6 +221,19 @@ class Client:
     def quality_info(self, *, timeout: float | None = None) -> qf.QualityInfoResponse:
         return self._quality.Info(qf.QualityInfoRequest(), timeout=timeout or self.timeout)
 
+    def embed(self, texts: list[str], model: str = "", *, request_id: str = "",
+              timeout: float | None = None) -> em.EmbedResponse:
+        """Sentence embeddings: `response.embeddings[i].values` is texts[i]'s unit-norm vector (see `vectors`)."""
+        request = em.EmbedRequest(model=model, texts=list(texts), request_id=request_id)
+        return self._embeddings.Embed(request, timeout=timeout or self.timeout)
+
+    def list_embedding_models(self, *, timeout: float | None = None) -> list[em.EmbeddingModelInfo]:
+        """The embedding models served ([] from a server that serves none)."""
+        with _unserved_is_empty():
+            return list(self._embeddings.ListEmbeddingModels(em.ListEmbeddingModelsRequest(),
+                                                             timeout=timeout or self.timeout).models)
+        return []
+
     def close(self) -> None:
         self._channel.close()
 
@@ -239,6 +255,7 @@ class AsyncClient:
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self._images = mm_grpc.MultimodalStub(self._channel)
         self._quality = qf_grpc.QualityFilterStub(self._channel)
+        self._embeddings = em_grpc.EmbeddingsStub(self._channel)
         self.timeout = timeout
 
     async def generate(self, prompt: str, model: str = "", options: GenerateOptions | None = None, *,
@@ -310,6 +327,18 @@ class AsyncClient:
     async def quality_info(self, *, timeout: float | None = None) -> qf.QualityInfoResponse:
         return await self._quality.Info(qf.QualityInfoRequest(), timeout=timeout or self.timeout)
 
+    async def embed(self, texts: list[str], model: str = "", *, request_id: str = "",
+                    timeout: float | None = None) -> em.EmbedResponse:
+        request = em.EmbedRequest(model=model, texts=list(texts), request_id=request_id)
+        return await self._embeddings.Embed(request, timeout=timeout or self.timeout)
+
+    async def list_embedding_models(self, *, timeout: float | None = None) -> list[em.EmbeddingModelInfo]:
+        with _unserved_is_empty():
+            response = await self._embeddings.ListEmbeddingModels(em.ListEmbeddingModelsRequest(),
+                                                                  timeout=timeout or self.timeout)
+            return list(response.models)
+        return []
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -318,3 +347,8 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def vectors(response: em.EmbedResponse) -> list[list[float]]:
+    """An EmbedResponse's vectors as lists of floats, in the order of the request's texts."""
+    return [list(e.values) for e in response.embeddings]
