@@ -194,6 +194,13 @@ def test_readiness_can_wait_for_one_service_the_server_registers(values_sets):
     assert "does not serve it" in render_error({**multimodal, "probes": {"readinessService": QUALITY_SERVICE}})
     ok = server_container(objects({**multimodal, "probes": {"readinessService": SERVICE_OF_TASK["multimodal"]}}))
     assert ok["readinessProbe"]["grpc"]["service"] == "prunefusion.v1.Multimodal"
+    embeddings = {"config": {"models": [{"name": "minilm", "path": "${PRUNEFUSION_HOME}/models/minilm",
+                                         "engine": "onnx"}]}}
+    assert {task for task in ModelRegistry(parse_config(server_config(objects(embeddings))).models).tasks} == {
+        "embedding"}
+    assert "does not serve it" in render_error({**embeddings, "probes": {"readinessService": text}})
+    ok = server_container(objects({**embeddings, "probes": {"readinessService": SERVICE_OF_TASK["embedding"]}}))
+    assert ok["readinessProbe"]["grpc"]["service"] == "prunefusion.v1.Embeddings"
     assert "/probes/readinessService" in render_error({"probes": {"readinessService": "TextGeneration"}})
     readme = (ROOT / "deploy" / "helm" / "README.md").read_text()
     assert "probes.readinessService" in readme and text in readme
@@ -271,6 +278,15 @@ def test_services_grpc_h2c_metrics_and_a_headless_one_for_client_side_balancing(
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
     assert ports["metrics"]["port"] == 9464
+    assert ports["http"]["port"] == 8000 and ports["http"]["appProtocol"] == "http"
+    from prunefusion.server.config import parse_config
+
+    assert parse_config(server_config(objs)).server.http_port == 8000  # the server's default: the chart agrees
+    assert {p["name"]: p["containerPort"] for p in server_container(objs)["ports"]}["http"] == 8000
+    no_http = objects({"config": {"server": {"http_port": None}}})
+    assert "http" not in {p["name"] for p in one(no_http, "Service", "prunefusion")["spec"]["ports"]}
+    assert "http" not in {p["name"] for p in server_container(no_http)["ports"]}
+    assert parse_config(server_config(no_http)).server.http_port is None
     headless = one(objs, "Service", "prunefusion-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert [p["port"] for p in headless["spec"]["ports"]] == [50051]

@@ -63,6 +63,12 @@ app.kubernetes.io/part-of: prunefusion
 {{- if not (kindIs "invalid" $p) -}}{{ $p | int }}{{- end -}}
 {{- end -}}
 
+{{- define "prunefusion.httpPort" -}}
+{{- $s := include "prunefusion.server" . | fromJson -}}
+{{- $p := dig "http_port" 8000 $s -}}
+{{- if not (kindIs "invalid" $p) -}}{{ $p | int }}{{- end -}}
+{{- end -}}
+
 {{- define "prunefusion.healthPort" -}}
 {{- $s := include "prunefusion.server" . | fromJson -}}
 {{- $p := dig "health_port" nil $s -}}
@@ -86,15 +92,18 @@ it (the kubelet's gRPC probe speaks plaintext only) the plaintext health port. *
 
 {{/* The grpc.health.v1 service the startup and readiness probes ask for (probes.readinessService): "" (every
 model loaded) or a service this config makes the server register (server/app.py: TextGeneration with a torch or
-vllm model, Multimodal with a transfusion model, QualityFilter unless quality.enabled is false); the server answers
+vllm model, Multimodal with a transfusion model, Embeddings with an onnx or torch-encoder model, QualityFilter unless quality.enabled is false); the server answers
 NOT_FOUND for any other, and such a probe would never pass. */}}
 {{- define "prunefusion.readinessService" -}}
 {{- $want := .Values.probes.readinessService | default "" -}}
 {{- if $want -}}
 {{- $registered := list -}}
 {{- range .Values.config.models -}}
-{{- if eq (.engine | default "torch") "transfusion" -}}
+{{- $engine := .engine | default "torch" -}}
+{{- if eq $engine "transfusion" -}}
 {{- $registered = append $registered "prunefusion.v1.Multimodal" -}}
+{{- else if has $engine (list "onnx" "torch-encoder") -}}
+{{- $registered = append $registered "prunefusion.v1.Embeddings" -}}
 {{- else -}}
 {{- $registered = append $registered "prunefusion.v1.TextGeneration" -}}
 {{- end -}}
