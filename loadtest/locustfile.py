@@ -168,28 +168,30 @@ class _Calls(User):
         reply = self.http.request("POST", "/v1/completions", json=self._http_body(prompt, True), stream=True)
         if reply.status_code != 200:
             raise HttpStatus(reply.status_code)
-        ttft, tokens, gaps, last, pending = None, 0, [], None, ""
-        for piece in reply.iter_content(chunk_size=4096):
-            pending += piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                data = line.strip().removeprefix("data: ")
-                if not line.startswith("data: ") or data == "[DONE]":
-                    continue
-                event = json.loads(data)
-                if "error" in event:
-                    raise HttpStatus(500, event["error"].get("message", ""))
-                now = time.perf_counter()
-                if event.get("choices"):
-                    if ttft is None:
-                        ttft = now - t0
-                        events.request.fire(request_type="http", name="TTFT", response_time=ttft * 1000,
-                                            response_length=0, exception=None, context={})
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                elif event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+        ttft, tokens, gaps, last = None, 0, [], None
+        # line by line as each arrives: FastResponse.iter_content(n) blocks until n bytes are in (or the stream
+        # ends), which held the first token back behind later ones and inflated TTFT. geventhttpclient's own
+        # response (locust keeps it in `_response`) reads a line as soon as its separator is in.
+        raw = reply._response
+        while raw_line := raw.readline(b"\n"):  # b"" only at the end of the body (blank lines are b"\n")
+            line = raw_line.decode("utf-8", errors="replace").strip()
+            data = line.removeprefix("data: ")
+            if not line.startswith("data: ") or data == "[DONE]":
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                raise HttpStatus(500, event["error"].get("message", ""))
+            now = time.perf_counter()
+            if event.get("choices"):
+                if ttft is None:
+                    ttft = now - t0
+                    events.request.fire(request_type="http", name="TTFT", response_time=ttft * 1000,
+                                        response_length=0, exception=None, context={})
+                else:
+                    gaps.append(now - last)
+                last = now
+            elif event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
         return ttft, tokens, gaps
 
     def _http_unary(self, prompt: str, t0: float):
