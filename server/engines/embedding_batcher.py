@@ -1,7 +1,8 @@
 """What both embedding engines share: the tokenizer, the request checks and a micro-batcher in front of the model.
 
-Requests wait in one queue. The batcher takes the oldest request, waits up to `max_wait_ms` for more until their
-texts fill `max_batch_size`, and runs them together on the model's own thread (one forward pass per
+Requests wait in one queue (micro_batcher.py, shared with the image engine). The batcher takes the oldest request,
+waits up to `max_wait_ms` for more until their texts fill `max_batch_size`, and runs them together on the model's
+own thread (one forward pass per
 `max_batch_size` texts, longest first, each pass padded to its own longest text). A request cancelled or past its
 deadline while waiting is dropped before it costs a forward pass. Each text's vector depends only on that text:
 padding is masked out of attention and of the mean, so a batch changes nothing but float rounding.
@@ -15,13 +16,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,6 +38,7 @@ from prunefusion.server.engines.base import (
     ModelInfo,
     QueueFullError,
 )
+from prunefusion.server.engines.micro_batcher import Job, MicroBatcher
 from prunefusion.server.metrics import BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,9 @@ class LoadedModel:
     weights_digest: str
 
 
-@dataclass(eq=False)  # identity: jobs are compared with `in`
-class _Job:
+@dataclass(eq=False)
+class _Job(Job):
     ids: list[list[int]]
-    future: asyncio.Future
-    arrival: float = field(default_factory=time.monotonic)
-    deadline: float | None = None
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 def default_max_tokens(model_dir: Path) -> int:
@@ -80,12 +75,11 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         self.info: ModelInfo | None = None
         self.limits: EmbeddingLimits | None = None
         self._tokenizer = None
-        self._pending: list[_Job] = []
-        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{cfg.name}")
-        self._batcher: asyncio.Task | None = None
+        self._batcher: MicroBatcher[_Job] = MicroBatcher(f"embedding-batcher-{cfg.name}", select=self._take,
+                                                         full=self._full, run=self._run_batch)
+        self._started = False
         self._running = 0
-        self._closed = False
 
     # ---- what a subclass provides (both run on the model thread) --------------------------------------------------
     @abc.abstractmethod
@@ -123,23 +117,16 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
             num_parameters=loaded.num_parameters, weights_digest=loaded.weights_digest, engine=self.engine_name,
             context_length=max_tokens, max_new_tokens_limit=0, default_max_new_tokens=0, path=str(path),
             device=cfg.device, dtype=cfg.dtype)
-        self._batcher = asyncio.create_task(self._batch_loop(), name=f"embedding-batcher-{self.name}")
+        self._batcher.start(self.limits.max_wait_seconds)
+        self._started = True
 
     async def shutdown(self) -> None:
         """Refuse new requests, fail the waiting ones, let a running batch finish, stop the model thread."""
-        self._closed = True
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(EngineUnavailableError(f"model {self.name!r} is shutting down"))
-        self._pending.clear()
-        self._wake.set()
-        if self._batcher is not None:
-            await self._batcher
+        await self._batcher.close(EngineUnavailableError(f"model {self.name!r} is shutting down"))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def stats(self) -> EngineStats:
-        healthy = self._batcher is not None and not self._batcher.done()
-        return EngineStats(running=self._running, waiting=len(self._live()), healthy=healthy)
+        return EngineStats(running=self._running, waiting=len(self._batcher.live()), healthy=self._batcher.healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -162,64 +149,30 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         return [e.ids for e in encodings]
 
     async def embed(self, texts: Sequence[str], deadline: float | None = None) -> EmbeddingResult:
-        if self._closed or self._batcher is None:
+        if self._batcher.closed or not self._started:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
-        if len(self._live()) >= self.cfg.max_queue:
-            raise QueueFullError(f"model {self.name!r}: {len(self._pending)} requests waiting", retry_after_s=0.5)
+        waiting = len(self._batcher.live())
+        if waiting >= self.cfg.max_queue:
+            raise QueueFullError(f"model {self.name!r}: {waiting} requests waiting", retry_after_s=0.5)
         # off the event loop: a long text (the request bound allows a MiB) takes tens of milliseconds to tokenize
         ids = await asyncio.to_thread(self.tokenize, texts)
-        job = _Job(ids, asyncio.get_running_loop().create_future(), deadline=deadline)
-        self._pending.append(job)
-        self._wake.set()
-        return await job.future  # cancelling this await cancels the job's future: the batcher skips it
+        return await self._batcher.submit(_Job(asyncio.get_running_loop().create_future(), ids, deadline=deadline))
 
-    # ---- the batcher -----------------------------------------------------------------------------------------------
-    def _live(self) -> list[_Job]:
-        for job in self._pending:
-            if not job.future.done() and job.expired():
-                job.future.set_exception(TimeoutError("deadline passed while waiting for the model"))
-        self._pending = [j for j in self._pending if not j.future.done()]
-        return self._pending
+    # ---- the batcher's callbacks -----------------------------------------------------------------------------------
+    def _full(self, waiting: list[_Job]) -> bool:
+        return sum(len(j.ids) for j in waiting) >= self.cfg.max_batch_size
 
-    async def _batch_loop(self) -> None:
-        while not self._closed:
-            try:
-                await self._next_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - a bug must fail requests, not silently stop the batcher
-                log.exception("embedding batcher error; failing the waiting requests")
-                for job in self._pending:
-                    if not job.future.done():
-                        job.future.set_exception(err)
-                self._pending.clear()
-
-    def _take(self) -> list[_Job]:
+    def _take(self, waiting: list[_Job]) -> list[_Job]:
         """The oldest jobs whose texts fit in one batch (the oldest always, however many texts it has)."""
         batch, rows = [], 0
-        for job in self._live():
+        for job in waiting:
             if batch and rows + len(job.ids) > self.cfg.max_batch_size:
                 break
             batch.append(job)
             rows += len(job.ids)
         return batch
 
-    async def _next_batch(self) -> None:
-        if not self._live():
-            self._wake.clear()
-            await self._wake.wait()
-            return
-        first = self._pending[0]
-        window_end = first.arrival + self.limits.max_wait_seconds
-        while (sum(len(j.ids) for j in self._live()) < self.cfg.max_batch_size and time.monotonic() < window_end
-               and not first.future.done()):
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
-        batch = self._take()
-        if not batch:
-            return
-        self._pending = [j for j in self._pending if j not in batch]
+    async def _run_batch(self, batch: list[_Job]) -> None:
         started = time.monotonic()
         rows = [ids for job in batch for ids in job.ids]
         self._running = len(batch)

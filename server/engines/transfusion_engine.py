@@ -1,12 +1,13 @@
 """The Transfusion engine: a micro-batcher in front of the samplers.
 
-Requests wait in one queue. The batcher takes the oldest request, waits up to `max_wait` for more requests of the
-same kind (images with the same number of steps; captions), and runs up to `max_batch_size` of them in one sampler
-call on the model's own thread. Each image request keeps its own seed and its own scheduler (see sampling.py), so
-an image does not depend on what it was batched with. A request cancelled or past its deadline while waiting is
-dropped before it costs a forward pass; an image request inside a running batch leaves it at the next denoising step
-(its rows are dropped, as the text engine drops a cancelled row between decode steps). Captions, a few greedy steps
-for the whole batch, finish with their batch and a cancelled caller's result is dropped.
+Requests wait in one queue (micro_batcher.py, shared with the embedding engines). The batcher takes the oldest
+request, waits up to `max_wait` for more requests of the same kind (images with the same number of steps; captions),
+and runs up to `max_batch_size` of them in one sampler call on the model's own thread. Each image request keeps its
+own seed and its own scheduler (see sampling.py), so an image does not depend on what it was batched with. A request
+cancelled or past its deadline while waiting is dropped before it costs a forward pass; an image request inside a
+running batch leaves it at the next denoising step (its rows are dropped, as the text engine drops a cancelled row
+between decode steps). Captions, a few greedy steps for the whole batch, finish with their batch and a cancelled
+caller's result is dropped.
 
 It implements the `ImageEngine` contract (base.py); front ends never see the sampler or its torch types.
 """
@@ -41,22 +42,17 @@ from prunefusion.server.engines.base import (
     QueueFullError,
     TextPart,
 )
+from prunefusion.server.engines.micro_batcher import Job, MicroBatcher
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)  # identity: jobs are compared with `in`, and payloads may be arrays
-class _Job:
+@dataclass(eq=False)
+class _Job(Job):
     kind: str  # "image" | "caption"
     key: tuple  # batch compatibility
     payload: object  # ImageRequest | uint8 image
-    future: asyncio.Future
-    arrival: float = field(default_factory=time.monotonic)
-    deadline: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # set when the caller is gone (model thread reads)
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def stopped(self) -> bool:
         return self.stop.is_set() or self.expired()
@@ -75,13 +71,11 @@ class TransfusionEngine(ImageEngine):
         self.sampler = None
         self.info: ModelInfo | None = None
         self.limits: ImageLimits | None = None
-        self._pending: list[_Job] = []
-        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{cfg.name}")
-        self._batcher: asyncio.Task | None = None
+        self._batcher: MicroBatcher[_Job] = MicroBatcher(f"transfusion-batcher-{cfg.name}", select=self._take,
+                                                         full=self._full, run=self._run_batch)
         self._running = 0
         self._streams = 0  # interleaved generations in progress (they share the model thread with the batches)
-        self._closed = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,24 +105,17 @@ class TransfusionEngine(ImageEngine):
             weights_digest=digest_files([path / "model.safetensors"]), engine="transfusion",
             context_length=c.max_text_positions, max_new_tokens_limit=images.max_caption_tokens,
             default_max_new_tokens=images.max_caption_tokens, path=str(path), device=cfg.device, dtype=cfg.dtype)
-        self._batcher = asyncio.create_task(self._batch_loop(), name=f"transfusion-batcher-{self.name}")
+        self._batcher.start(self.limits.max_wait_seconds)
 
     async def shutdown(self) -> None:
         """Refuse new requests, fail the waiting ones, let a running batch finish (its callers get their results),
         then stop the batcher and the model thread without blocking the event loop."""
-        self._closed = True
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(EngineUnavailableError(f"model {self.name!r} is shutting down"))
-        self._pending.clear()
-        self._wake.set()
-        if self._batcher is not None:
-            await self._batcher  # returns once the running batch (if any) is handed out: see _batch_loop
+        await self._batcher.close(EngineUnavailableError(f"model {self.name!r} is shutting down"))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def stats(self) -> EngineStats:
-        healthy = self._batcher is not None and not self._batcher.done()
-        return EngineStats(running=self._running + self._streams, waiting=len(self._live()), healthy=healthy)
+        return EngineStats(running=self._running + self._streams, waiting=len(self._batcher.live()),
+                           healthy=self._batcher.healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field_name: str = "prompt") -> None:
@@ -157,24 +144,25 @@ class TransfusionEngine(ImageEngine):
     async def interleaved(self, request: InterleavedRequest) -> AsyncIterator[TextPart | ImagePart]:
         """Parts from the sampler's interleaved generator, each step run on the model thread (between batches). A
         deadline that passes between two parts raises TimeoutError."""
-        if self._closed:
+        if self._batcher.closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
-        if self._streams + len(self._live()) >= self.cfg.max_queue:
-            raise QueueFullError(f"model {self.name!r}: {self._streams} streams and {len(self._pending)} requests "
-                                 "waiting", retry_after_s=0.5)
+        waiting = len(self._batcher.live())
+        if self._streams + waiting >= self.cfg.max_queue:
+            raise QueueFullError(f"model {self.name!r}: {self._streams} streams and {waiting} requests waiting",
+                                 retry_after_s=0.5)
         loop = asyncio.get_running_loop()
         self._streams += 1
         halt = threading.Event()  # set when the caller is gone: the model thread stops at its next step
         r = request
         parts = self.sampler.interleaved(r.prompt, max_tokens=r.max_tokens, max_images=r.max_images, steps=r.steps,
                                          guidance_scale=r.guidance_scale, seed=r.seed,
-                                         stopped=lambda: halt.is_set() or self._closed)
+                                         stopped=lambda: halt.is_set() or self._batcher.closed)
         done = object()
         try:
             while True:
-                if not self._closed:
+                if not self._batcher.closed:
                     part = await loop.run_in_executor(self._executor, next, parts, done)
-                if self._closed:  # the sampler stops early for a shutdown: that is not a finished stream
+                if self._batcher.closed:  # the sampler stops early for a shutdown: that is not a finished stream
                     raise EngineUnavailableError(f"model {self.name!r} is shutting down")
                 if part is done:
                     return
@@ -189,55 +177,24 @@ class TransfusionEngine(ImageEngine):
                 await loop.run_in_executor(self._executor, parts.close)
 
     async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> _BatchResult:
-        if self._closed:
+        if self._batcher.closed:
             raise EngineUnavailableError(f"model {self.name!r} is shutting down")
-        waiting = len(self._live())  # cancelled and expired requests do not count
+        waiting = len(self._batcher.live())  # cancelled and expired requests do not count
         if waiting + self._streams >= self.cfg.max_queue:
             raise QueueFullError(f"model {self.name!r}: {waiting} requests waiting", retry_after_s=0.5)
-        job = _Job(kind, key, payload, asyncio.get_running_loop().create_future(), deadline=deadline)
+        job = _Job(asyncio.get_running_loop().create_future(), kind, key, payload, deadline=deadline)
         job.future.add_done_callback(lambda _: job.stop.set())  # cancelled, failed or answered: stop working on it
-        self._pending.append(job)
-        self._wake.set()
-        return await job.future  # cancelling this await cancels the job's future: the batcher skips it
+        return await self._batcher.submit(job)
 
-    # ---- the batcher -----------------------------------------------------------------------------------------------
-    def _live(self) -> list[_Job]:
-        for job in self._pending:
-            if not job.future.done() and job.expired():
-                job.future.set_exception(TimeoutError("deadline passed while waiting for the model"))
-        self._pending = [j for j in self._pending if not j.future.done()]
-        return self._pending
+    # ---- the batcher's callbacks (micro_batcher.py): one batch holds requests of one kind and settings ------------
+    def _full(self, waiting: list[_Job]) -> bool:
+        return len(self._take(waiting)) >= self.cfg.max_batch_size
 
-    async def _batch_loop(self) -> None:
-        while not self._closed:
-            try:
-                await self._next_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - a bug must fail requests, not silently stop the batcher
-                log.exception("transfusion batcher error; failing the waiting requests")
-                for job in self._pending:
-                    if not job.future.done():
-                        job.future.set_exception(err)
-                self._pending.clear()
+    def _take(self, waiting: list[_Job]) -> list[_Job]:
+        return [j for j in waiting if j.key == waiting[0].key][: self.cfg.max_batch_size] if waiting else []
 
-    async def _next_batch(self) -> None:
-        """Wait for work, fill a batch within the oldest request's window, run it, hand out the results."""
-        if not self._live():
-            self._wake.clear()
-            await self._wake.wait()
-            return
-        first = self._pending[0]
-        window_end = first.arrival + self.limits.max_wait_seconds
-        while (len([j for j in self._live() if j.key == first.key]) < self.cfg.max_batch_size
-               and time.monotonic() < window_end and not first.future.done()):
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, window_end - time.monotonic()))
-        batch = [j for j in self._live() if j.key == first.key][: self.cfg.max_batch_size]
-        if not batch:
-            return
-        self._pending = [j for j in self._pending if j not in batch]
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        """Run the batch on the model thread and hand out the results."""
         started = time.monotonic()
         self._running = len(batch)
         try:
