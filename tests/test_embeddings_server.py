@@ -23,8 +23,7 @@ from pico import build_pico_bert
 
 from prunefusion.quality.embeddings import minilm_dir
 from prunefusion.server.config import ConfigError, load_config, parse_config
-from prunefusion_client import AsyncClient, Client
-from prunefusion_client.client import vectors
+from prunefusion_client import AsyncClient, Client, vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 # written for this test only: used for nothing else in the project
@@ -195,6 +194,12 @@ def test_health_reflection_and_listing(embed_server, client):
     assert (models["minilm"].engine, models["minilm"].dimensions, models["minilm"].max_tokens) == ("onnx", 384, 256)
     assert (models["pico-torch"].engine, models["pico-torch"].num_layers) == ("torch-encoder", 2)
     assert not models["pico-onnx"].truncate and models["pico-onnx"].max_inputs == 4
+
+
+def test_http_models_lists_the_embedding_models(oai):
+    listed = {m.id: m for m in oai.models.list().data}
+    assert list(listed) == ["minilm", "minilm-torch", "pico-onnx", "pico-torch", "pico-full"]
+    assert listed["minilm"].max_model_len == 256
 
 
 def test_client_cli_embed(embed_server, client):

@@ -228,7 +228,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
     @openai_errors
     async def models(request: Request):
         with admit(request, TEXT_SERVICE, None):
-            infos = ctx.registry.infos("text") + ctx.registry.infos("multimodal")
+            infos = [info for task in ("text", "multimodal", "embedding") for info in ctx.registry.infos(task)]
             return {"object": "list", "data": [
                 {"id": i.name, "object": "model", "created": ctx.started, "owned_by": "prunefusion",
                  "max_model_len": i.context_length} for i in infos]}
