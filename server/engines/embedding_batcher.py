@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +37,7 @@ from prunefusion.server.engines.base import (
     ModelInfo,
     QueueFullError,
 )
+from prunefusion.server.engines.compute_thread import ComputeThread
 from prunefusion.server.engines.micro_batcher import Job, MicroBatcher
 from prunefusion.server.metrics import BATCH_SIZE
 
@@ -75,7 +75,7 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         self.info: ModelInfo | None = None
         self.limits: EmbeddingLimits | None = None
         self._tokenizer = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{cfg.name}")
+        self._compute = ComputeThread(f"embed-{cfg.name}")
         self._batcher: MicroBatcher[_Job] = MicroBatcher(f"embedding-batcher-{cfg.name}", select=self._take,
                                                          full=self._full, run=self._run_batch)
         self._started = False
@@ -104,10 +104,9 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         self._tokenizer.no_padding()  # padded per forward pass, to that pass's longest
         self._tokenizer.enable_truncation(max_tokens)  # counts [CLS] and [SEP]; the cut-off rest is `overflowing`
         self._pad_id = self._tokenizer.token_to_id("[PAD]") or config.get("pad_token_id") or 0
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(self._executor, self._load, path)
+        loaded = await self._compute.run(self._load, path)
         warm = [self._tokenizer.encode("warm up").ids]
-        await loop.run_in_executor(self._executor, self._run, warm)
+        await self._compute.run(self._run, warm)
         self.limits = EmbeddingLimits(
             dimensions=loaded.dimensions, max_tokens=max_tokens,
             truncate=options.truncate, max_inputs=options.max_inputs,
@@ -123,7 +122,7 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
     async def shutdown(self) -> None:
         """Refuse new requests, fail the waiting ones, let a running batch finish, stop the model thread."""
         await self._batcher.close(EngineUnavailableError(f"model {self.name!r} is shutting down"))
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await self._compute.shutdown()
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=len(self._batcher.live()), healthy=self._batcher.healthy)
@@ -177,7 +176,7 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         rows = [ids for job in batch for ids in job.ids]
         self._running = len(batch)
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, rows)
+            vectors = await self._compute.run(self._run, rows)
         except Exception as err:  # noqa: BLE001 - the batch's callers get the error, the loop lives on
             log.exception("embedding batch failed")
             for job in batch:

@@ -22,7 +22,6 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,7 @@ from transformers import DynamicCache
 from prunefusion.server.config import TorchModelConfig
 from prunefusion.server.engines.base import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from prunefusion.server.engines.book import BookedEngine, TextRequest
+from prunefusion.server.engines.compute_thread import ComputeThread
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.sampling import apply_penalties, select_tokens, token_logprobs
@@ -52,7 +52,7 @@ class TorchEngine(BookedEngine):
     def __init__(self, cfg: TorchModelConfig):
         super().__init__(cfg)
         self._loaded: LoadedModel | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{cfg.name}")
+        self._compute = ComputeThread(f"engine-{cfg.name}")
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._kv = BatchedKV()
@@ -65,14 +65,13 @@ class TorchEngine(BookedEngine):
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         c = self.cfg
-        self._loaded = await loop.run_in_executor(self._executor, lambda: load_causal_lm(
+        self._loaded = await self._compute.run(lambda: load_causal_lm(
             c.resolved_path, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
             context_length=c.context_length))
         self.open_book(self._loaded, device=torch.device(c.device).type)
         self._eos_ids = frozenset(self._loaded.eos_token_ids)
-        await loop.run_in_executor(self._executor, self._warm_up)
+        await self._compute.run(self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
 
@@ -83,7 +82,7 @@ class TorchEngine(BookedEngine):
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
-        self._executor.shutdown(wait=True)
+        await self._compute.shutdown()
 
     def stats(self) -> EngineStats:
         healthy = self._accepting and self._loop_task is not None and not self._loop_task.done()
@@ -118,7 +117,6 @@ class TorchEngine(BookedEngine):
 
     # ---- scheduling loop (event loop side) ---------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._accepting or self._active or self._waiting:
             if not self._active and not self._waiting:
                 self._wake.clear()
@@ -127,7 +125,7 @@ class TorchEngine(BookedEngine):
             newcomers = []
             while self._waiting and len(self._active) + len(newcomers) < self.cfg.max_batch_size:
                 newcomers.append(self._waiting.popleft())
-            outputs = await loop.run_in_executor(self._executor, self._step, newcomers)
+            outputs = await self._compute.run(self._step, newcomers)
             for seq, item in outputs:
                 seq.outbox.put_nowait(item)
             self.book.publish(self.stats())

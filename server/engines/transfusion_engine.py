@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +41,7 @@ from prunefusion.server.engines.base import (
     QueueFullError,
     TextPart,
 )
+from prunefusion.server.engines.compute_thread import ComputeThread
 from prunefusion.server.engines.micro_batcher import Job, MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class TransfusionEngine(ImageEngine):
         self.sampler = None
         self.info: ModelInfo | None = None
         self.limits: ImageLimits | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transfusion-{cfg.name}")
+        self._compute = ComputeThread(f"transfusion-{cfg.name}")
         self._batcher: MicroBatcher[_Job] = MicroBatcher(f"transfusion-batcher-{cfg.name}", select=self._take,
                                                          full=self._full, run=self._run_batch)
         self._running = 0
@@ -86,14 +86,13 @@ class TransfusionEngine(ImageEngine):
 
         cfg, images = self.cfg, self.cfg.images
         path = cfg.resolved_path
-        loop = asyncio.get_running_loop()
-        self.sampler = await loop.run_in_executor(self._executor, lambda: TransfusionSampler.load(
+        self.sampler = await self._compute.run(lambda: TransfusionSampler.load(
             path, device=cfg.device, dtype=getattr(torch, cfg.dtype)))
         c = self.sampler.config
         if images.max_size < c.image_size:
             raise ValueError(f"model {self.name!r}: max_size {images.max_size} is below the model's image size "
                              f"{c.image_size}: no image could be accepted or returned")
-        await loop.run_in_executor(self._executor, lambda: self.sampler.generate_images([ImageRequest("", 1, 1.0)]))
+        await self._compute.run(lambda: self.sampler.generate_images([ImageRequest("", 1, 1.0)]))
         self.limits = ImageLimits(
             image_size=c.image_size, max_size=images.max_size, max_steps=images.max_steps,
             default_steps=images.default_steps, default_guidance_scale=images.default_guidance_scale,
@@ -111,7 +110,7 @@ class TransfusionEngine(ImageEngine):
         """Refuse new requests, fail the waiting ones, let a running batch finish (its callers get their results),
         then stop the batcher and the model thread without blocking the event loop."""
         await self._batcher.close(EngineUnavailableError(f"model {self.name!r} is shutting down"))
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await self._compute.shutdown()
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running + self._streams, waiting=len(self._batcher.live()),
@@ -150,7 +149,6 @@ class TransfusionEngine(ImageEngine):
         if self._streams + waiting >= self.cfg.max_queue:
             raise QueueFullError(f"model {self.name!r}: {self._streams} streams and {waiting} requests waiting",
                                  retry_after_s=0.5)
-        loop = asyncio.get_running_loop()
         self._streams += 1
         halt = threading.Event()  # set when the caller is gone: the model thread stops at its next step
         r = request
@@ -161,7 +159,7 @@ class TransfusionEngine(ImageEngine):
         try:
             while True:
                 if not self._batcher.closed:
-                    part = await loop.run_in_executor(self._executor, next, parts, done)
+                    part = await self._compute.run(next, parts, done)
                 if self._batcher.closed:  # the sampler stops early for a shutdown: that is not a finished stream
                     raise EngineUnavailableError(f"model {self.name!r} is shutting down")
                 if part is done:
@@ -174,7 +172,7 @@ class TransfusionEngine(ImageEngine):
             self._streams -= 1
             halt.set()
             with contextlib.suppress(RuntimeError):  # the model thread is already shut down: GC closes the generator
-                await loop.run_in_executor(self._executor, parts.close)
+                await self._compute.run(parts.close)
 
     async def _submit(self, kind: str, key: tuple, payload, deadline: float | None) -> _BatchResult:
         if self._batcher.closed:
@@ -198,7 +196,7 @@ class TransfusionEngine(ImageEngine):
         started = time.monotonic()
         self._running = len(batch)
         try:
-            values = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+            values = await self._compute.run(self._run, batch)
         except Exception as err:  # noqa: BLE001 - the batch's callers get the error, the loop lives on
             log.exception("transfusion batch failed")
             values = [err] * len(batch)
