@@ -24,9 +24,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from prunefusion.atomic import partial_dir, publish, replace_atomically, write_text_atomic
+from prunefusion.compression.data_filter import FilterSpec
 from prunefusion.compression.records import (
     STAGE_RESULTS,
     EvaluateResult,
+    FilterResult,
     HealResult,
     JobManifest,
     MeasureResult,
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 class CalibrationSpec(StrictModel):
     data: list[str] = []  # text / .jsonl files or datasets dirs; empty: the stdlib corpus' training split
+    filter: FilterSpec | None = None  # the quality filter over `data` first (compression/data_filter.py)
     samples: Annotated[int, Field(ge=1)] = 128
     seq_len: Annotated[int, Field(ge=2)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 8
@@ -71,6 +74,7 @@ class HealSpec(StrictModel):
     compression.distill.DistillConfig (distillation toward the unpruned model) for encoders; unset = its default."""
 
     data: list[str] = []  # training text; empty: the stdlib corpus (documents; prose sentences for encoders)
+    filter: FilterSpec | None = None  # the quality filter over `data` first (compression/data_filter.py)
     steps: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] | None = None
     seq_len: Annotated[int, Field(ge=2)] | None = None
@@ -86,7 +90,7 @@ class HealSpec(StrictModel):
     def config(self, kind: ModelKind, device: str):
         """The healing config of the model's kind with these overrides."""
         config_class = resolve(kind.heal_config)
-        values = self.model_dump(exclude={"data"}, exclude_none=True)
+        values = self.model_dump(exclude={"data", "filter"}, exclude_none=True)
         if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
         try:
@@ -153,6 +157,20 @@ class Context:
     def texts(self, paths: list[str], split: str) -> list[str]:
         return self.kind.texts(paths, split)
 
+    def source_texts(self, name: str) -> list[str]:
+        """The `calibration` or `heal` text: what the filter stage kept of it when the job filters it."""
+        from prunefusion.compression.data_filter import read_kept
+
+        filtered = getattr(self.results.get("filter"), name, None)
+        if filtered is not None:
+            return read_kept(self.work, filtered)
+        return self.texts(getattr(self.spec, name).data, "train")
+
+    def filtered_sets(self) -> dict[str, FilterSpec]:
+        """The sets (calibration, heal) the job filters, and how."""
+        sets = {"calibration": self.spec.calibration, "heal": self.spec.heal}
+        return {name: s.filter for name, s in sets.items() if s is not None and s.filter is not None}
+
     @property
     def pruned_dir(self) -> Path:
         return self.work / "pruned"
@@ -162,12 +180,19 @@ class Context:
         return self.work / "heal"
 
 
+def _filter(ctx: Context) -> FilterResult:
+    from prunefusion.compression.data_filter import run_filter
+
+    return FilterResult(**{name: run_filter(name, ctx.texts(getattr(ctx.spec, name).data, "train"), spec, ctx.work)
+                           for name, spec in ctx.filtered_sets().items()})
+
+
 def _measure(ctx: Context) -> MeasureResult:
     from prunefusion.compression.report import run_measure
 
     c = ctx.spec.calibration
     table = run_measure(ctx.spec.model_path, ctx.work / "measure", c.data, c.samples, c.seq_len, c.batch_size,
-                        texts=ctx.texts(c.data, "train"))
+                        texts=ctx.source_texts("calibration"))
     return MeasureResult(samples=table.samples, num_layers=table.num_layers, distances="measure/distances.json")
 
 
@@ -188,7 +213,7 @@ def _prune(ctx: Context) -> PruneResult:
 
 def _heal(ctx: Context) -> HealResult:
     cfg = ctx.spec.heal.config(ctx.kind, ctx.device)
-    texts = ctx.texts(ctx.spec.heal.data, "train")
+    texts = ctx.source_texts("heal")
     summary = resolve(ctx.kind.heal)(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
     losses = summary.pop("losses")
     return HealResult(**summary, method="qlora" if cfg.quantize else "lora", distilled=ctx.kind.heals_toward_original,
@@ -209,6 +234,7 @@ def _evaluate(ctx: Context) -> EvaluateResult:
 
 
 STAGES: dict[str, Callable[[Context], object]] = {
+    "filter": _filter,
     "measure": _measure,
     "prune": _prune,
     "heal": _heal,
@@ -266,7 +292,7 @@ def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = F
     ctx = Context(spec, work, device)
     for stage, run in STAGES.items():
         marker = work / "stages" / f"{stage}.json"
-        if stage == "heal" and spec.heal is None:
+        if (stage == "heal" and spec.heal is None) or (stage == "filter" and not ctx.filtered_sets()):
             continue
         if marker.is_file():
             ctx.results[stage] = from_json(STAGE_RESULTS[stage], json.loads(marker.read_text()))

@@ -69,7 +69,29 @@ def build_manifest(ctx) -> JobManifest:
         device=ctx.device,
         versions=package_versions(),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        data_filter=ctx.results.get("filter"),
     )
+
+
+def filter_section(result) -> list[str]:
+    """The report's "Data filter" section: per set, what was kept, why the rest was not, the score histogram."""
+    lines = ["## Data filter", "",
+             "The quality filter (`prunefusion score`'s methods) ran over this text before tokenization; the kept "
+             "documents are in `filter/`.", ""]
+    for name in ("calibration", "heal"):
+        s = getattr(result, name)
+        if s is None:
+            continue
+        methods = ", ".join(s.config["methods"] or ["sharma", "every rule family"])
+        scores = (f"; mean Sharma score {s.mean_score_all:.3f} of all, {s.mean_score_kept:.3f} of the kept"
+                  if s.mean_score_all is not None and s.mean_score_kept is not None else "")
+        lines += [f"**{name}**: kept **{s.kept} of {s.documents}** documents ({s.kept / s.documents:.0%}), methods "
+                  f"{methods}, keep_fraction {s.config['keep_fraction']:g}{scores}; filter config "
+                  f"`{s.config_digest[:16]}`, kept text `{s.kept_digest[:16]}`.", "",
+                  "| reason | documents |", "|---|---|", *(f"| {r} | {n} |" for r, n in s.reason_counts.items()), ""]
+        if s.histogram:
+            lines += [f"![{name} scores]({s.histogram})", ""]
+    return lines
 
 
 def write_report(ctx, manifest: JobManifest, path: Path) -> None:
@@ -88,6 +110,8 @@ def write_report(ctx, manifest: JobManifest, path: Path) -> None:
         "| n | best start l*(n) | d*(n) |", "|---|---|---|",
         *(f"| {b['n']} | {b['start']} | {b['distance']:.4f} |" for b in m.distances.best_last_token), "",
     ]
+    if m.data_filter is not None:
+        lines += filter_section(m.data_filter)
     heal = m.healing
     if heal:
         how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"

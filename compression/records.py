@@ -77,6 +77,31 @@ class HealResult:
 
 
 @dataclass(frozen=True)
+class FilteredSet:
+    """What the filter did to one set of texts (one set of the `filter` stage)."""
+
+    documents: int
+    kept: int
+    reason_counts: dict[str, int]  # reason -> documents; a document may have several
+    mean_score_kept: float | None
+    mean_score_all: float | None
+    config: dict
+    config_digest: str
+    kept_digest: str  # sha256 of the kept texts, in order
+    file: str  # the kept texts (JSONL, {"text"}), relative to the job directory
+    histogram: str  # score histogram, kept vs rejected
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """The `filter` stage: the quality filter over the calibration and / or the healing text (data_filter.py)."""
+
+    calibration: FilteredSet | None = None
+    heal: FilteredSet | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class EvaluateResult:
     rows: list[dict[str, Any]]  # one per model, each with a "label": original, pruned, healed
     seconds: float = 0.0
@@ -85,8 +110,8 @@ class EvaluateResult:
         return {row["label"]: row for row in self.rows}
 
 
-STAGE_RESULTS: dict[str, type] = {"measure": MeasureResult, "prune": PruneResult, "heal": HealResult,
-                                  "evaluate": EvaluateResult}
+STAGE_RESULTS: dict[str, type] = {"filter": FilterResult, "measure": MeasureResult, "prune": PruneResult,
+                                  "heal": HealResult, "evaluate": EvaluateResult}
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,7 @@ class JobManifest:
     versions: dict[str, str | None]
     finished_at: str
     kind: str = "prunefusion.compressed"
+    data_filter: FilterResult | None = None  # what the quality filter kept of the calibration / healing text
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -205,27 +205,36 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarray) -> None:
+def score_histogram(scores: np.ndarray, kept: np.ndarray, path: Path, title: str | None = None) -> None:
+    """Sharma scores of the kept and the rejected documents (NaN: not scored, left out); nothing when none has one.
+    Also the compression job's filter stage figure (compression/data_filter.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    valid = ~np.isnan(scores)
+    if not valid.any():
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(scores[valid & kept], bins=bins, alpha=0.7, label="kept")
+    ax.hist(scores[valid & ~kept], bins=bins, alpha=0.7, label="rejected")
+    ax.set_xlabel("Sharma document score")
+    ax.set_ylabel("documents")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(folder: Path, summary: dict, scores: np.ndarray, kept: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    valid = ~np.isnan(scores)
-    if valid.any():
-        fig, ax = plt.subplots(figsize=(7, 4))
-        bins = np.linspace(0, 1, 41)
-        ax.hist(scores[valid & kept], bins=bins, alpha=0.7, label="kept")
-        ax.hist(scores[valid & ~kept], bins=bins, alpha=0.7, label="rejected")
-        ax.set_xlabel("Sharma document score")
-        ax.set_ylabel("documents")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / "score_histogram.png", dpi=120)
-        plt.close(fig)
+    score_histogram(scores, kept, folder / "score_histogram.png")
     lines = [f"# Quality scoring: {summary['documents']} documents", "",
              f"Kept {summary['kept']}, rejected {summary['rejected']}; methods {', '.join(summary['methods'])} "
              f"(rule profile {summary['rule_profile']}); "
