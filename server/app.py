@@ -232,7 +232,7 @@ class PrunefusionServer:
                               max_body_bytes=cfg.max_text_request_kb << 10, started=int(time.time()))
         host = cfg.http_host or cfg.host
         self.http = HttpFrontend(build_app(context), host, cfg.http_port, tls=cfg.tls,
-                                 graceful_seconds=cfg.drain_seconds + FLUSH_SECONDS)
+                                 graceful_seconds=cfg.drain_seconds + FLUSH_SECONDS, access_log_on=cfg.access_log)
         await self.http.start()
         self.http_port = self.http.port
         log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.http.scheme, host, self.http_port)

@@ -498,7 +498,7 @@ def test_keys_from_an_environment_variable_and_a_file_together(tmp_path, monkeyp
 
 
 # ---- the HTTP API: the same keys, limits and allow-lists ---------------------------------------------------------
-def test_http_api_takes_the_same_keys(auth_server):
+def test_http_api_takes_the_same_keys(auth_server, caplog):
     import httpx
 
     base = f"http://127.0.0.1:{auth_server.server.http_port}"
@@ -508,7 +508,15 @@ def test_http_api_takes_the_same_keys(auth_server):
         auth = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.post(base + path, json=json, headers={**auth, **(headers or {})}, timeout=30)
 
-    missing, wrong = post(None), post("pf-wrong-0123456789")
+    with caplog.at_level(logging.INFO, logger="prunefusion.server.access"):
+        missing, wrong = post(None), post("pf-wrong-0123456789")
+        assert post(KEYS["alice"]).status_code == 200
+    # server.access_log over HTTP: the key's name (never the key), the peer and the status of every request
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunefusion.server.access"]
+    assert any(line.startswith("POST /v1/completions key=alice peer=127.0.0.1:") and "status=200" in line
+               for line in lines), lines
+    assert sum("key=- " in line and "status=401" in line for line in lines) == 2, lines
+    assert KEYS["alice"] not in caplog.text and "pf-wrong" not in caplog.text
     assert missing.status_code == wrong.status_code == 401
     assert missing.json() == wrong.json() and missing.json()["error"]["type"] == "authentication_error"
     assert KEYS["alice"] not in wrong.text

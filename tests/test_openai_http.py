@@ -159,6 +159,22 @@ def test_bad_parameters_are_400_naming_the_parameter(base_url, body, param, need
     assert error["param"] == param and needle in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_a_timeout_header_is_the_requests_deadline(base_url, oai):
+    body = {"model": "pico", "prompt": PROMPT, "max_tokens": 200, "min_tokens": 200, "temperature": 0}
+    late = httpx.post(f"{base_url}/completions", json=body, headers={"X-Request-Timeout": "0.000001"}, timeout=30)
+    assert late.status_code == 504, late.text
+    assert late.json()["error"]["code"] == "deadline_exceeded"
+    with httpx.stream("POST", f"{base_url}/completions", json={**body, "stream": True},
+                      headers={"X-Request-Timeout": "0.000001"}, timeout=30) as stream:
+        assert stream.status_code == 504  # out of time before the first token: refused before the 200
+        assert json.loads(stream.read())["error"]["code"] == "deadline_exceeded"
+    for bad in ("soon", "-1", "inf"):
+        reply = httpx.post(f"{base_url}/completions", json=body, headers={"X-Request-Timeout": bad}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "x-request-timeout", reply.text
+    # the official client sends its own timeout (x-stainless-timeout: 60 here): far off, the request completes
+    assert oai.completions.create(model="pico", prompt=PROMPT, max_tokens=4, temperature=0).usage.completion_tokens == 4
+
+
 def test_noop_values_of_unsupported_parameters_are_accepted(oai):
     got = oai.completions.create(model="pico", prompt=PROMPT, max_tokens=4, temperature=0, best_of=1, echo=False,
                                  extra_body={"logit_bias": {}})

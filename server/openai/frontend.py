@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 import uvicorn
 
 from prunefusion.home import expand_path
+from prunefusion.server.auth.interceptor import access_log
 from prunefusion.server.config import ConfigError, TlsConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class AccessLog:
+    """server.access_log over HTTP: one INFO line per request on the gRPC port's logger, when its response has
+    ended (a stream's last event): method and path, API key name (routes.admit records it), peer, status, time."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), ["-"]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client")
+            access_log.info("%s %s key=%s peer=%s status=%s %.1fms", scope["method"], scope["path"],
+                            scope.get("state", {}).get("key_name", "-"),
+                            f"{client[0]}:{client[1]}" if client else "-", status[0],
+                            (time.perf_counter() - started) * 1e3)
+
+
 def tls_options(tls: TlsConfig | None) -> dict:
     """uvicorn's TLS settings for server.tls: the gRPC port's certificate, and its client CA for mutual TLS."""
     if tls is None:
@@ -53,10 +82,11 @@ def tls_options(tls: TlsConfig | None) -> dict:
 
 
 class HttpFrontend:
-    def __init__(self, app, host: str, port: int, *, tls: TlsConfig | None, graceful_seconds: float):
-        self._config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
-                                      timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=30,
-                                      **tls_options(tls))
+    def __init__(self, app, host: str, port: int, *, tls: TlsConfig | None, graceful_seconds: float,
+                 access_log_on: bool = False):
+        self._config = uvicorn.Config(AccessLog(app) if access_log_on else app, lifespan="off", log_config=None,
+                                      access_log=False, ws="none", timeout_graceful_shutdown=graceful_seconds,
+                                      timeout_keep_alive=30, **tls_options(tls))
         self._host, self._port = host, port
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None

@@ -87,6 +87,27 @@ async def read_json(request: Request, limit: int) -> object:
         raise InvalidRequestError("body", f"is not valid JSON ({err})") from None
 
 
+# A request's time limit in seconds: ours, and the one the official openai client sends with every call (its
+# `timeout`), so generation stops when the client would give up anyway. Past it: 504 (or a stream's error event).
+TIMEOUT_HEADERS = ("x-request-timeout", "x-stainless-timeout")
+
+
+def request_deadline(request: Request) -> float | None:
+    """The deadline (time.monotonic()) a timeout header sets; None without one. A bad value is a 400 naming it."""
+    for header in TIMEOUT_HEADERS:
+        value = request.headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise InvalidRequestError(header, f"must be a number of seconds, got {value!r}") from None
+        if not (0 < seconds < float("inf")):
+            raise InvalidRequestError(header, f"must be a positive number of seconds, got {value!r}")
+        return time.monotonic() + seconds
+    return None
+
+
 def usage_json(usage: Usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
@@ -171,6 +192,8 @@ async def stream_response(engine, requests: list[GenerationRequest], shapes: Sha
     chunks = merged([engine.generate(r) for r in requests])
     try:
         first = await anext(chunks)
+        if first[1].finish_reason is FinishReason.DEADLINE:  # out of time before any token: a 504, not a 200
+            raise TimeoutError("the request's deadline passed before its first token")
     except BaseException:
         await chunks.aclose()
         raise
@@ -212,7 +235,8 @@ def build_app(ctx: HttpContext) -> FastAPI:
     def admit(request: Request, service: str, model: str | None) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         if ctx.access is not None:
-            stack.enter_context(ctx.access.http_call(request.headers.getlist("authorization"), service, model))
+            request.state.key_name = stack.enter_context(
+                ctx.access.http_call(request.headers.getlist("authorization"), service, model))
         return stack
 
     @app.get("/health")
@@ -246,9 +270,11 @@ def build_app(ctx: HttpContext) -> FastAPI:
             request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             shapes = Shapes(chat, engine.info.name, request_id, int(time.time()))
             # choice index = prompt index * n + sample index, as OpenAI numbers them
+            deadline = request_deadline(request)
             requests = [sample for i, p in enumerate(prompts) for sample in sample_requests(GenerationRequest(
                 f"{request_id}-{i}" if len(prompts) > 1 else request_id, p if isinstance(p, str) else "", params,
-                stream=req.stream, prompt_ids=() if isinstance(p, str) else p, cache=CachePolicy(req.cache)), req.n)]
+                stream=req.stream, prompt_ids=() if isinstance(p, str) else p, cache=CachePolicy(req.cache),
+                deadline=deadline), req.n)]
             if req.stream:
                 response = await stream_response(engine, requests, shapes, req.include_usage, admission)
                 streaming = True
