@@ -9,7 +9,8 @@
 #   wheels    every wheel the image installs (deploy/docker/build_wheels.sh; pip's cache makes reruns quick)
 #   image     docker build --network=none of the CPU image (prunefusion:cpu) and Prometheus' image
 #   pico      a pico test model (tests/pico.py, random weights, no training) in a temporary folder
-#   run       docker run --network=host with deploy/docker/pico.yaml: grpc health SERVING, a Generate round trip
+#   run       docker run --network=host with deploy/docker/pico.yaml: grpc health SERVING, a Generate round trip,
+#             the same greedy completion over the OpenAI-compatible HTTP API (port 56080)
 #             and an embedded-Redis cache hit from the host, docker's HEALTHCHECK healthy, then `docker stop`
 #             (SIGTERM): exit code 0, stopped within the drain time
 #   compose   deploy/compose/docker-compose.yaml (server + Redis + Prometheus, all on the host network): SERVING,
@@ -19,7 +20,7 @@
 #
 # Needs: a docker daemon (DOCKER_HOST is honoured; deploy/docker/with-dockerd.sh starts one), docker-compose
 # (1.29), debootstrap and root for a missing base, hadolint (.venv/bin/hadolint, from the dev extra), .venv.
-# Containers use the host network only and bind 127.0.0.1 on ports 56051-56052, 56464-56465, 56379, 56090.
+# Containers use the host network only and bind 127.0.0.1 on ports 56051-56052, 56080, 56464-56465, 56379, 56090.
 # The images stay (a rerun builds from docker's cache); containers, volumes and temporary files are removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,7 +103,7 @@ preflight() {
     if [ "$COMPOSE" = 1 ]; then
         PRUNEFUSION_MODELS=/nonexistent $DOCKER_COMPOSE -f "$COMPOSE_FILE" -p "$PROJECT" down -v >/dev/null 2>&1 || true
     fi
-    "$PY" deploy/docker/probe.py free 56051 56052 56464 56465 56379 56090
+    "$PY" deploy/docker/probe.py free 56051 56052 56080 56464 56465 56379 56090
 }
 
 bases() {
@@ -175,6 +176,7 @@ run_image() {
     "$PY" deploy/docker/probe.py wait 127.0.0.1:56051 --timeout 120 --container "$CONTAINER" \
         || { docker logs --tail 40 "$CONTAINER" >&2; exit 1; }
     "$PY" deploy/docker/probe.py generate 127.0.0.1:56051 pico --expect-cache-hit
+    "$PY" deploy/docker/probe.py openai http://127.0.0.1:56080 pico --grpc 127.0.0.1:56051
     wait_healthy "$CONTAINER"
     stop_cleanly "$CONTAINER"
     docker logs "$CONTAINER" 2>&1 | grep -iE 'drain|SIGTERM|stopp' | tail -3 || true

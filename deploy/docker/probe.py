@@ -4,6 +4,8 @@
     probe.py wait TARGET [--timeout S] [--container NAME]      until grpc.health.v1 says SERVING
     probe.py generate TARGET MODEL [--expect-cache-hit]        one greedy Generate (twice with --expect-cache-hit)
     probe.py prometheus URL --job JOB --query EXPR [--timeout S]   target up, then EXPR returns a value > 0
+    probe.py openai URL MODEL                                  /ready, /v1/models, then a greedy /v1/completions
+                                                               whose tokens equal gRPC Generate's (--grpc TARGET)
 Every failure exits 1 with a line saying what was expected and what came back.
 """
 
@@ -111,6 +113,39 @@ def prometheus(args: argparse.Namespace) -> None:
          f"(last: {last})")
 
 
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:  # loopback only
+        return json.load(reply)
+
+
+def openai(args: argparse.Namespace) -> None:
+    """The OpenAI-compatible HTTP API of the container: ready, lists the model, and answers a greedy completion with
+    the text gRPC's Generate gives for the same request."""
+    from prunefusion_client import Client, GenerateOptions
+
+    base = args.url.rstrip("/")
+    try:
+        ready = _get(f"{base}/ready")
+        listed = [m["id"] for m in _get(f"{base}/v1/models")["data"]]
+        reply = _post(f"{base}/v1/completions", {"model": args.model, "prompt": args.prompt, "max_tokens": 8,
+                                                 "temperature": 0, "cache": "bypass"})
+    except OSError as err:
+        fail(f"{base}: {err}")
+    if args.model not in listed:
+        fail(f"{base}/v1/models lists {listed}, not {args.model}")
+    text = reply["choices"][0]["text"]
+    print(f"openai: /ready {ready}, /v1/models {listed}, /v1/completions {reply['usage']['completion_tokens']} "
+          f"tokens {text!r}")
+    if args.grpc:
+        with Client(args.grpc, timeout=60) as client:
+            want = client.generate(args.prompt, args.model, GenerateOptions(max_new_tokens=8, temperature=0.0,
+                                                                            cache_policy="bypass")).text
+        if text != want:
+            fail(f"HTTP completion {text!r} differs from gRPC Generate's {want!r}")
+        print("openai: the same text as gRPC Generate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
@@ -134,6 +169,12 @@ def main() -> None:
     p.add_argument("--query", required=True)
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(func=prometheus)
+    p = sub.add_parser("openai")
+    p.add_argument("url", help="the HTTP API's base URL, e.g. http://127.0.0.1:56080")
+    p.add_argument("model")
+    p.add_argument("--prompt", default="def main():")
+    p.add_argument("--grpc", help="host:port: also check the text against gRPC Generate's")
+    p.set_defaults(func=openai)
     args = parser.parse_args()
     args.func(args)
 
