@@ -58,3 +58,18 @@ def test_servicers_and_the_app_import_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject lists the packages one by one: a new subpackage left out installs without it (the container
+    image's server crashed at start with `No module named prunefusion.server.openai`; editable installs hide it)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders = set(setuptools["packages"]), setuptools["package-dir"]
+    found = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            inside = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *inside)))
+    assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
