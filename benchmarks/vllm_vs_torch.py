@@ -1,7 +1,7 @@
 """Output tokens/s of the torch engine vs the vLLM engine vs sequential transformers `generate`, one run.
 
     .venv-vllm/bin/python benchmarks/vllm_vs_torch.py [--model-dir DIR] [--requests 32] [--max-new-tokens 64]
-                                                      [--concurrency 1 4 16] [--eager]
+                                                      [--concurrency 1 4 16] [--eager] [--alone]
 
 Needs the vLLM environment (scripts/setup_vllm_cpu.sh). Every number comes from this one run on this machine:
   1. baseline: transformers `generate` (greedy, batch of one), the prompts one after another;
@@ -9,8 +9,10 @@ Needs the vLLM environment (scripts/setup_vllm_cpu.sh). Every number comes from 
   3. the vLLM engine (`VllmEngine` on vLLM's AsyncLLMEngine; its model runs in vLLM's engine-core process), same.
 Both engines are started once; then `--rounds` rounds each run 1, 2 and 3 back to back (one at a time, a pause
 between), and the medians are reported: this machine's speed drifts by tens of percent over minutes, and
-interleaving makes the drift hit all three alike. Same prompts and greedy settings everywhere; the script reports
-how many requests gave the same tokens as `generate`.
+interleaving makes the drift hit all three alike. With `--alone` each engine is started for its turn in a round and
+stopped after it (the order alternating by round), so neither runs while the other's threads or engine-core process
+are alive; the price is a start per turn and coarser interleaving. Same prompts and greedy settings everywhere; the
+script reports how many requests gave the same tokens as `generate`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ async def engine_run(engine, texts: list[str], max_new_tokens: int, concurrency:
     return time.perf_counter() - start, results
 
 
+async def in_own_thread(fn, *args):
+    """fn on a thread that exits when it returns. Not asyncio.to_thread: the default executor keeps its threads, and
+    a live thread that ran torch keeps an OpenMP pool, which halves the torch engine's speed in this process
+    (server/engines/compute_thread.py). Earlier runs of this script measured the torch engine slowed that way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=default_model_dir("tiny-lm"))
@@ -52,6 +64,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--alone", action="store_true",
+                        help="start each engine for its turn and stop it after, so the other one is never up")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -61,39 +75,59 @@ def main() -> None:
 
     texts = prompts(args.requests)
     batch = max(args.concurrency)
-    engines = {
-        "torch": TorchEngine(TorchModelConfig(
+    factories = {
+        "torch": lambda: TorchEngine(TorchModelConfig(
             name="bench-torch", path=str(args.model_dir), max_batch_size=batch,
             max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
-        "vllm": VllmEngine(VllmModelConfig(
+        "vllm": lambda: VllmEngine(VllmModelConfig(
             name="bench-vllm", engine="vllm", path=str(args.model_dir), max_batch_size=batch,
             max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens,
             vllm={"enforce_eager": args.eager})),
     }
+    engines = dict.fromkeys(factories)
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in engines}
     last: dict[str, dict[int, list]] = {name: {} for name in engines}
     baseline_s: list[float] = []
 
+    async def started(name: str):
+        begin = time.perf_counter()
+        engine = factories[name]()
+        await engine.start()
+        print(f"{name} engine started in {time.perf_counter() - begin:.0f} s", flush=True)
+        return engine
+
+    async def measure(name: str, engine, c: int) -> None:
+        await asyncio.sleep(1.0)  # let the other side's spinning OpenMP threads go to sleep
+        elapsed, results = await engine_run(engine, texts, args.max_new_tokens, c)
+        samples[name][c].append(sum(x.usage.completion_tokens for x in results) / elapsed)
+        last[name][c] = results
+
     async def rounds() -> None:
-        for name, engine in engines.items():
-            started = time.perf_counter()
-            await engine.start()
-            print(f"{name} engine started in {time.perf_counter() - started:.0f} s", flush=True)
+        if not args.alone:
+            for name in engines:
+                engines[name] = await started(name)
         try:
             for r in range(args.rounds):
-                seconds, base_tokens[:] = await asyncio.to_thread(baseline_generate, args.model_dir, texts,
-                                                                  args.max_new_tokens)
+                seconds, base_tokens[:] = await in_own_thread(baseline_generate, args.model_dir, texts,
+                                                              args.max_new_tokens)
                 baseline_s.append(seconds)
-                for c in args.concurrency:
-                    for name, engine in engines.items():
-                        await asyncio.sleep(1.0)  # let the other side's spinning OpenMP threads go to sleep
-                        elapsed, results = await engine_run(engine, texts, args.max_new_tokens, c)
-                        samples[name][c].append(sum(x.usage.completion_tokens for x in results) / elapsed)
-                        last[name][c] = results
+                if args.alone:  # each engine started for its turn and stopped after it: never both up
+                    for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+                        engine = await started(name)
+                        try:
+                            for c in args.concurrency:
+                                await measure(name, engine, c)
+                        finally:
+                            await engine.shutdown()
+                else:
+                    for c in args.concurrency:
+                        for name, engine in engines.items():
+                            await measure(name, engine, c)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
         finally:
             for engine in engines.values():
-                await engine.shutdown()
+                if engine is not None and not args.alone:
+                    await engine.shutdown()
 
     base_tokens: list[list[int]] = []
     asyncio.run(rounds())
@@ -103,8 +137,8 @@ def main() -> None:
     tps_of = {name: {c: statistics.median(v) for c, v in per.items()} for name, per in samples.items()}
 
     rows, report = [], {"model": str(args.model_dir), "requests": len(texts), "max_new_tokens": args.max_new_tokens,
-                        "vllm_eager": args.eager, "rounds": args.rounds, "baseline_tokens_per_s": base_tps,
-                        "levels": {}}
+                        "vllm_eager": args.eager, "rounds": args.rounds, "alone": args.alone,
+                        "baseline_tokens_per_s": base_tps, "levels": {}}
     print("\n| concurrency | torch tok/s | vLLM tok/s | torch / vLLM | vLLM / sequential | torch / sequential |"
           " same tokens as generate (torch, vLLM) |\n|---|---|---|---|---|---|---|")
     for c in args.concurrency:
