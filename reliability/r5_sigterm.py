@@ -137,8 +137,12 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
     in_flight = [c for c in calls if c.sent < 0 < c.done]
     in_window = [c for c in calls if 0 <= c.sent < window]
     transitions = [(round(t - t0, 3), status) for t, status in watch.events]
-    not_serving = next((t for t, status in transitions if status == "NOT_SERVING" and t >= 0), None)
-    closed = None if prober.refused_at is None else round(prober.refused_at - t0, 3)
+    # compared unrounded: without a drain delay both come within the same millisecond, and rounding made a tie
+    # look like "not before" (CI saw 0.004 and 0.004)
+    seen = next((t - t0 for t, status in watch.events if status == "NOT_SERVING" and t >= t0), None)
+    refused = None if prober.refused_at is None else prober.refused_at - t0
+    not_serving = None if seen is None else round(seen, 3)
+    closed = None if refused is None else round(refused, 3)
     figures = {
         "drain_delay_s": delay, "drain_seconds": knobs.drain_seconds, "client_window_s": round(window, 3),
         "completed_before_sigterm": sum(c.ok and c.done <= 0 for c in calls),
@@ -146,7 +150,7 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         "failed_codes": sorted({f"{c.code}/{c.finish}" if c.code == "OK" else c.code for c in calls if not c.ok}),
         "health_transitions": transitions, "not_serving_seen_at_s": not_serving,
         "listener_closed_at_s": closed,
-        "not_serving_before_listener_closed": not_serving is not None and (closed is None or not_serving < closed),
+        "not_serving_before_listener_closed": seen is not None and (refused is None or seen <= refused),
         "last_call_done_s": round(max((c.done for c in calls), default=0.0), 3),
         # the server's CPU use (1.0 = one core) and the host's load: a slow drain on an idle server is the server's
         # doing, on a starved one the host's
