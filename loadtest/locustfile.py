@@ -114,6 +114,27 @@ class HttpStatus(Exception):
         self.status = status
 
 
+class _TokenTimes:
+    """One stream's time to first token and gaps between token-bearing chunks, each timed when it arrives; the
+    first is also fired as a locust "TTFT" event (of `api`) so locust's own stats show it."""
+
+    def __init__(self, api: str, t0: float) -> None:
+        self.api, self.t0 = api, t0
+        self.ttft: float | None = None
+        self.gaps: list[float] = []
+        self._last: float | None = None
+
+    def arrived(self) -> None:
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.t0
+            events.request.fire(request_type=self.api, name="TTFT", response_time=self.ttft * 1000,
+                                response_length=0, exception=None, context={})
+        else:
+            self.gaps.append(now - self._last)
+        self._last = now
+
+
 class _Silent:
     """A request-event hook that drops what it is given."""
 
@@ -168,7 +189,7 @@ class _Calls(User):
         reply = self.http.request("POST", "/v1/completions", json=self._http_body(prompt, True), stream=True)
         if reply.status_code != 200:
             raise HttpStatus(reply.status_code)
-        ttft, tokens, gaps, last = None, 0, [], None
+        times, tokens = _TokenTimes("http", t0), 0
         # line by line as each arrives: FastResponse.iter_content(n) blocks until n bytes are in (or the stream
         # ends), which held the first token back behind later ones and inflated TTFT. geventhttpclient's own
         # response (locust keeps it in `_response`) reads a line as soon as its separator is in.
@@ -181,18 +202,11 @@ class _Calls(User):
             event = json.loads(data)
             if "error" in event:
                 raise HttpStatus(500, event["error"].get("message", ""))
-            now = time.perf_counter()
             if event.get("choices"):
-                if ttft is None:
-                    ttft = now - t0
-                    events.request.fire(request_type="http", name="TTFT", response_time=ttft * 1000,
-                                        response_length=0, exception=None, context={})
-                else:
-                    gaps.append(now - last)
-                last = now
+                times.arrived()
             elif event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-        return ttft, tokens, gaps
+        return times.ttft, tokens, times.gaps
 
     def _http_unary(self, prompt: str, t0: float):
         reply = self.http.request("POST", "/v1/completions", json=self._http_body(prompt, False))
@@ -245,19 +259,12 @@ class _Calls(User):
         return synthetic_prompt(self.rng, self.opts.pf_prompt_words)
 
     def _stream(self, prompt: str, t0: float):
-        ttft, tokens, gaps, last = None, 0, [], None
+        times, tokens = _TokenTimes("grpc", t0), 0
         for chunk in self.api.generate_stream(prompt, self.opts.pf_model, self._request_options()):
-            now = time.perf_counter()
             if chunk.token_ids:
-                if ttft is None:
-                    ttft = now - t0
-                    events.request.fire(request_type="grpc", name="TTFT", response_time=ttft * 1000,
-                                        response_length=0, exception=None, context={})
-                else:
-                    gaps.append(now - last)
-                last = now
+                times.arrived()
                 tokens += len(chunk.token_ids)
-        return ttft, tokens, gaps
+        return times.ttft, tokens, times.gaps
 
     def _unary(self, prompt: str, t0: float):
         return None, self.api.generate(prompt, self.opts.pf_model, self._request_options()).usage.completion_tokens, []
