@@ -40,8 +40,9 @@ class FilterSpec(StrictModel):
 
     @model_validator(mode="after")
     def _valid(self) -> FilterSpec:
-        self.options().check()  # unknown methods, thresholds and values are refused when the job loads
-        if self.keep_fraction < 1 and "sharma" not in self.options().methods:
+        options = self.options()
+        options.check()  # unknown methods, thresholds and values are refused when the job loads
+        if self.keep_fraction < 1 and "sharma" not in options.methods:
             raise ValueError("keep_fraction ranks by the Sharma score: it needs the 'sharma' method")
         return self
 

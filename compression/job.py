@@ -157,14 +157,16 @@ class Context:
     def texts(self, paths: list[str], split: str) -> list[str]:
         return self.kind.texts(paths, split)
 
+    def unfiltered_texts(self, name: str) -> list[str]:
+        """The `calibration` or `heal` text as its `data` names it (the filter stage's input)."""
+        return self.texts(getattr(self.spec, name).data, "train")
+
     def source_texts(self, name: str) -> list[str]:
         """The `calibration` or `heal` text: what the filter stage kept of it when the job filters it."""
         from prunefusion.compression.data_filter import read_kept
 
         filtered = getattr(self.results.get("filter"), name, None)
-        if filtered is not None:
-            return read_kept(self.work, filtered)
-        return self.texts(getattr(self.spec, name).data, "train")
+        return self.unfiltered_texts(name) if filtered is None else read_kept(self.work, filtered)
 
     def filtered_sets(self) -> dict[str, FilterSpec]:
         """The sets (calibration, heal) the job filters, and how."""
@@ -183,7 +185,7 @@ class Context:
 def _filter(ctx: Context) -> FilterResult:
     from prunefusion.compression.data_filter import run_filter
 
-    return FilterResult(**{name: run_filter(name, ctx.texts(getattr(ctx.spec, name).data, "train"), spec, ctx.work)
+    return FilterResult(**{name: run_filter(name, ctx.unfiltered_texts(name), spec, ctx.work)
                            for name, spec in ctx.filtered_sets().items()})
 
 

@@ -150,7 +150,7 @@ def _one_run(model_dir: Path, folder: Path, delay: float, knobs: Knobs) -> tuple
         "failed_codes": sorted({f"{c.code}/{c.finish}" if c.code == "OK" else c.code for c in calls if not c.ok}),
         "health_transitions": transitions, "not_serving_seen_at_s": not_serving,
         "listener_closed_at_s": closed,
-        "not_serving_before_listener_closed": seen is not None and (refused is None or seen <= refused),
+        "not_serving_before_listener_closed": seen is not None and (refused is None or seen < refused),
         "last_call_done_s": round(max((c.done for c in calls), default=0.0), 3),
         # the server's CPU use (1.0 = one core) and the host's load: a slow drain on an idle server is the server's
         # doing, on a starved one the host's

@@ -2,10 +2,10 @@
 
 Requests wait in one queue (micro_batcher.py, shared with the image engine). The batcher takes the oldest request,
 waits up to `max_wait_ms` for more until their texts fill `max_batch_size`, and runs them together on the model's
-own thread (one forward pass per
-`max_batch_size` texts, longest first, each pass padded to its own longest text). A request cancelled or past its
-deadline while waiting is dropped before it costs a forward pass. Each text's vector depends only on that text:
-padding is masked out of attention and of the mean, so a batch changes nothing but float rounding.
+own thread (one forward pass per `max_batch_size` texts, longest first, each pass padded to its own longest text). A
+request cancelled or past its deadline while waiting is dropped before it costs a forward pass. Each text's vector
+depends only on that text: padding is masked out of attention and of the mean, so a batch changes nothing but float
+rounding.
 
 Texts are tokenized with the checkpoint's own tokenizer.json (the fast tokenizer sentence-transformers uses) and cut
 to `max_tokens` ([CLS] and [SEP] kept), as sentence-transformers does; with `truncate: false` a longer text is
@@ -78,7 +78,6 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         self._compute = ComputeThread(f"embed-{cfg.name}")
         self._batcher: MicroBatcher[_Job] = MicroBatcher(f"embedding-batcher-{cfg.name}", select=self._take,
                                                          full=self._full, run=self._run_batch)
-        self._started = False
         self._running = 0
 
     # ---- what a subclass provides (both run on the model thread) --------------------------------------------------
@@ -117,7 +116,6 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
             context_length=max_tokens, max_new_tokens_limit=0, default_max_new_tokens=0, path=str(path),
             device=cfg.device, dtype=cfg.dtype)
         self._batcher.start(self.limits.max_wait_seconds)
-        self._started = True
 
     async def shutdown(self) -> None:
         """Refuse new requests, fail the waiting ones, let a running batch finish, stop the model thread."""
@@ -148,7 +146,7 @@ class BatchedEmbeddingEngine(EmbeddingEngine):
         return [e.ids for e in encodings]
 
     async def embed(self, texts: Sequence[str], deadline: float | None = None) -> EmbeddingResult:
-        if self._batcher.closed or not self._started:
+        if self._batcher.closed or not self._batcher.started:
             raise EngineUnavailableError(f"model {self.name!r} is not accepting requests")
         waiting = len(self._batcher.live())
         if waiting >= self.cfg.max_queue:

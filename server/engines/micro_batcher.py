@@ -52,6 +52,10 @@ class MicroBatcher(Generic[J]):
         self._task = asyncio.create_task(self._loop(), name=self.name)
 
     @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done()
 
