@@ -78,6 +78,9 @@ class TorchModelConfig(TextModelConfig):
 
     engine_class: ClassVar[str] = "prunefusion.server.engines.torch_engine:TorchEngine"
     engine: Literal["torch"] = "torch"
+    # decode on KV slots with a hand-written step (server/engines/slot_kv.py: llama, mistral, qwen2, qwen3; other
+    # families keep transformers' forward); false: transformers' forward over a growing cache for every family
+    fast_decode: bool = True
 
 
 # AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)

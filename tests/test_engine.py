@@ -16,10 +16,12 @@ from prunefusion.server.engines.base import (
 from prunefusion.server.engines.torch_engine import TorchEngine
 
 
-@pytest.fixture()
-async def engine(pico_dir):
-    e = TorchEngine(TorchModelConfig(name="pico", path=str(pico_dir), max_batch_size=4, max_queue=2))
+@pytest.fixture(params=[True, False], ids=["slots", "transformers"])
+async def engine(pico_dir, request):
+    e = TorchEngine(TorchModelConfig(name="pico", path=str(pico_dir), max_batch_size=4, max_queue=2,
+                                     fast_decode=request.param))
     await e.start()
+    assert e.decode_path == ("slots" if request.param else "transformers")
     yield e
     await e.shutdown()
 

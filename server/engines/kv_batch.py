@@ -48,6 +48,14 @@ class BatchedKV:
         """Record the token every row appended in the last decode step; `mask` is the decode_mask() it used."""
         self.mask = mask
 
+    def decode_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step of every row through transformers' forward: input_ids [B, 1] -> logits [B, V]."""
+        mask = self.decode_mask()
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=self.next_positions(),
+                       past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.after_decode(mask)
+        return logits
+
     def join(self, row_cache: DynamicCache, length: int) -> None:
         """Append one row whose cache holds `length` real tokens and no padding."""
         row_mask = torch.ones(1, length, dtype=torch.long, device=row_cache.layers[0].keys.device)

@@ -34,6 +34,7 @@ from prunefusion.server.engines.compute_thread import ComputeThread
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.sampling import apply_penalties, select_tokens, token_logprobs
+from prunefusion.server.engines.slot_kv import SlotKV, refusal
 from prunefusion.server.metrics import BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class TorchEngine(BookedEngine):
         self._compute = ComputeThread(f"engine-{cfg.name}")
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._kv = BatchedKV()
+        self._kv: BatchedKV | SlotKV = BatchedKV()
+        self.decode_path = "transformers"  # or "slots" (slot_kv.py), chosen at start
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._accepting = False
@@ -71,6 +73,7 @@ class TorchEngine(BookedEngine):
             context_length=c.context_length))
         self.open_book(self._loaded, device=torch.device(c.device).type)
         self._eos_ids = frozenset(self._loaded.eos_token_ids)
+        self._choose_decode_path()
         await self._compute.run(self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
@@ -153,7 +156,7 @@ class TorchEngine(BookedEngine):
             for seq in failed:
                 self.book.drop(seq)
                 out.append((seq, exc))
-            self._active, self._kv = [], BatchedKV()
+            self._active, self._kv = [], self._new_kv()
         return out
 
     def _step_rows(self, newcomers: list[_Sequence], out: list) -> None:
@@ -198,11 +201,7 @@ class TorchEngine(BookedEngine):
         assert self._loaded is not None
         rows = self._active
         input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.cfg.device)
-        mask = self._kv.decode_mask()
-        logits = self._loaded.model(input_ids=input_ids, attention_mask=mask,
-                                    position_ids=self._kv.next_positions(), past_key_values=self._kv.cache,
-                                    use_cache=True).logits[:, -1]  # [B, V]
-        self._kv.after_decode(mask)
+        logits = self._kv.decode_logits(self._loaded.model, input_ids)  # [B, V]
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         BATCH_SIZE.labels(self.name).observe(len(rows))
@@ -222,6 +221,25 @@ class TorchEngine(BookedEngine):
         if len(keep) != len(self._active):
             self._kv.keep(keep)
             self._active = [self._active[i] for i in keep]
+
+    def _choose_decode_path(self) -> None:
+        """Slots when the config asks for them and the family has a slot step; else transformers' forward."""
+        assert self._loaded is not None
+        why = "fast_decode: false" if not self.cfg.fast_decode else refusal(self._loaded.model,
+                                                                             self._loaded.context_length)
+        self.decode_path = "transformers" if why else "slots"
+        self._kv = self._new_kv()
+        if why:
+            log.info("engine %s: decode on transformers' forward (%s)", self.name, why)
+        else:
+            log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB", self.name,
+                     self.cfg.max_batch_size, self._loaded.context_length, self._kv.nbytes / 2**20)
+
+    def _new_kv(self) -> BatchedKV | SlotKV:
+        if self.decode_path == "transformers":
+            return BatchedKV()
+        assert self._loaded is not None
+        return SlotKV(self._loaded.model, self.cfg.max_batch_size, self._loaded.context_length)
 
     def _warm_up(self) -> None:
         assert self._loaded is not None

@@ -1,0 +1,138 @@
+"""The torch engine's fast decode path: a KV cache in preallocated slots and a hand-written Llama-family step.
+
+Layout: keys and values [layers, max_batch_size, kv heads, context_length, head dim], allocated once at start-up.
+The batch's rows are slots 0..n-1 in the engine's row order; row b's real tokens fill positions 0..lengths[b]-1.
+A decode step writes each row's new key and value in place at its own position and attends over the first W
+columns only (W: the longest row rounded up to WINDOW_STEP), masking each row past its length: nothing is padded,
+concatenated or re-allocated as rows join and leave. A joining row's prefill is transformers' own forward (a batch
+of one, as on the old path) and is copied into its slot; a leaving row's slot is refilled by moving the rows after
+it down, keeping the order.
+
+The step uses the model's own modules (embeddings, norms, projections, rotary embedding, MLP) so weights, RoPE
+scaling and pruned layer lists come from the checkpoint; only the attention and the cache are ours. Families whose
+layers fit that shape are in FAST_FAMILIES; every other model, and one with a sliding window shorter than the
+context, stays on kv_batch.py's transformers path (`refusal` says why). Measured on tiny-lm (16 rows, 2 threads):
+1.28-1.40x the transformers step (benchmarks/decode_step_probe.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+WINDOW_STEP = 64  # attention reads the first W columns, W a multiple of this (fewer distinct shapes)
+
+
+@dataclass(frozen=True)
+class FamilyShape:
+    qk_norm: bool  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+
+
+FAST_FAMILIES = {
+    "llama": FamilyShape(qk_norm=False),
+    "mistral": FamilyShape(qk_norm=False),
+    "qwen2": FamilyShape(qk_norm=False),
+    "qwen3": FamilyShape(qk_norm=True),
+}
+
+
+def refusal(model, context_length: int) -> str | None:
+    """Why this model cannot take the slot path (None: it can)."""
+    cfg = model.config
+    if cfg.model_type not in FAST_FAMILIES:
+        return f"family {cfg.model_type!r} has no slot decode step (known: {', '.join(sorted(FAST_FAMILIES))})"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < context_length:
+        return f"sliding_window {window} < context length {context_length}"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return "layers with attention other than full_attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
+        return "no model.model.rotary_emb / lm_head"
+    return None
+
+
+class SlotKV:
+    """The batch's KV cache in slots; `decode_logits` runs one step of every row. See the module docstring."""
+
+    def __init__(self, model, rows: int, context_length: int):
+        cfg = model.config
+        self.model, self.context_length = model, context_length
+        self.shape = FAST_FAMILIES[cfg.model_type]
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        first = model.model.embed_tokens.weight
+        shape = (len(model.model.layers), rows, self.kv_heads, context_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=first.dtype, device=first.device)
+        self.values = torch.zeros_like(self.keys)
+        self.lengths: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def join(self, row_cache: DynamicCache, length: int) -> None:
+        """Copy a batch-of-one prefill's cache (`length` tokens, no padding) into the next free slot."""
+        row = self.size
+        for index, layer in enumerate(row_cache.layers):
+            self.keys[index, row, :, :length] = layer.keys[0, :, :length]
+            self.values[index, row, :, :length] = layer.values[0, :, :length]
+        self.lengths.append(length)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this (ascending) order: each moves down into the first free slot."""
+        for new, old in enumerate(rows):
+            if new != old:
+                n = self.lengths[old]
+                self.keys[:, new, :, :n] = self.keys[:, old, :, :n]
+                self.values[:, new, :, :n] = self.values[:, old, :, :n]
+        self.lengths = [self.lengths[old] for old in rows]
+
+    def decode_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step of every row: input_ids [B, 1] -> logits [B, V]; each row's new key is stored."""
+        lm = model.model
+        batch = self.size
+        positions = torch.tensor(self.lengths, device=self.keys.device)[:, None]  # [B, 1]
+        x = lm.embed_tokens(input_ids)
+        cos, sin = lm.rotary_emb(x, positions)
+        width = min(self.context_length, -(-(max(self.lengths) + 1) // WINDOW_STEP) * WINDOW_STEP)
+        visible = (torch.arange(width, device=x.device)[None, :] <= positions)[:, None, None, :]  # [B, 1, 1, W]
+        slots = torch.arange(batch, device=x.device)
+        for index, layer in enumerate(lm.layers):
+            x = x + self._attention(layer, index, layer.input_layernorm(x), cos, sin, slots, positions[:, 0],
+                                    visible, width)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        self.lengths = [n + 1 for n in self.lengths]
+        return model.lm_head(lm.norm(x))[:, -1]
+
+    def _attention(self, layer, index: int, h: torch.Tensor, cos, sin, slots, positions, visible, width: int):
+        attn, batch = layer.self_attn, h.shape[0]
+        q = attn.q_proj(h).view(batch, 1, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(batch, 1, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(batch, 1, self.kv_heads, self.head_dim)
+        if self.shape.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, 1, D]
+        self.keys[index, slots, :, positions] = k[:, :, 0]
+        self.values[index, slots, :, positions] = v[:, 0]
+        out = F.scaled_dot_product_attention(q, self.keys[index, :batch, :, :width],
+                                             self.values[index, :batch, :, :width], attn_mask=visible,
+                                             scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE as transformers' apply_rotary_pos_emb (rotate_half convention) for [B, H, T, D] and cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def half(t: torch.Tensor) -> torch.Tensor:
+        first, second = t.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+    return q * cos + half(q) * sin, k * cos + half(k) * sin

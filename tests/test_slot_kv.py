@@ -1,0 +1,71 @@
+"""The slot KV cache gives every row the logits it would get alone, as rows join and leave between steps."""
+
+import pytest
+import torch
+from pico import pico_family_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from prunefusion.server.engines.slot_kv import FAST_FAMILIES, SlotKV, refusal
+
+
+def alone(model, tokens: list[int]) -> torch.Tensor:
+    """The reference: one plain forward over the row's whole sequence, no cache."""
+    return model(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+
+def join(model, slots: SlotKV, prompt: list[int]) -> None:
+    cache = DynamicCache()
+    model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    slots.join(cache, len(prompt))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_rows_joining_and_leaving_decode_as_if_alone(family, pico_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(pico_dir)
+    model = pico_family_model(family, tokenizer, layers=3) if family != "llama" else \
+        AutoModelForCausalLM.from_pretrained(pico_dir).eval()
+    sequences = [[1, 50, 60, 70, 80, 90], [1, 33], [1, 7, 8, 9]]
+    slots = SlotKV(model, rows=4, context_length=128)
+    with torch.no_grad():
+        for prompt in sequences:
+            join(model, slots, prompt)
+
+        def step(rows: list[list[int]], new: list[int]) -> None:
+            logits = slots.decode_logits(model, torch.tensor([[t] for t in new]))
+            for row, token in zip(rows, new, strict=True):
+                row.append(token)
+            for i, row in enumerate(rows):
+                torch.testing.assert_close(logits[i], alone(model, row), rtol=1e-4, atol=1e-4)
+
+        step(sequences, [11, 12, 13])
+        step(sequences, [21, 22, 23])
+        assert slots.lengths == [8, 4, 6]
+        slots.keep([0, 2])  # the middle row leaves: the last one moves down into its slot
+        sequences = [sequences[0], sequences[2]]
+        assert slots.lengths == [8, 6]
+        join(model, slots, [1, 5, 5, 5, 5, 5, 5, 5, 5, 5])  # a newcomer longer than every row so far
+        sequences.append([1, 5, 5, 5, 5, 5, 5, 5, 5, 5])
+        for new in ([31, 32, 33], [41, 42, 43]):
+            step(sequences, new)
+        slots.keep([])
+        assert slots.size == 0
+
+
+def test_the_slot_cache_is_allocated_once_at_its_full_size(pico_dir):
+    model = AutoModelForCausalLM.from_pretrained(pico_dir).eval()
+    cfg = model.config
+    slots = SlotKV(model, rows=4, context_length=100)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert slots.keys.shape == (cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 100, head_dim)
+    assert slots.nbytes == 2 * slots.keys.numel() * slots.keys.element_size()
+
+
+def test_families_without_a_slot_step_are_refused_with_the_reason(pico_dir):
+    tokenizer = AutoTokenizer.from_pretrained(pico_dir)
+    assert refusal(pico_family_model("llama", tokenizer, layers=2), 256) is None
+    assert "gpt2" in refusal(pico_family_model("gpt2", tokenizer, layers=2), 256)
+    assert "phi3" in refusal(pico_family_model("phi3", tokenizer, layers=2), 256)
+    # a sliding window shorter than the context needs the window mask the slot step does not apply
+    assert "sliding_window 16" in refusal(pico_family_model("mistral", tokenizer, layers=2), 256)
+    assert refusal(pico_family_model("mistral", tokenizer, layers=2, sliding_window=None), 256) is None
+    assert set(FAST_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3"}
