@@ -6,6 +6,7 @@
 Needs the vLLM environment (scripts/setup_vllm_cpu.sh). Every number comes from this one run on this machine:
   1. baseline: transformers `generate` (greedy, batch of one), the prompts one after another;
   2. the torch engine (`TorchEngine`), in process, at each concurrency: a semaphore keeps that many requests in flight;
+     `torch` decodes on KV slots (fast_decode, server/engines/slot_kv.py), `torch-plain` on transformers' forward;
   3. the vLLM engine (`VllmEngine` on vLLM's AsyncLLMEngine; its model runs in vLLM's engine-core process), same.
 Both engines are started once; then `--rounds` rounds each run 1, 2 and 3 back to back (one at a time, a pause
 between), and the medians are reported: this machine's speed drifts by tens of percent over minutes, and
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alone", action="store_true",
                         help="start each engine for its turn and stop it after, so the other one is never up")
+    parser.add_argument("--engines", nargs="+", choices=["torch", "torch-plain", "vllm"],
+                        default=["torch", "torch-plain", "vllm"],
+                        help="torch: the fast decode path (KV slots); torch-plain: fast_decode false")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -79,12 +83,15 @@ def main() -> None:
         "torch": lambda: TorchEngine(TorchModelConfig(
             name="bench-torch", path=str(args.model_dir), max_batch_size=batch,
             max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
+        "torch-plain": lambda: TorchEngine(TorchModelConfig(
+            name="bench-torch-plain", path=str(args.model_dir), max_batch_size=batch, fast_decode=False,
+            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
         "vllm": lambda: VllmEngine(VllmModelConfig(
             name="bench-vllm", engine="vllm", path=str(args.model_dir), max_batch_size=batch,
             max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens,
             vllm={"enforce_eager": args.eager})),
     }
-    engines = dict.fromkeys(factories)
+    engines = dict.fromkeys(args.engines)
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in engines}
     last: dict[str, dict[int, list]] = {name: {} for name in engines}
     baseline_s: list[float] = []
@@ -139,17 +146,24 @@ def main() -> None:
     rows, report = [], {"model": str(args.model_dir), "requests": len(texts), "max_new_tokens": args.max_new_tokens,
                         "vllm_eager": args.eager, "rounds": args.rounds, "alone": args.alone,
                         "baseline_tokens_per_s": base_tps, "levels": {}}
-    print("\n| concurrency | torch tok/s | vLLM tok/s | torch / vLLM | vLLM / sequential | torch / sequential |"
-          " same tokens as generate (torch, vLLM) |\n|---|---|---|---|---|---|---|")
+    def spread(a: str, b: str, c: int) -> str:
+        """a / b at concurrency c: the median of per-round ratios (rounds interleave, so each pairs same-time runs)."""
+        if b not in engines:
+            return "-"
+        ratios = [x / y for x, y in zip(samples[a][c], samples[b][c], strict=True)]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+    print("\n| concurrency | engine | tok/s | / vLLM (rounds) | / torch-plain (rounds) | / sequential |"
+          " same tokens as generate |\n|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         tps = {name: tps_of[name][c] for name in engines}
         same = {name: sum(list(r.token_ids) == ref for r, ref in zip(last[name][c], base_tokens, strict=True))
                 for name in engines}
         report["levels"][c] = {"tokens_per_s": tps, "samples": {n: samples[n][c] for n in engines},
                                "same_tokens_as_generate": same}
-        rows.append(f"| {c} | {tps['torch']:,.0f} | {tps['vllm']:,.0f} | {tps['torch'] / tps['vllm']:.2f}x | "
-                    f"{tps['vllm'] / base_tps:.2f}x | {tps['torch'] / base_tps:.2f}x | "
-                    f"{same['torch']}/{len(texts)}, {same['vllm']}/{len(texts)} |")
+        rows.extend(f"| {c} | {name} | {tps[name]:,.0f} | {spread(name, 'vllm', c)} | "
+                    f"{spread(name, 'torch-plain', c)} | {tps[name] / base_tps:.2f}x | {same[name]}/{len(texts)} |"
+                    for name in engines)
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
