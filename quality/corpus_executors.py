@@ -15,6 +15,8 @@ raise a worker's ValueError or OSError (a bad record, a missing file) in the dri
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -92,13 +94,20 @@ def run_ray(units: list[Unit], job: ScoringJob, workers: int, address: str | Non
         scored = dataset.map_batches(RayUnitScorer, fn_constructor_args=(job,), batch_size=1, num_cpus=1,
                                      compute=ray.data.ActorPoolStrategy(size=workers), max_restarts=MAX_RESTARTS,
                                      max_task_retries=MAX_RESTARTS)
-        for row in scored.iter_rows():
-            summary = json.loads(row["summary"])
-            if "error" in summary:
-                raise ValueError(summary["error"])
-            on_done(summary)
+        # closed before ray.shutdown(), also when a unit's error ends the loop early: Ray Data's prefetch and
+        # streaming-executor threads must be gone first, or one that touches the shut-down core worker makes Ray
+        # exit the whole process ("The core worker has already been shutdown ... The process will exit": it took
+        # pytest with it once in CI)
+        with contextlib.closing(iter(scored.iter_rows())) as rows_out:
+            for row in rows_out:
+                summary = json.loads(row["summary"])
+                if "error" in summary:
+                    raise ValueError(summary["error"])
+                on_done(summary)
     finally:
         if started_here:
+            dataset = scored = rows_out = None  # noqa: F841 (drop the last references to the executor)
+            gc.collect()
             ray.shutdown()
 
 
