@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in all of FAST_FAMILIES
 
 WINDOW_STEP = 64  # attention reads the first W columns, W a multiple of this (fewer distinct shapes)
 
@@ -60,7 +61,7 @@ class SlotKV:
 
     def __init__(self, model, rows: int, context_length: int):
         cfg = model.config
-        self.model, self.context_length = model, context_length
+        self.context_length = context_length
         self.shape = FAST_FAMILIES[cfg.model_type]
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -119,20 +120,10 @@ class SlotKV:
         v = attn.v_proj(h).view(batch, 1, self.kv_heads, self.head_dim)
         if self.shape.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, 1, D]
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, 1, D]
         self.keys[index, slots, :, positions] = k[:, :, 0]
         self.values[index, slots, :, positions] = v[:, 0]
         out = F.scaled_dot_product_attention(q, self.keys[index, :batch, :, :width],
                                              self.values[index, :batch, :, :width], attn_mask=visible,
                                              scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
         return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
-
-
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """RoPE as transformers' apply_rotary_pos_emb (rotate_half convention) for [B, H, T, D] and cos/sin [B, T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def half(t: torch.Tensor) -> torch.Tensor:
-        first, second = t.chunk(2, dim=-1)
-        return torch.cat((-second, first), dim=-1)
-    return q * cos + half(q) * sin, k * cos + half(k) * sin

@@ -156,7 +156,8 @@ class TorchEngine(BookedEngine):
             for seq in failed:
                 self.book.drop(seq)
                 out.append((seq, exc))
-            self._active, self._kv = [], self._new_kv()
+            self._active = []
+            self._kv.keep([])  # empty: a half-written step's keys lie past every row's length or are dropped
         return out
 
     def _step_rows(self, newcomers: list[_Sequence], out: list) -> None:
@@ -228,18 +229,12 @@ class TorchEngine(BookedEngine):
         why = "fast_decode: false" if not self.cfg.fast_decode else refusal(self._loaded.model,
                                                                              self._loaded.context_length)
         self.decode_path = "transformers" if why else "slots"
-        self._kv = self._new_kv()
         if why:
             log.info("engine %s: decode on transformers' forward (%s)", self.name, why)
-        else:
-            log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB", self.name,
-                     self.cfg.max_batch_size, self._loaded.context_length, self._kv.nbytes / 2**20)
-
-    def _new_kv(self) -> BatchedKV | SlotKV:
-        if self.decode_path == "transformers":
-            return BatchedKV()
-        assert self._loaded is not None
-        return SlotKV(self._loaded.model, self.cfg.max_batch_size, self._loaded.context_length)
+            return
+        self._kv = SlotKV(self._loaded.model, self.cfg.max_batch_size, self._loaded.context_length)
+        log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB", self.name,
+                 self.cfg.max_batch_size, self._loaded.context_length, self._kv.nbytes / 2**20)
 
     def _warm_up(self) -> None:
         assert self._loaded is not None
