@@ -30,13 +30,13 @@ from prunefusion.server.engines.kv_batch import BatchedKV
 from prunefusion.server.engines.slot_kv import SlotKV, refusal
 
 
-def slots_of(model, prompts: list[torch.Tensor], context_length: int) -> SlotKV:
-    slots = SlotKV(model, len(prompts), context_length)
-    for prompt in prompts:  # the engine's way: each prompt prefilled alone by transformers, then copied in
+def joined(kv: BatchedKV | SlotKV, model, prompts: list[torch.Tensor]) -> BatchedKV | SlotKV:
+    """The engine's way: each prompt prefilled alone by transformers, then joined to the batch's cache."""
+    for prompt in prompts:
         cache = DynamicCache()
         model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        slots.join(cache, prompt.shape[1])
-    return slots
+        kv.join(cache, prompt.shape[1])
+    return kv
 
 
 def check_against_generate(model, prompt: torch.Tensor, tokens: int = 30) -> None:
@@ -71,14 +71,10 @@ def main() -> None:
     max_len = max(p.shape[1] for p in prompts) + args.steps * args.rounds + 21  # + 20 profiled steps
     with torch.inference_mode():
         check_against_generate(model, prompts[0])
-        slots = slots_of(model, prompts, max_len)
-        steps = {"slots": lambda: slots.decode_logits(model, step_input)}
-        padded = BatchedKV()  # left-padded rows: the torch engine's transformers path
-        for prompt in prompts:
-            cache = DynamicCache()
-            model(input_ids=prompt, past_key_values=cache, use_cache=True)
-            padded.join(cache, prompt.shape[1])
-        steps = {"hf": lambda: padded.decode_logits(model, step_input), **steps}
+        padded = joined(BatchedKV(), model, prompts)  # left-padded rows: the torch engine's transformers path
+        slots = joined(SlotKV(model, len(prompts), max_len), model, prompts)
+        steps = {"hf": lambda: padded.decode_logits(model, step_input),
+                 "slots": lambda: slots.decode_logits(model, step_input)}
         times: dict[str, list[float]] = {name: [] for name in steps}
         for round_index in range(args.rounds):
             order = list(steps)[round_index % len(steps):] + list(steps)[:round_index % len(steps)]

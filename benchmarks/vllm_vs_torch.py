@@ -79,13 +79,14 @@ def main() -> None:
 
     texts = prompts(args.requests)
     batch = max(args.concurrency)
+
+    def torch_engine(name: str, fast_decode: bool) -> TorchEngine:
+        return TorchEngine(TorchModelConfig(
+            name=name, path=str(args.model_dir), max_batch_size=batch, fast_decode=fast_decode,
+            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens))
     factories = {
-        "torch": lambda: TorchEngine(TorchModelConfig(
-            name="bench-torch", path=str(args.model_dir), max_batch_size=batch,
-            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
-        "torch-plain": lambda: TorchEngine(TorchModelConfig(
-            name="bench-torch-plain", path=str(args.model_dir), max_batch_size=batch, fast_decode=False,
-            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)),
+        "torch": lambda: torch_engine("bench-torch", fast_decode=True),
+        "torch-plain": lambda: torch_engine("bench-torch-plain", fast_decode=False),
         "vllm": lambda: VllmEngine(VllmModelConfig(
             name="bench-vllm", engine="vllm", path=str(args.model_dir), max_batch_size=batch,
             max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens,
