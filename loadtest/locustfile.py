@@ -7,11 +7,11 @@
 
 Imports only grpc, the stubs, the client, and numpy + PIL for the shapes-world images: never torch or transformers
 (they break locust's gevent ssl patching). Each call fires a locust request event named after its RPC
-(`Generate`, `GenerateStream`, `GenerateImage`, `Caption`, `Score`; mixed by the --pf-*-weight options) and, on a
-stream's first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends one JSON line
-(wall-clock start, TTFT, e2e, token count, inter-chunk gaps, status code) so percentiles are computed exactly, with
-warm-up excluded, afterwards. A request the run's stop timeout kills is recorded as CUT_OFF, and a client-side
-failure as CLIENT_<exception>, so neither drops out of the statistics unseen.
+(`Generate`, `GenerateStream`, `GenerateImage`, `Caption`, `Score`, `Embed`; mixed by the --pf-*-weight options)
+and, on a stream's first non-empty chunk, a separate `TTFT` event. With --pf-records, every request also appends
+one JSON line (wall-clock start, TTFT, e2e, token count, inter-chunk gaps, status code) so percentiles are computed
+exactly, with warm-up excluded, afterwards. A request the run's stop timeout kills is recorded as CUT_OFF, and a
+client-side failure as CLIENT_<exception>, so neither drops out of the statistics unseen.
 
 Two user classes: `PrunefusionUser` (closed loop: the next request as soon as the previous one ends; -u N users)
 and `PoissonArrivals` (open loop: one user starts requests at exponential intervals of mean 1/--pf-rate seconds,
@@ -58,6 +58,10 @@ def _options(parser) -> None:
     parser.add_argument("--pf-image-steps", type=int, default=20, help="denoising steps per GenerateImage")
     parser.add_argument("--pf-score-weight", type=int, default=0, help="relative weight of QualityFilter Score calls")
     parser.add_argument("--pf-score-docs", type=int, default=16, help="documents per Score call (~1 KB each)")
+    parser.add_argument("--pf-embed-weight", type=int, default=0, help="relative weight of Embed calls")
+    parser.add_argument("--pf-embed-model", default="", help="embedding model (default: the server's first)")
+    parser.add_argument("--pf-embed-texts", type=int, default=8, help="texts per Embed call (--pf-prompt-words "
+                        "words each)")
     parser.add_argument("--pf-rate", type=float, default=1.0, help="PoissonArrivals: requests per second")
     parser.add_argument("--pf-cache", default="bypass", choices=["default", "bypass", "refresh"])
     parser.add_argument("--pf-seed", type=int, default=0)
@@ -155,12 +159,13 @@ class _Calls(User):
         self.api = Client(self.host, max_attempts=1, timeout=300,  # no retries: a load test counts failures
                           connection=connection.from_args(o, prefix="pf-"))
         self.weights = {"GenerateStream": o.pf_stream_weight, "Generate": o.pf_unary_weight,
-                        "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight}
+                        "GenerateImage": o.pf_image_weight, "Caption": o.pf_caption_weight, "Score": o.pf_score_weight,
+                        "Embed": o.pf_embed_weight}
         if sum(self.weights.values()) <= 0:
             raise ValueError("every --pf-*-weight is 0: nothing to send")
         self.http = None
         if o.pf_api == "http":
-            if any(self.weights[rpc] for rpc in ("GenerateImage", "Caption", "Score")):
+            if any(self.weights[rpc] for rpc in ("GenerateImage", "Caption", "Score", "Embed")):
                 raise ValueError("--pf-api http load-tests text requests only (stream and unary weights)")
             key = os.environ.get("PRUNEFUSION_API_KEY")
             # our own records and events, not the session's: it would count every request a second time
@@ -220,7 +225,7 @@ class _Calls(User):
                             response_length=tokens, exception=error, context={"status": status})
         if _records is not None:
             model = {"GenerateImage": self.opts.pf_image_model, "Caption": self.opts.pf_image_model,
-                     "Score": "QualityFilter"}.get(rpc, self.opts.pf_model)
+                     "Score": "QualityFilter", "Embed": self.opts.pf_embed_model}.get(rpc, self.opts.pf_model)
             _records.write(json.dumps({"rpc": rpc, "model": model, "start": started, "e2e": e2e, "ttft": ttft,
                                        "tokens": tokens, "itl": gaps, "status": status}) + "\n")
 
@@ -228,7 +233,7 @@ class _Calls(User):
         names = list(self.weights)
         rpc = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
         call = {"GenerateStream": self._stream, "Generate": self._unary, "GenerateImage": self._image,
-                "Caption": self._caption, "Score": self._score}[rpc]
+                "Caption": self._caption, "Score": self._score, "Embed": self._embed}[rpc]
         if self.http is not None:
             call = {"GenerateStream": self._http_stream, "Generate": self._http_unary}[rpc]
         inputs = self._inputs(rpc)  # made before the clock starts
@@ -256,6 +261,8 @@ class _Calls(User):
         if rpc == "Score":  # documents of ~1 KB: lines of synthetic prose
             return score_request(["\n".join(synthetic_prompt(self.rng, 12) + "." for _ in range(12))
                                   for _ in range(self.opts.pf_score_docs)])
+        if rpc == "Embed":
+            return [synthetic_prompt(self.rng, self.opts.pf_prompt_words) for _ in range(self.opts.pf_embed_texts)]
         return synthetic_prompt(self.rng, self.opts.pf_prompt_words)
 
     def _stream(self, prompt: str, t0: float):
@@ -277,6 +284,10 @@ class _Calls(User):
     def _score(self, request, t0: float):
         """`tokens` of a Score record count documents scored (so the report's throughput is documents/s)."""
         return None, len(self.api.score(request).results), []
+
+    def _embed(self, texts: list[str], t0: float):
+        """`tokens` of an Embed record count texts embedded (the report's throughput is texts/s)."""
+        return None, len(self.api.embed(texts, self.opts.pf_embed_model).embeddings), []
 
     def _caption(self, png: bytes, t0: float):
         reply = self.api.caption(png, self.opts.pf_image_model)

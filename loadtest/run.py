@@ -7,7 +7,8 @@
 Loads: closed loop at each --concurrency (N users, each sending its next request when the last one ends) and open
 loop at each --rates (Poisson arrivals, requests/s, regardless of how many are in flight). --serve starts
 `prunefusion serve` (the embedded default config, or the config file given) in its own process and stops it at the
-end. Text models get GenerateStream/Generate calls, Transfusion models GenerateImage/Caption calls.
+end. Text models get GenerateStream/Generate calls, Transfusion models GenerateImage/Caption calls, embedding models
+Embed calls.
 
 Writes results.json, results.csv, report.md, latency_cdf.png and scaling.png into --out; the per-request records
 locust wrote stay in --out/records/. The first model is the baseline of the ratio columns; "ideal" is L / L', the
@@ -40,9 +41,9 @@ def api_of(column: str) -> tuple[str, str]:
 
 
 def run_locust(target: str, column: str, load: tuple[str, float], args: argparse.Namespace, records: Path,
-               image_model: bool) -> str:
+               kind: str = "text") -> str:
     """One headless locust run at ("closed", users) or ("open", requests/s); returns its output (diagnostics).
-    `column`: a model name, with HTTP_SUFFIX for the HTTP API."""
+    `column`: a model name, with HTTP_SUFFIX for the HTTP API; `kind`: text, image or embedding."""
     model, api = api_of(column)
     records.unlink(missing_ok=True)
     mode, level = load
@@ -51,7 +52,10 @@ def run_locust(target: str, column: str, load: tuple[str, float], args: argparse
     none = ["--pf-stream-weight", "0", "--pf-unary-weight", "0"]
     if model == QUALITY:
         weights = [*none, "--pf-score-weight", "1", "--pf-score-docs", str(args.score_docs)]
-    elif image_model:
+    elif kind == "embedding":
+        weights = [*none, "--pf-embed-weight", "1", "--pf-embed-model", model, "--pf-embed-texts",
+                   str(args.embed_texts)]
+    elif kind == "image":
         weights = [*none, "--pf-image-weight", str(args.image_weight), "--pf-caption-weight",
                    str(args.caption_weight), "--pf-image-model", model]
     else:
@@ -78,13 +82,15 @@ def run_locust(target: str, column: str, load: tuple[str, float], args: argparse
     return done.stderr
 
 
-def served_models(target: str, conn: connection.Connection | None = None) -> tuple[dict[str, int], set[str]]:
-    """(text model -> layer count, Transfusion model names) of the server at `target`."""
+def served_models(target: str, conn: connection.Connection | None = None) -> tuple[dict[str, int], set[str],
+                                                                                  dict[str, int]]:
+    """(text model -> layer count, Transfusion model names, embedding model -> layer count) of the server."""
     from prunefusion_client import Client
 
     with Client(target, max_attempts=1, connection=conn) as client:
         return ({info.name: info.num_layers for info in client.list_models()},
-                {info.name for info in client.list_image_models()})
+                {info.name for info in client.list_image_models()},
+                {info.name: info.num_layers for info in client.list_embedding_models()})
 
 
 def load_label(mode: str, level: float) -> str:
@@ -115,7 +121,8 @@ def _ratio(value: float | None, baseline: float | None) -> str:
     return f"{value / baseline:.2f}" if value and baseline else "-"
 
 
-def _markdown(rows: list[dict], layers: dict[str, int], models: list[str]) -> list[str]:
+def results_table(rows: list[dict], layers: dict[str, int], models: list[str]) -> list[str]:
+    """The report's table (markdown lines): a row per (model, load), ratios against the first model."""
     base = models[0]
     lines = ["| model | load | requests | errors | req/s | goodput/s | out tok/s | out tok/req | TTFT p50 / p99 ms | "
              "TPOT p50 ms | ITL p99 ms | e2e p50 / p99 ms | speed vs first (ideal L/L') | TTFT / TPOT / e2e p50 vs "
@@ -218,11 +225,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace, loads: list[tuple[str, float]], slo: dict[str, float],
-             layers: dict[str, int]) -> str:
+             layers: dict[str, int], embedding_models: set[str]) -> str:
     """The report's opening paragraph: what was run and what each column counts."""
     slo_text = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in slo.items()) or "none given"
     quality = (f" {QUALITY} rows: Score calls of {args.score_docs} documents; their 'out tok/s' is documents/s."
                if args.quality else "")
+    if embedding_models & set(args.models):
+        quality += (f" Embedding rows: Embed calls of {args.embed_texts} texts of {args.prompt_words} words; their "
+                    "'out tok/s' is texts/s.")
     return (f"Loads: {', '.join(load_label(*x) for x in loads)} (c = closed-loop users; /s = open-loop Poisson "
             f"arrivals). {args.duration} s per run, {args.rounds} round(s) (models in alternating order; rows "
             f"pool the rounds), first {args.warmup} s of each run excluded; text prompts of "
@@ -237,7 +247,8 @@ def _summary(args: argparse.Namespace, loads: list[tuple[str, float]], slo: dict
 def run_against(target: str, args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
-    layers, image_models = served_models(target, connection.from_args(args))
+    text_layers, image_models, embedding_layers = served_models(target, connection.from_args(args))
+    layers = {**text_layers, **embedding_layers}  # both count items per second: tokens, or texts embedded
     if not layers and not image_models:
         raise RuntimeError(f"the server at {target} serves no model yet (still loading? it reports NOT_SERVING "
                            "until its models are ready)")
@@ -246,13 +257,13 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         raise ValueError("nothing to test: name --models and/or --quality")
     unknown = [m for m in models if m not in layers and m not in image_models and m != QUALITY]
     if "http" in args.apis:
-        if any(m not in layers for m in models):
+        if any(m not in text_layers for m in models):
             raise ValueError("--apis http load-tests text models only")
         args.http_url = args.http_url or f"http://{target.rpartition(':')[0] or '127.0.0.1'}:8000"
         # each model through gRPC, then through HTTP: one run compares the two front ends on the same engine
         suffixes = [suffix for api, suffix in (("grpc", ""), ("http", HTTP_SUFFIX)) if api in args.apis]
         models = [m + suffix for m in models for suffix in suffixes]
-        layers = {**layers, **{m + HTTP_SUFFIX: n for m, n in layers.items()}}
+        layers = {**layers, **{m + HTTP_SUFFIX: n for m, n in text_layers.items()}}
     if unknown:
         raise ValueError(f"the server at {target} does not serve {unknown}; it serves "
                          f"{sorted(layers) + sorted(image_models)}")
@@ -269,7 +280,8 @@ def run_against(target: str, args: argparse.Namespace) -> int:
             for model in models if round_index % 2 == 0 else models[::-1]:
                 suffix = f"-r{round_index + 1}" if args.rounds > 1 else ""
                 path = out / "records" / f"{model}-{label.replace('=', '').replace('/s', 'rps')}{suffix}.jsonl"
-                run_locust(target, model, load, args, path, image_model=model in image_models)
+                kind = "image" if model in image_models else "embedding" if model in embedding_layers else "text"
+                run_locust(target, model, load, args, path, kind)
                 recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                 runs.setdefault((model, label), []).append(recs)
                 stats = run_stats(recs, args.warmup, slo)
@@ -292,8 +304,9 @@ def run_against(target: str, args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     _plots(runs, rows, layers, args.warmup, out)
-    table = _markdown(rows, layers, models)
-    (out / "report.md").write_text("\n".join([f"# Load test against {target}", "", _summary(args, loads, slo, layers),
+    table = results_table(rows, layers, models)
+    (out / "report.md").write_text("\n".join([f"# Load test against {target}", "",
+                                              _summary(args, loads, slo, layers, set(embedding_layers)),
                                               "", *table, "", "![latency CDF](latency_cdf.png)", "",
                                               "![scaling](scaling.png)", ""]))
     print("\n".join(table))
@@ -315,6 +328,7 @@ def register(subparsers) -> None:
                    "with --serve: the started server's)")
     p.add_argument("--quality", action="store_true", help="also load-test QualityFilter.Score")
     p.add_argument("--score-docs", type=int, default=16, help="documents per Score call (~1 KB each)")
+    p.add_argument("--embed-texts", type=int, default=8, help="texts per Embed call (embedding models)")
     p.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16], help="closed-loop user counts")
     p.add_argument("--rates", nargs="*", type=float, default=[], help="open-loop Poisson arrival rates (requests/s)")
     p.add_argument("--duration", type=int, default=30, help="seconds per (model, concurrency) run")
