@@ -104,6 +104,21 @@ class EvaluateSpec(StrictModel):
     task: str | None = None  # multiple-choice JSONL for causal LMs
 
 
+class LoadtestSpec(StrictModel):
+    """How `prunefusion pipeline` serves the original and the result side by side and load-tests them (closed loop
+    at each concurrency, rounds alternating the models' order). `compress run` does not read it, and a change here
+    never reruns the compression stages."""
+
+    concurrency: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 4, 16]
+    duration_s: Annotated[int, Field(ge=2)] = 20  # per (model, concurrency, round)
+    warmup_s: Annotated[float, Field(ge=0)] = 3.0  # the start of each run not counted
+    rounds: Annotated[int, Field(ge=1)] = 2
+    prompt_words: Annotated[int, Field(ge=1)] = 32
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32  # causal LMs
+    texts_per_request: Annotated[int, Field(ge=1)] = 8  # encoders: sentences per Embed call
+    max_batch_size: Annotated[int, Field(ge=1)] = 16  # the served engines' batch
+
+
 class JobSpec(StrictModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     model: str  # the source checkpoint; ${PRUNEFUSION_HOME} and ~ are expanded; package:NAME/PATH is a folder
@@ -113,6 +128,11 @@ class JobSpec(StrictModel):
     prune: PruneSpec
     heal: HealSpec | None = HealSpec()  # null: no healing, the pruned model is the result
     evaluate: EvaluateSpec = EvaluateSpec()
+    loadtest: LoadtestSpec = LoadtestSpec()  # `prunefusion pipeline` only
+
+    def compression_fields(self) -> dict:
+        """What the compression stages depend on: the job without its `loadtest` section."""
+        return self.model_dump(exclude={"loadtest"})
 
     @property
     def model_path(self) -> Path:
@@ -284,7 +304,7 @@ def run_job(job_path: Path, out: Path, *, device: str = "cpu", restart: bool = F
         previous = load_job(work / "job.yaml") if (work / "job.yaml").is_file() else None
         if restart or previous is None:
             shutil.rmtree(work)
-        elif previous != spec:
+        elif previous.compression_fields() != spec.compression_fields():
             raise ValueError(f"{work} holds an unfinished run of a different job; pass --restart to discard it")
     (work / "stages").mkdir(parents=True, exist_ok=True)
     saved = work / "job.yaml"
