@@ -12,6 +12,8 @@
     prunefusion compress run compression/jobs/tiny-lm-angular-25.yaml --out DIR
     prunefusion score data/*.jsonl --out kept.jsonl
     prunefusion loadtest --serve --models tiny-lm tiny-lm-pruned
+    prunefusion pipeline compression/jobs/tiny-lm-angular-25.yaml --out runs/pipeline   # compress, serve both,
+                                                                    # load-test, one HTML report
     prunefusion keys create alice --file keys.txt   # an API key (server.auth.api_keys_file); printed once
     prunefusion reliability short --only R1,R4      # the reliability suite (runs/reliability-short/report.md)
 
@@ -209,12 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from prunefusion.compression.cli import register
     from prunefusion.loadtest.run import register as register_loadtest
+    from prunefusion.pipeline.run import register as register_pipeline
     from prunefusion.transfusion.cli import register as register_transfusion
 
     register(sub)
     register_transfusion(sub)
     quality_cli.register(sub)
     register_loadtest(sub)
+    register_pipeline(sub)
     return parser
 
 

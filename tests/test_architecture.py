@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # every packaged folder but the server itself; the client may not import the server either
-OUTSIDE_SERVER = ["compression", "quality", "transfusion", "loadtest", "reliability", "prunefusion",
+OUTSIDE_SERVER = ["compression", "quality", "transfusion", "loadtest", "reliability", "pipeline", "prunefusion",
                   "clients/python/prunefusion_client"]
 # the command-line entry point wires every part: `prunefusion serve` starts the server
 MAY_IMPORT_SERVER = {ROOT / "prunefusion" / "cli.py"}
