@@ -45,10 +45,11 @@ class ModelKind:
         return model.eval(), tokenizer
 
     def texts(self, paths: list[str], split: str) -> list[str]:
-        """The text in `paths`; none given: the stdlib corpus' `split` in this kind's unit."""
+        """The text in `paths` (`local:` sources in this kind's unit); none given: the stdlib corpus' `split` in this
+        kind's unit."""
         from prunefusion.texts import default_texts, load_texts
 
-        return load_texts(paths) if paths else default_texts(self.text_unit, split)
+        return load_texts(paths, self.text_unit) if paths else default_texts(self.text_unit, split)
 
 
 CAUSAL_LM = ModelKind(

@@ -8,9 +8,11 @@ from pathlib import Path
 SPLITS = ("train", "held_out")
 
 
-def load_texts(paths: list[str]) -> list[str]:
-    """Plain text (documents split at blank lines), JSONL (a "text" field per line), or a `datasets` directory
-    saved with save_to_disk. No paths: the training split of the stdlib corpus the default LM is trained on."""
+def load_texts(paths: list[str], unit: str = "documents") -> list[str]:
+    """Plain text (documents split at blank lines), JSONL (a "text" field per line), a `datasets` directory
+    saved with save_to_disk, or `local:NAME`, a text source of this machine (prunefusion/local_texts.py) in `unit`s
+    ("documents", or "sentences" for encoders). No paths: the training split of the stdlib corpus the default LM is
+    trained on."""
     if not paths:
         from prunefusion.models.corpus import stdlib_corpus
 
@@ -18,7 +20,11 @@ def load_texts(paths: list[str]) -> list[str]:
     texts: list[str] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if str(raw).startswith("local:"):
+            from prunefusion.local_texts import local_texts
+
+            texts += local_texts(str(raw), unit)
+        elif path.is_dir():
             from datasets import load_from_disk
 
             texts += [t for t in load_from_disk(str(path))["text"] if t and t.strip()]
