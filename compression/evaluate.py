@@ -98,10 +98,12 @@ def evaluate_encoders(model_dirs: list[Path], held_out: list[str], task: list[di
         embeddings = mean_pooled_embeddings(model, tokenizer, held_out)
         seconds = time.perf_counter() - start
         reference = embeddings if reference is None else reference
+        cosines = torch.nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=-1)
         rows.append({"model": str(model_dir), "num_layers": len(find_layers(model)[1]),
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "weight_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                      "mean_cosine": mean_cosine(embeddings, reference),
+                     "cosine_p5": float(torch.quantile(cosines, 0.05)), "cosine_min": float(cosines.min()),
                      "sentences_per_s": len(held_out) / seconds})
     return rows
 
@@ -119,8 +121,8 @@ SPEEDS = ("decode_tokens_per_s", "sentences_per_s")  # shown with their ratio to
 
 def rows_table(rows: list[dict]) -> str:
     """Evaluation rows (dicts with a "label") -> a markdown table of the columns any row has."""
-    columns = ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine", "decode_tokens_per_s",
-               "sentences_per_s", "mc_accuracy")
+    columns = ("num_layers", "parameters", "weight_mib", "held_out_perplexity", "mean_cosine", "cosine_p5",
+               "cosine_min", "decode_tokens_per_s", "sentences_per_s", "mc_accuracy")
     keys = [k for k in columns if any(r.get(k) is not None for r in rows)]
     lines = ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]

@@ -102,6 +102,9 @@ class HealSpec(StrictModel):
 class EvaluateSpec(StrictModel):
     data: list[str] = []  # held-out text; empty: the stdlib corpus' held-out split
     task: str | None = None  # multiple-choice JSONL for causal LMs
+    # more held-out sets, each evaluated like `data` and reported beside it, e.g. text from sources the healing never
+    # saw: {out_of_domain: [local:licenses, local:package-readmes]}
+    sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")], Annotated[list[str], Field(min_length=1)]] = {}
 
 
 class LoadtestSpec(StrictModel):
@@ -251,8 +254,15 @@ def _evaluate(ctx: Context) -> EvaluateResult:
     if ctx.spec.heal is not None:
         models["healed"] = ctx.heal_dir / "merged"
     task = load_task(Path(e.task)) if e.task else None
-    rows = resolve(ctx.kind.evaluate)(list(models.values()), ctx.texts(e.data, "held_out"), task)
-    return EvaluateResult(rows=[{"label": label, **row} for label, row in zip(models, rows, strict=True)])
+    evaluate = resolve(ctx.kind.evaluate)
+
+    def labelled(rows: list[dict]) -> list[dict]:
+        return [{"label": label, **row} for label, row in zip(models, rows, strict=True)]
+
+    rows = labelled(evaluate(list(models.values()), ctx.texts(e.data, "held_out"), task))
+    sets = {name: labelled(evaluate(list(models.values()), ctx.texts(paths, "held_out"), None))
+            for name, paths in e.sets.items()}
+    return EvaluateResult(rows=rows, sets=sets)
 
 
 STAGES: dict[str, Callable[[Context], object]] = {

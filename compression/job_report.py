@@ -62,7 +62,7 @@ def build_manifest(ctx) -> JobManifest:
                             best_last_token=best_blocks(distances)),
         healing=heal,
         metrics=Metrics(held_out_perplexity=final.get("held_out_perplexity"), mean_cosine=final.get("mean_cosine"),
-                        evaluation=evaluation.rows, healing_gap_recovered=gap),
+                        evaluation=evaluation.rows, healing_gap_recovered=gap, sets=evaluation.sets),
         num_parameters=final["parameters"],
         weights_digest=weights_digest(ctx.work),
         stage_seconds={stage: r.seconds for stage, r in ctx.results.items()},
@@ -123,6 +123,9 @@ def write_report(ctx, manifest: JobManifest, path: Path) -> None:
                   f"max difference {merged:.1e}.", "",
                   f"![healing loss]({heal.loss_curve})", ""]
     lines += ["## Evaluation", "", *rows_table(m.metrics.evaluation).splitlines(), ""]
+    for name, rows in m.metrics.sets.items():
+        lines += [f"Held-out set `{name}` ({', '.join(m.job['evaluate']['sets'][name])}):", "",
+                  *rows_table(rows).splitlines(), ""]
     if m.metrics.healing_gap_recovered is not None:
         lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap "
                   "between the pruned and the original model.", ""]

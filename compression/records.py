@@ -105,6 +105,7 @@ class FilterResult:
 class EvaluateResult:
     rows: list[dict[str, Any]]  # one per model, each with a "label": original, pruned, healed
     seconds: float = 0.0
+    sets: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)  # evaluate.sets: name -> rows
 
     def by_label(self) -> dict[str, dict[str, Any]]:
         return {row["label"]: row for row in self.rows}
@@ -134,6 +135,7 @@ class Metrics:
     mean_cosine: float | None
     evaluation: list[dict[str, Any]]
     healing_gap_recovered: float | None = None  # (pruned - healed) / (pruned - original) perplexity
+    sets: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)  # evaluate.sets: name -> rows
 
 
 @dataclass(frozen=True)

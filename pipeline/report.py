@@ -71,10 +71,13 @@ def headline(manifest, loadtest: dict | None) -> list[str]:
              f"{final['num_layers'] / original['num_layers']:.2f} |",
              f"| parameters | {original['parameters']:,} | {final['parameters']:,} | "
              f"{final['parameters'] / original['parameters']:.2f} |"]
-    for key, label in QUALITY_COLUMNS.items():
-        if final.get(key) is not None:
-            lines.append(f"| {label} | {_number(original.get(key), 4)} | {_number(final[key], 4)} | "
-                         f"{_ratio(final[key], original.get(key))} |")
+    for name, set_rows in {"": manifest.metrics.evaluation, **manifest.metrics.sets}.items():
+        by_label = {r["label"]: r for r in set_rows}
+        first, last = by_label["original"], by_label.get("healed", by_label["pruned"])
+        for key, label in QUALITY_COLUMNS.items():
+            if last.get(key) is not None:
+                lines.append(f"| {label}{f' ({name})' if name else ''} | {_number(first.get(key), 4)} | "
+                             f"{_number(last[key], 4)} | {_ratio(last[key], first.get(key))} |")
     for load, (a, b) in served_pairs(loadtest).items():
         speed_a, speed_b = a["output_tokens_per_s"], b["output_tokens_per_s"]
         lines.append(f"| throughput at {load} ({loadtest['unit']}) | {_number(speed_a)} | {_number(speed_b)} | "
@@ -122,7 +125,12 @@ def healing_section(m) -> list[str]:
 
 
 def quality_section(m) -> list[str]:
-    lines = ["## Quality", "", *rows_table(m.metrics.evaluation).splitlines(), ""]
+    lines = ["## Quality", "", "Held-out set `evaluate.data` "
+             f"({', '.join(m.job['evaluate']['data']) or 'the stdlib corpus held-out split'}):", "",
+             *rows_table(m.metrics.evaluation).splitlines(), ""]
+    for name, rows in m.metrics.sets.items():
+        lines += [f"Held-out set `{name}` ({', '.join(m.job['evaluate']['sets'][name])}):", "",
+                  *rows_table(rows).splitlines(), ""]
     if m.metrics.healing_gap_recovered is not None:
         lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap between the "
                   "pruned and the original model.", ""]

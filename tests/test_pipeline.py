@@ -38,7 +38,10 @@ def pipeline_run(tmp_path_factory):
     source = build_pico_llama(root / "src", layers=5)
     texts = root / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics()[:24]))
-    job = write_job(root, source, texts, loadtest=LOADTEST)
+    other = root / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": t}) + "\n" for t in pydoc_topics()[24:32]))
+    job = write_job(root, source, texts, loadtest=LOADTEST,
+                    evaluate={"data": [str(texts)], "sets": {"other_text": [str(other)]}})
     out = root / "out"
     assert main(["pipeline", str(job), "--out", str(out), "--screenshot"]) == 0
     return root, job, out
@@ -69,6 +72,12 @@ def test_the_pipeline_serves_both_models_and_reports_every_figure(pipeline_run):
            f"**{ratio:.2f}x** |" in report
     healed = manifest.metrics.evaluation[2]["held_out_perplexity"]
     assert f"{healed:,.4f}" in report and f"| {manifest.removed[0]} |" in report
+    # the second held-out set (evaluate.sets): its own rows, in the headline and as a table of its own
+    other = {r["label"]: r for r in manifest.metrics.sets["other_text"]}
+    assert list(other) == ["original", "pruned", "healed"] and other["healed"]["held_out_perplexity"] != healed
+    assert (f"| held-out perplexity (lower is better) (other_text) | {other['original']['held_out_perplexity']:,.4f} | "
+            f"{other['healed']['held_out_perplexity']:,.4f} |") in report
+    assert "Held-out set `other_text`" in report
 
     # in a real browser: every figure decoded, and a screenshot that is not blank
     page = render(out / "report.html")
