@@ -5,7 +5,8 @@
 
 Stages, each skipped when its output is current:
 1. compress: the compression job (filter -> measure -> prune -> heal -> merge -> evaluate) into DIR/model, resumable
-   as `compress run` is. Current when DIR/model's manifest records this job (its `loadtest` section aside).
+   as `compress run` is. Current when DIR/model's manifest records this job (its `loadtest` section aside) and the
+   source's weights digest.
 2. loadtest: `prunefusion serve` in its own process with the original and the result side by side (DIR/serve.yaml:
    models `original` and `pruned`), then `prunefusion loadtest` at the job's `loadtest.concurrency` (closed loop,
    `loadtest.rounds` rounds alternating the models' order), into DIR/loadtest. Causal LMs get GenerateStream calls,
@@ -75,11 +76,18 @@ class Pipeline:
 
 
 def compress_current(p: Pipeline) -> bool:
+    """The model's manifest records this job (its `loadtest` aside) and the source still has the weights it had."""
+    from prunefusion.checkpoints import digest_files, weight_files
+
     path = p.model_dir / "manifest.json"
     if not path.is_file():
         return False
-    recorded = {k: v for k, v in json.loads(path.read_text())["job"].items() if k != "loadtest"}
-    return recorded == json.loads(json.dumps(p.spec.compression_fields()))
+    manifest = json.loads(path.read_text())
+    recorded = {k: v for k, v in manifest["job"].items() if k != "loadtest"}
+    if recorded != json.loads(json.dumps(p.spec.compression_fields())):
+        return False
+    source = p.spec.model_path
+    return source.is_dir() and digest_files(weight_files(source)) == manifest["source"]["weights_digest"]
 
 
 def _compress(p: Pipeline) -> str:

@@ -112,6 +112,14 @@ def test_a_rerun_skips_current_stages_and_a_loadtest_change_reruns_only_it(pipel
     heal_changed = root / "heal-changed.yaml"
     heal_changed.write_text(yaml.safe_dump({**spec, "heal": {**spec["heal"], "steps": 9}}))
     assert not compress_current(Pipeline(heal_changed, out))
+    source_weights = next(Path(p.spec.model_path).glob("*.safetensors"))
+    original = source_weights.read_bytes()
+    try:  # the same job over a source whose weights changed (rebuilt): the compression is not current
+        source_weights.write_bytes(original + b" ")
+        assert not compress_current(Pipeline(job, out))
+    finally:
+        source_weights.write_bytes(original)
+    assert compress_current(Pipeline(job, out))
 
 
 @pytest.mark.slow
