@@ -27,10 +27,12 @@ from prunefusion.models.builds import job_file
 from prunefusion.texts import load_texts
 
 OUT_OF_DOMAIN = ["local:licenses", "local:package-readmes", "local:debian-changelogs"]
-VARIANTS = {  # name -> heal.data, heal.filter
-    "stdlib": ([], None),
-    "broad": (["local:stdlib", "local:man-pages", "local:info-manuals", "local:debian-descriptions"],
-              {"methods": ["sharma"], "keep_fraction": 0.8}),
+BROAD = ["local:stdlib", "local:man-pages", "local:info-manuals", "local:debian-descriptions"]
+BROAD_FILTER = {"methods": ["sharma"], "keep_fraction": 0.8}
+VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides
+    "stdlib": ([], None, {}),
+    "broad": (BROAD, BROAD_FILTER, {}),
+    "broad-2000": (BROAD, BROAD_FILTER, {"steps": 2000}),  # twice the job's steps: about one pass over the kept text
 }
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(job_file("minilm-2of6").read_text())
     base.pop("loadtest", None)
-    healing = {t for data, _ in VARIANTS.values() for t in load_texts(data or ["local:stdlib"], "sentences")}
+    healing = {t for data, _, _ in VARIANTS.values() for t in load_texts(data or ["local:stdlib"], "sentences")}
     every = load_texts(OUT_OF_DOMAIN, "sentences")
     ood = [t for t in every if t not in healing]  # a licence sentence quoted in a man page is not out of domain
     ood_file = args.out / "out_of_domain.jsonl"
@@ -52,9 +54,9 @@ def main() -> None:
           "occur in some variant's healing text)", flush=True)
     results = []
     for name in args.variants:
-        data, spec = VARIANTS[name]
+        data, spec, overrides = VARIANTS[name]
         job = {**base, "name": f"minilm-2of6-{name}",
-               "heal": {**base["heal"], "data": data, **({"filter": spec} if spec else {}),
+               "heal": {**base["heal"], "data": data, **({"filter": spec} if spec else {}), **overrides,
                         **({"steps": args.steps} if args.steps else {})},
                "evaluate": {"sets": {"out_of_domain": [str(ood_file)]}}}
         path = args.out / f"{name}.yaml"
