@@ -73,8 +73,9 @@ def build_manifest(ctx) -> JobManifest:
     )
 
 
-def filter_section(result) -> list[str]:
-    """The report's "Data filter" section: per set, what was kept, why the rest was not, the score histogram."""
+def filter_section(result, root: str = "") -> list[str]:
+    """The report's "Data filter" section: per set, what was kept, why the rest was not, the score histogram.
+    `root`: the job directory relative to the report (figure links), "" beside it."""
     lines = ["## Data filter", "",
              "The quality filter (`prunefusion score`'s methods) ran over this text before tokenization; the kept "
              "documents are in `filter/`.", ""]
@@ -90,7 +91,33 @@ def filter_section(result) -> list[str]:
                   f"`{s.config_digest[:16]}`, kept text `{s.kept_digest[:16]}`.", "",
                   "| reason | documents |", "|---|---|", *(f"| {r} | {n} |" for r, n in s.reason_counts.items()), ""]
         if s.histogram:
-            lines += [f"![{name} scores]({s.histogram})", ""]
+            lines += [f"![{name} scores]({root}{s.histogram})", ""]
+    return lines
+
+
+def healing_section(heal, root: str = "") -> list[str]:
+    """The report's "Healing" section: method, settings, loss, the merge check and the loss curve."""
+    how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"
+    merged = next(v for k, v in heal.merge.items() if k.startswith("max_"))
+    return ["## Healing", "",
+            f"{heal.method.upper()} ({how}), rank {heal.config['rank']}, {heal.step} steps of "
+            f"{heal.config['batch_size']}, learning rate {heal.config['learning_rate']:g}; loss "
+            f"{heal.first_loss:.3f} -> {heal.final_loss:.3f} (mean of the last 10); merged vs adapter "
+            f"max difference {merged:.1e}; {heal.seconds:.0f} s.", "",
+            f"![healing loss]({root}{heal.loss_curve})", ""]
+
+
+def evaluation_section(m: JobManifest, heading: str = "## Evaluation") -> list[str]:
+    """A table per held-out set (evaluate.data, then evaluate.sets) and the share of the gap healing recovered."""
+    lines = [heading, "", "Held-out set `evaluate.data` "
+             f"({', '.join(m.job['evaluate']['data']) or 'the stdlib corpus held-out split'}):", "",
+             *rows_table(m.metrics.evaluation).splitlines(), ""]
+    for name, rows in m.metrics.sets.items():
+        lines += [f"Held-out set `{name}` ({', '.join(m.job['evaluate']['sets'][name])}):", "",
+                  *rows_table(rows).splitlines(), ""]
+    if m.metrics.healing_gap_recovered is not None:
+        lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap "
+                  "between the pruned and the original model.", ""]
     return lines
 
 
@@ -112,23 +139,9 @@ def write_report(ctx, manifest: JobManifest, path: Path) -> None:
     ]
     if m.data_filter is not None:
         lines += filter_section(m.data_filter)
-    heal = m.healing
-    if heal:
-        how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"
-        merged = next(v for k, v in heal.merge.items() if k.startswith("max_"))
-        lines += ["## Healing", "",
-                  f"{heal.method.upper()} ({how}), rank {heal.config['rank']}, {heal.step} steps of "
-                  f"{heal.config['batch_size']}, learning rate {heal.config['learning_rate']:g}; loss "
-                  f"{heal.first_loss:.3f} -> {heal.final_loss:.3f} (mean of the last 10); merged vs adapter "
-                  f"max difference {merged:.1e}.", "",
-                  f"![healing loss]({heal.loss_curve})", ""]
-    lines += ["## Evaluation", "", *rows_table(m.metrics.evaluation).splitlines(), ""]
-    for name, rows in m.metrics.sets.items():
-        lines += [f"Held-out set `{name}` ({', '.join(m.job['evaluate']['sets'][name])}):", "",
-                  *rows_table(rows).splitlines(), ""]
-    if m.metrics.healing_gap_recovered is not None:
-        lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap "
-                  "between the pruned and the original model.", ""]
+    if m.healing:
+        lines += healing_section(m.healing)
+    lines += evaluation_section(m)
     lines += ["## Run", "", "| stage | seconds |", "|---|---|",
               *(f"| {s} | {sec:.1f} |" for s, sec in m.stage_seconds.items()), "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items() if v) + f"; device {m.device}.",

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from prunefusion.atomic import write_text_atomic
-from prunefusion.compression.evaluate import rows_table
-from prunefusion.compression.job_report import filter_section
+from prunefusion.compression.job_report import evaluation_section, filter_section
+from prunefusion.compression.job_report import healing_section as job_healing_section
 
 QUALITY_COLUMNS = {"held_out_perplexity": "held-out perplexity (lower is better)",
                    "mean_cosine": "mean cosine to the original's embeddings", "mc_accuracy": "multiple-choice accuracy"}
@@ -111,30 +111,9 @@ def distances_section(m) -> list[str]:
 
 
 def healing_section(m) -> list[str]:
-    heal = m.healing
-    if heal is None:
+    if m.healing is None:
         return ["## Healing", "", "The job does not heal (`heal: null`): the result is the pruned model.", ""]
-    how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"
-    merged = next((v for k, v in heal.merge.items() if k.startswith("max_")), None)
-    return ["## Healing", "", *_figure(f"model/{heal.loss_curve}", "healing loss"),
-            f"{heal.method.upper()} ({how}), rank {heal.config['rank']}, {heal.step} steps of "
-            f"{heal.config['batch_size']}, learning rate {heal.config['learning_rate']:g}: loss **{heal.first_loss:.3f}"
-            f" -> {heal.final_loss:.3f}** (mean of the last 10 steps)"
-            + (f"; merged weights vs adapter outputs differ by at most {merged:.1e}" if merged is not None else "")
-            + f"; {heal.seconds:.0f} s.", ""]
-
-
-def quality_section(m) -> list[str]:
-    lines = ["## Quality", "", "Held-out set `evaluate.data` "
-             f"({', '.join(m.job['evaluate']['data']) or 'the stdlib corpus held-out split'}):", "",
-             *rows_table(m.metrics.evaluation).splitlines(), ""]
-    for name, rows in m.metrics.sets.items():
-        lines += [f"Held-out set `{name}` ({', '.join(m.job['evaluate']['sets'][name])}):", "",
-                  *rows_table(rows).splitlines(), ""]
-    if m.metrics.healing_gap_recovered is not None:
-        lines += [f"Healing recovered **{m.metrics.healing_gap_recovered:.0%}** of the perplexity gap between the "
-                  "pruned and the original model.", ""]
-    return lines
+    return job_healing_section(m.healing, "model/")
 
 
 def serving_section(loadtest: dict | None, skipped: str | None) -> list[str]:
@@ -190,8 +169,9 @@ def markdown_report(p) -> str:
              f"weights `{m.weights_digest[:16]}`). Rerun: `prunefusion pipeline job.yaml --out DIR` (stages whose "
              "output is current are skipped).", "", *headline(m, loadtest), *distances_section(m)]
     if m.data_filter is not None:
-        lines += [line.replace("](filter/", "](model/filter/") for line in filter_section(m.data_filter)]
-    lines += [*healing_section(m), *quality_section(m), *serving_section(loadtest, skipped), *run_section(p, m)]
+        lines += filter_section(m.data_filter, "model/")
+    lines += [*healing_section(m), *evaluation_section(m, "## Quality"), *serving_section(loadtest, skipped),
+              *run_section(p, m)]
     return "\n".join(lines)
 
 
