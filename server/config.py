@@ -81,6 +81,12 @@ class TorchModelConfig(TextModelConfig):
     # decode on KV slots with a hand-written step (server/engines/slot_kv.py: llama, mistral, qwen2, qwen3; other
     # families keep transformers' forward); false: transformers' forward over a growing cache for every family
     fast_decode: bool = True
+    # slot path only: a prompt is prefilled at most this many tokens per scheduling step, between decode steps, so
+    # a long one does not stall the running streams; null: the whole prompt in the step it arrives
+    prefill_chunk_tokens: Annotated[int, Field(ge=1)] | None = 128
+    # slot path only: keys and values of up to this many prompt tokens (blocks of 32) kept for prompts that start
+    # the same way (a system prompt, few-shot examples); exact, LRU; 0: off
+    prefix_cache_tokens: Annotated[int, Field(ge=0)] = 8192
 
 
 # AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)

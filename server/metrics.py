@@ -30,6 +30,9 @@ BATCH_SIZE = Histogram("prunefusion_batch_size", "Rows per decode step", ["model
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 REQUESTS_RUNNING = Gauge("prunefusion_num_requests_running", "Rows in the running batch", ["model"])
 REQUESTS_WAITING = Gauge("prunefusion_num_requests_waiting", "Requests in the admission queue", ["model"])
+PROMPT_TOKENS = Counter("prunefusion_prompt_tokens_total", "Prompt tokens by source (computed: prefilled by the model; "
+                        "prefix_cache: keys and values reused from the torch engine's prefix cache)",
+                        ["model", "source"])
 FINISHED = Counter("prunefusion_requests_finished_total", "Finished requests by reason", ["model", "reason"])
 
 # response cache

@@ -43,13 +43,53 @@ async def test_family_batched_greedy_equals_generate(family, fast_decode, tokeni
     await engine.start()
     try:
         # no EOS in the engine either: the comparison covers all 40 positions, past the sliding windows
-        engine._loaded.eos_token_ids = frozenset()
-        results = await asyncio.gather(*(collect(engine.generate(
-            GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=40)))) for i, p in enumerate(PROMPTS)))
+        results = await asyncio.gather(*(collect(engine.generate(GenerationRequest(
+            f"r{i}", p, SamplingParams(max_new_tokens=40, ignore_eos=True)))) for i, p in enumerate(PROMPTS)))
     finally:
         await engine.shutdown()
     assert engine.info.family == family
     assert engine.decode_path == ("slots" if fast_decode and family in SLOT_FAMILIES else "transformers")
     assert engine.peak_batch == len(PROMPTS)
     for result, reference in zip(results, expected, strict=True):
+        assert list(result.token_ids) == reference
+
+
+SHARED = " ".join(["The os module provides a portable way of using operating system dependent functionality."] * 3)
+
+
+@pytest.mark.parametrize("family", sorted(SLOT_FAMILIES))
+async def test_chunked_prefill_and_prefix_hits_keep_greedy_equal_to_generate(family, tokenizer, tmp_path):
+    """Prompts prefilled 7 tokens per step between decode steps, three of them starting from blocks another prompt
+    left in the prefix cache: every output equals generate's."""
+    model = pico_family_model(family, tokenizer, layers=3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [SHARED + " Lists", SHARED + " Tuples are immutable", "x", SHARED]
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    shared_blocks = len(tokenizer(SHARED).input_ids) // 32
+    assert shared_blocks >= 2
+
+    engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4, prefill_chunk_tokens=7,
+                                          prefix_cache_tokens=1024))
+    await engine.start()
+    try:
+        def run(i: int):
+            return collect(engine.generate(GenerationRequest(f"r{i}", prompts[i],
+                                                             SamplingParams(max_new_tokens=30, ignore_eos=True))))
+
+        first = await run(0)  # alone: a miss, and its blocks stay in the cache
+        assert engine.prefix_cache.hit_tokens == 0
+        assert engine.prefill_passes == -(-len(tokenizer(prompts[0]).input_ids) // 7)  # in chunks of 7
+        rest = await asyncio.gather(*(run(i) for i in range(1, 4)))
+    finally:
+        await engine.shutdown()
+    assert engine.peak_batch == 3
+    assert engine.prefix_cache.hit_tokens >= 2 * shared_blocks * 32  # prompts 1 and 3 start with the shared blocks
+    for result, reference in zip([first, *rest], expected, strict=True):
         assert list(result.token_ids) == reference

@@ -246,7 +246,8 @@ def break_model(engine, monkeypatch) -> None:
         raise RuntimeError("simulated device failure")
 
     if engine.kind == "torch":
-        monkeypatch.setattr(engine._loaded.model, "forward", fail)
+        # every pass of either decode path (prefill, prefill chunk, decode step) embeds its tokens first
+        monkeypatch.setattr(engine._loaded.model.get_input_embeddings(), "forward", fail)
     else:  # vLLM runs the model in its engine-core process: fail the request stream it hands back
         async def failing_stream(*args, **kwargs):
             fail()

@@ -69,3 +69,65 @@ def test_families_without_a_slot_step_are_refused_with_the_reason(pico_dir):
     assert "sliding_window 16" in refusal(pico_family_model("mistral", tokenizer, layers=2), 256)
     assert refusal(pico_family_model("mistral", tokenizer, layers=2, sliding_window=None), 256) is None
     assert set(FAST_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def prefill_in_chunks(model, slots: SlotKV, prompt: list[int], chunk: int, prefix=()) -> torch.Tensor:
+    """Stage a row (after `prefix` blocks) and extend it `chunk` tokens at a time; the last chunk's logits."""
+    slots.stage(list(prefix))
+    while slots.staged < len(prompt):
+        start = slots.staged
+        logits = slots.extend_logits(model, torch.tensor([prompt[start:start + chunk]]))
+    return logits[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_prompt_prefilled_in_chunks_beside_decoding_rows_gets_the_logits_it_gets_alone(family, pico_dir):
+    tokenizer = AutoTokenizer.from_pretrained(pico_dir)
+    model = pico_family_model(family, tokenizer, layers=3) if family != "llama" else \
+        AutoModelForCausalLM.from_pretrained(pico_dir).eval()
+    slots = SlotKV(model, rows=4, context_length=256)
+    rows = [[1, 50, 60, 70], [1, 33, 34], [1, 9]]
+    long = [1] + [(7 * i) % 200 + 3 for i in range(150)]  # crosses the 64-column window steps
+    with torch.no_grad():
+        for prompt in rows:
+            join(model, slots, prompt)
+        slots.stage()
+        for step, start in enumerate(range(0, len(long), 40)):  # a chunk of the long prompt after each decode step
+            logits = slots.decode_logits(model, torch.tensor([[20 + step]] * len(rows)))
+            for i, row in enumerate(rows):
+                row.append(20 + step)
+                torch.testing.assert_close(logits[i], alone(model, row), rtol=1e-4, atol=1e-4)
+            if step == 1:  # the middle row leaves while the long prompt is half prefilled: the staged slot moves
+                slots.keep([0, 2])
+                rows = [rows[0], rows[2]]
+            last = slots.extend_logits(model, torch.tensor([long[start:start + 40]]))[0]
+        torch.testing.assert_close(last, alone(model, long), rtol=1e-4, atol=1e-4)
+        slots.commit()
+        rows.append(long)
+        assert slots.lengths == [len(r) for r in rows]
+        logits = slots.decode_logits(model, torch.tensor([[5]] * 3))
+        for i, row in enumerate(rows):
+            row.append(5)
+            torch.testing.assert_close(logits[i], alone(model, row), rtol=1e-4, atol=1e-4)
+
+
+def test_a_prompt_staged_from_copied_prefix_blocks_gets_the_logits_it_gets_alone(pico_dir):
+    model = AutoModelForCausalLM.from_pretrained(pico_dir).eval()
+    slots = SlotKV(model, rows=2, context_length=128)
+    shared = [1] + list(range(10, 42))  # 33 tokens: blocks [0, 16) and [16, 32)
+    with torch.no_grad():
+        prefill_in_chunks(model, slots, shared + [99], chunk=64)
+        blocks = [slots.staged_block(0, 16), slots.staged_block(16, 32)]
+        slots.unstage()
+        other = shared[:32] + [77, 78, 79]
+        logits = prefill_in_chunks(model, slots, other, chunk=64, prefix=blocks)
+    torch.testing.assert_close(logits, alone(model, other), rtol=1e-4, atol=1e-4)
+    assert slots.staged == len(other)
+
+
+def test_extending_past_the_context_is_refused(pico_dir):
+    model = AutoModelForCausalLM.from_pretrained(pico_dir).eval()
+    slots = SlotKV(model, rows=1, context_length=8)
+    slots.stage()
+    with pytest.raises(ValueError, match="context of 8"):
+        slots.extend_logits(model, torch.tensor([list(range(1, 10))]))

@@ -69,7 +69,8 @@ class SlotKV:
         shape = (len(model.model.layers), rows, self.kv_heads, context_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=first.dtype, device=first.device)
         self.values = torch.zeros_like(self.keys)
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # the decoding rows' tokens, slots 0..size-1
+        self._staged: int | None = None
 
     @property
     def size(self) -> int:
@@ -79,51 +80,106 @@ class SlotKV:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    @property
+    def staged(self) -> int | None:
+        """Tokens already in the staged slot (a prompt being prefilled in chunks), None when no row is staged."""
+        return self._staged
+
     def join(self, row_cache: DynamicCache, length: int) -> None:
         """Copy a batch-of-one prefill's cache (`length` tokens, no padding) into the next free slot."""
+        assert self._staged is None, "a row is staged in the next free slot"
         row = self.size
         for index, layer in enumerate(row_cache.layers):
             self.keys[index, row, :, :length] = layer.keys[0, :, :length]
             self.values[index, row, :, :length] = layer.values[0, :, :length]
         self.lengths.append(length)
 
+    def stage(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """Start a row in the slot after the decoding rows, from these cached prefix blocks (keys and values
+        [layers, kv heads, block tokens, head dim] each, in order). It takes no part in decode steps until `commit`."""
+        assert self._staged is None, "one row is staged at a time"
+        slot, at = self.size, 0
+        for keys, values in prefix:
+            n = keys.shape[2]
+            self.keys[:, slot, :, at:at + n] = keys
+            self.values[:, slot, :, at:at + n] = values
+            at += n
+        self._staged = at
+
+    def staged_block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the staged row's keys and values at positions [start, end)."""
+        assert self._staged is not None and end <= self._staged
+        slot = self.size
+        return self.keys[:, slot, :, start:end].clone(), self.values[:, slot, :, start:end].clone()
+
+    def extend_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append input_ids [1, T] to the staged row (causal within them); logits [1, V] of the last one."""
+        assert self._staged is not None, "stage a row first"
+        start = self._staged
+        if start + input_ids.shape[1] > self.context_length:
+            raise ValueError(f"{start + input_ids.shape[1]} tokens do not fit the context of {self.context_length}")
+        logits = self._forward(model, input_ids, self.size, torch.tensor([start], device=self.keys.device))
+        self._staged = start + input_ids.shape[1]
+        return logits
+
+    def commit(self) -> None:
+        """The staged row becomes the last decoding row."""
+        assert self._staged is not None
+        self.lengths.append(self._staged)
+        self._staged = None
+
+    def unstage(self) -> None:
+        """Forget the staged row (its request ended or failed before its prefill finished)."""
+        self._staged = None
+
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, in this (ascending) order: each moves down into the first free slot."""
-        for new, old in enumerate(rows):
+        """Keep only these rows, in this (ascending) order: each moves down into the first free slot, and a staged
+        row moves down behind them."""
+        moves = [(new, old, self.lengths[old]) for new, old in enumerate(rows)]
+        if self._staged is not None:
+            moves.append((len(rows), self.size, self._staged))
+        for new, old, n in moves:
             if new != old:
-                n = self.lengths[old]
                 self.keys[:, new, :, :n] = self.keys[:, old, :, :n]
                 self.values[:, new, :, :n] = self.values[:, old, :, :n]
         self.lengths = [self.lengths[old] for old in rows]
 
     def decode_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """One decode step of every row: input_ids [B, 1] -> logits [B, V]; each row's new key is stored."""
+        logits = self._forward(model, input_ids, 0, torch.tensor(self.lengths, device=self.keys.device))
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    def _forward(self, model, input_ids: torch.Tensor, first: int, starts: torch.Tensor) -> torch.Tensor:
+        """Rows first..first+B-1 take input_ids [B, T] at positions starts[b]..starts[b]+T-1, attending over their
+        earlier tokens and causally among these; their keys and values are stored. Returns logits [B, V] of each
+        row's last token."""
         lm = model.model
-        batch = self.size
-        positions = torch.tensor(self.lengths, device=self.keys.device)[:, None]  # [B, 1]
+        batch, new = input_ids.shape
+        positions = starts[:, None] + torch.arange(new, device=starts.device)[None, :]  # [B, T]
         x = lm.embed_tokens(input_ids)
         cos, sin = lm.rotary_emb(x, positions)
-        width = min(self.context_length, -(-(max(self.lengths) + 1) // WINDOW_STEP) * WINDOW_STEP)
-        visible = (torch.arange(width, device=x.device)[None, :] <= positions)[:, None, None, :]  # [B, 1, 1, W]
-        slots = torch.arange(batch, device=x.device)
+        width = min(self.context_length, -(-(int(starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
+        visible = (torch.arange(width, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,W]
+        slots = torch.arange(first, first + batch, device=x.device)[:, None]  # [B, 1]
         for index, layer in enumerate(lm.layers):
-            x = x + self._attention(layer, index, layer.input_layernorm(x), cos, sin, slots, positions[:, 0],
-                                    visible, width)
+            x = x + self._attention(layer, index, layer.input_layernorm(x), cos, sin, slots, positions, visible,
+                                    width)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.lengths = [n + 1 for n in self.lengths]
-        return model.lm_head(lm.norm(x))[:, -1]
+        return model.lm_head(lm.norm(x[:, -1:]))[:, -1]
 
     def _attention(self, layer, index: int, h: torch.Tensor, cos, sin, slots, positions, visible, width: int):
-        attn, batch = layer.self_attn, h.shape[0]
-        q = attn.q_proj(h).view(batch, 1, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(batch, 1, self.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(batch, 1, self.kv_heads, self.head_dim)
+        attn, (batch, new) = layer.self_attn, h.shape[:2]
+        q = attn.q_proj(h).view(batch, new, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(batch, new, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(batch, new, self.kv_heads, self.head_dim)
         if self.shape.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, 1, D]
-        self.keys[index, slots, :, positions] = k[:, :, 0]
-        self.values[index, slots, :, positions] = v[:, 0]
-        out = F.scaled_dot_product_attention(q, self.keys[index, :batch, :, :width],
-                                             self.values[index, :batch, :, :width], attn_mask=visible,
-                                             scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        self.keys[index, slots, :, positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
+        self.values[index, slots, :, positions] = v
+        rows = slice(int(slots[0, 0]), int(slots[0, 0]) + batch)
+        out = F.scaled_dot_product_attention(q, self.keys[index, rows, :, :width], self.values[index, rows, :, :width],
+                                             attn_mask=visible, scale=attn.scaling,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, new, self.heads * self.head_dim))

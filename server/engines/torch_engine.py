@@ -1,9 +1,15 @@
 """A continuous-batching engine on plain PyTorch + transformers (CPU or GPU).
 
 One asyncio task schedules; one worker thread runs the model. Between decode steps, finished, cancelled and
-expired rows leave the batch and queued requests join it (each prefilled alone, then merged into the left-padded
-batch KV cache, see kv_batch.py). The batch (`_active`, `_kv`) is touched only inside `_step` (worker thread) or
-while no step is running; the admission queue only on the event loop. Admission, the EOS / stop / length rule,
+expired rows leave the batch and queued requests join it. Two decode paths (`decode_path`, chosen at start):
+- "slots" (slot_kv.py, the Llama family): the batch's KV cache in preallocated slots. A newcomer's prompt is
+  prefilled into the slot after the decoding rows, at most `prefill_chunk_tokens` per step after the step's decode
+  (chunked prefill: a long prompt does not stall the running streams), starting from the prompt's cached prefix
+  blocks when the prefix cache has them (prefix_cache.py); it joins the decode when its prefill is done.
+- "transformers" (kv_batch.py, every other family, and `fast_decode: false`): each newcomer prefilled alone in one
+  step by transformers' forward, then merged into the left-padded batch KV cache.
+The batch (`_active`, `_prefilling`, `_kv`) is touched only inside `_step` (worker thread) or while no step is
+running; the admission queue only on the event loop. Admission, the EOS / stop / length rule,
 finish counters, timings and metrics are the request book's (book.py), shared with the vLLM engine.
 
 Determinism: greedy requests, and sampled requests with a seed, draw nothing from shared state: every request owns
@@ -33,9 +39,10 @@ from prunefusion.server.engines.book import BookedEngine, TextRequest
 from prunefusion.server.engines.compute_thread import ComputeThread
 from prunefusion.server.engines.hf_loading import LoadedModel, load_causal_lm
 from prunefusion.server.engines.kv_batch import BatchedKV
+from prunefusion.server.engines.prefix_cache import PrefixCache
 from prunefusion.server.engines.sampling import apply_penalties, select_tokens, token_logprobs
 from prunefusion.server.engines.slot_kv import SlotKV, refusal
-from prunefusion.server.metrics import BATCH_SIZE
+from prunefusion.server.metrics import BATCH_SIZE, PROMPT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,15 @@ class TorchEngine(BookedEngine):
         self._compute = ComputeThread(f"engine-{cfg.name}")
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
+        self._prefilling: collections.deque[_Sequence] = collections.deque()  # admitted, prompt not all prefilled
         self._kv: BatchedKV | SlotKV = BatchedKV()
+        self.prefix_cache: PrefixCache | None = None  # slot path with prefix_cache_tokens > 0
         self.decode_path = "transformers"  # or "slots" (slot_kv.py), chosen at start
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._accepting = False
         self.steps = 0  # decode steps run
+        self.prefill_passes = 0  # forward passes over prompt tokens (a chunk each on the slot path)
         self.peak_batch = 0  # most rows decoded together in one step
         self._eos_ids: frozenset[int] = frozenset()
 
@@ -89,7 +99,8 @@ class TorchEngine(BookedEngine):
 
     def stats(self) -> EngineStats:
         healthy = self._accepting and self._loop_task is not None and not self._loop_task.done()
-        return EngineStats(running=len(self._active), waiting=len(self._waiting), healthy=healthy)
+        return EngineStats(running=len(self._active) + len(self._prefilling), waiting=len(self._waiting),
+                           healthy=healthy)
 
     # ---- requests --------------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -120,13 +131,14 @@ class TorchEngine(BookedEngine):
 
     # ---- scheduling loop (event loop side) ---------------------------------------------------------------------
     async def _run(self) -> None:
-        while self._accepting or self._active or self._waiting:
-            if not self._active and not self._waiting:
+        while self._accepting or self._active or self._prefilling or self._waiting:
+            if not self._active and not self._prefilling and not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             newcomers = []
-            while self._waiting and len(self._active) + len(newcomers) < self.cfg.max_batch_size:
+            while self._waiting and len(self._active) + len(self._prefilling) + len(newcomers) < \
+                    self.cfg.max_batch_size:
                 newcomers.append(self._waiting.popleft())
             outputs = await self._compute.run(self._step, newcomers)
             for seq, item in outputs:
@@ -151,13 +163,16 @@ class TorchEngine(BookedEngine):
             with self._attention_kernels():
                 self._step_rows(newcomers, out)
         except Exception as exc:
-            failed = [seq for seq in dict.fromkeys([*self._active, *newcomers]) if not seq.done]
+            failed = [seq for seq in dict.fromkeys([*self._active, *self._prefilling, *newcomers]) if not seq.done]
             log.exception("engine %s: step failed; failing %d requests", self.name, len(failed))
             for seq in failed:
                 self.book.drop(seq)
                 out.append((seq, exc))
             self._active = []
+            self._prefilling.clear()
             self._kv.keep([])  # empty: a half-written step's keys lie past every row's length or are dropped
+            if isinstance(self._kv, SlotKV):
+                self._kv.unstage()
         return out
 
     def _step_rows(self, newcomers: list[_Sequence], out: list) -> None:
@@ -166,16 +181,65 @@ class TorchEngine(BookedEngine):
             if reason := self._stop_reason(seq, now):
                 out.append((seq, self.book.finish(seq, reason, seq.text.finish())))
         self._drop_done()
+        self._prefilling.extend(newcomers)
         with torch.inference_mode():
-            # running rows advance first; newcomers are prefilled after, so their first token goes out with
+            # running rows advance first; prompts are prefilled after, so a newcomer's first token goes out with
             # this step's results instead of waiting for another decode step
             if self._active:
                 out.extend(self._decode())
                 self._drop_done()
-            for seq in newcomers:
-                reason = self._stop_reason(seq, now)
-                out.append((seq, self.book.finish(seq, reason) if reason else self._prefill(seq)))
+            self._advance_prefills(now, out)
             self._drop_done()
+
+    def _advance_prefills(self, now: float, out: list) -> None:
+        """Prefill waiting prompts in order, within this step's token budget (the slot path's chunk size; whole
+        prompts on the transformers path), appending each first token to `out` as it comes (a later failure in the
+        step keeps it). A prompt whose request ended while it waited never runs."""
+        budget = (self.cfg.prefill_chunk_tokens or float("inf")) if self.decode_path == "slots" else float("inf")
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            if reason := self._stop_reason(seq, now):
+                self._prefilling.popleft()
+                if isinstance(self._kv, SlotKV) and self._kv.staged is not None:
+                    self._kv.unstage()  # only the first waiting prompt is ever staged
+                out.append((seq, self.book.finish(seq, reason)))
+                continue
+            if self.decode_path != "slots":
+                out.append((seq, self._prefill(seq)))
+                self._prefilling.popleft()
+                continue
+            chunk, used = self._prefill_slot_chunk(seq, budget)
+            budget -= used
+            if chunk is not None:
+                self._prefilling.popleft()
+                out.append((seq, chunk))
+
+    def _prefill_slot_chunk(self, seq: _Sequence, budget: float) -> tuple[GenerationChunk | None, int]:
+        """Prefill up to `budget` more of the staged prompt (staging it first, from its cached prefix); when it is
+        all in, its first token: (chunk, tokens computed), else (None, tokens computed)."""
+        assert self._loaded is not None and isinstance(self._kv, SlotKV)
+        prompt = seq.prompt_ids
+        if self._kv.staged is None:
+            seq.started = time.monotonic()
+            self._kv.stage(self.prefix_cache.lookup(prompt) if self.prefix_cache else [])
+            PROMPT_TOKENS.labels(self.name, "prefix_cache").inc(self._kv.staged)
+        start = self._kv.staged
+        end = int(min(len(prompt), start + budget))
+        logits = self._kv.extend_logits(self._loaded.model, torch.tensor([prompt[start:end]], device=self.cfg.device))
+        PROMPT_TOKENS.labels(self.name, "computed").inc(end - start)
+        self.prefill_passes += 1
+        if end < len(prompt):
+            return None, end - start
+        if self.prefix_cache:
+            self.prefix_cache.store(prompt, self._kv.staged_block)
+        tokens, logprobs = self._select(logits, [seq])
+        chunk = self.book.tokens(seq, tokens, logprobs=logprobs)
+        if seq.done:  # a row that ended on its first token never joins the decode
+            self._kv.unstage()
+        else:
+            self._kv.commit()
+            self._active.append(seq)
+        return chunk, end - start
 
     @staticmethod
     def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
@@ -233,8 +297,13 @@ class TorchEngine(BookedEngine):
             log.info("engine %s: decode on transformers' forward (%s)", self.name, why)
             return
         self._kv = SlotKV(self._loaded.model, self.cfg.max_batch_size, self._loaded.context_length)
-        log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB", self.name,
-                 self.cfg.max_batch_size, self._loaded.context_length, self._kv.nbytes / 2**20)
+        if self.cfg.prefix_cache_tokens:
+            self.prefix_cache = PrefixCache(self.cfg.prefix_cache_tokens)
+        log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB; prefill chunk %s tokens; "
+                 "prefix cache up to %d tokens (%.1f MiB)", self.name, self.cfg.max_batch_size,
+                 self._loaded.context_length, self._kv.nbytes / 2**20, self.cfg.prefill_chunk_tokens or "whole",
+                 self.cfg.prefix_cache_tokens, self._kv.nbytes / self._kv.keys.shape[1] /
+                 self._loaded.context_length * self.cfg.prefix_cache_tokens / 2**20)
 
     def _warm_up(self) -> None:
         assert self._loaded is not None
