@@ -183,3 +183,28 @@ async def test_long_prompts_are_tokenized_off_the_event_loop_with_the_same_resul
     threaded = await collect(engine.generate(request("threaded", 10)))
     assert calls == ["encode_now"]
     assert threaded.token_ids == inline.token_ids and threaded.usage == inline.usage
+
+
+async def test_a_request_cancelled_in_the_middle_of_its_chunked_prefill_leaves_no_trace(pico_dir):
+    """Prefill 4 tokens per step: the long prompt is cancelled while staged, the one behind it still gets what it
+    gets alone, and the staged slot is free again."""
+    e = TorchEngine(TorchModelConfig(name="pico", path=str(pico_dir), max_batch_size=2, prefill_chunk_tokens=4,
+                                     prefix_cache_tokens=0))
+    await e.start()
+    try:
+        alone = await collect(e.generate(request("alone", 8)))
+        passes = e.prefill_passes
+        long = GenerationRequest("long", "The os module " * 20, SamplingParams(max_new_tokens=5))
+        stream = e.generate(long)
+        pending = asyncio.create_task(anext(stream))
+        await wait_until(lambda: e.prefill_passes >= passes + 2)  # its prompt is half in its slot
+        pending.cancel()  # the consumer goes away: the stream's finally cancels the request
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        after = await collect(e.generate(request("after", 8)))
+        tokens = len(e.book.prompts.encode_now(long.prompt))
+        assert tokens >= 40 and e.prefill_passes < passes + tokens // 4  # the long prompt never finished its prefill
+        assert e._kv.staged is None and e.stats().running == 0
+        assert list(after.token_ids) == list(alone.token_ids)
+    finally:
+        await e.shutdown()

@@ -81,7 +81,7 @@ def prefill_in_chunks(model, slots: SlotKV, prompt: list[int], chunk: int, prefi
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_a_prompt_prefilled_in_chunks_beside_decoding_rows_gets_the_logits_it_gets_alone(family, pico_dir):
+def test_a_prompt_prefilled_in_chunks_beside_or_with_decoding_rows_gets_the_logits_it_gets_alone(family, pico_dir):
     tokenizer = AutoTokenizer.from_pretrained(pico_dir)
     model = pico_family_model(family, tokenizer, layers=3) if family != "llama" else \
         AutoModelForCausalLM.from_pretrained(pico_dir).eval()
@@ -92,16 +92,19 @@ def test_a_prompt_prefilled_in_chunks_beside_decoding_rows_gets_the_logits_it_ge
         for prompt in rows:
             join(model, slots, prompt)
         slots.stage()
-        for step, start in enumerate(range(0, len(long), 40)):  # a chunk of the long prompt after each decode step
-            logits = slots.decode_logits(model, torch.tensor([[20 + step]] * len(rows)))
+        for step, start in enumerate(range(0, len(long), 40)):  # a chunk of the long prompt with each decode step
+            decode_ids, chunk_ids = torch.tensor([[20 + step]] * len(rows)), torch.tensor([long[start:start + 40]])
+            if step % 2:  # one forward pass over both (a mixed batch)
+                logits, last = slots.decode_and_extend_logits(model, decode_ids, chunk_ids)
+            else:
+                logits, last = slots.decode_logits(model, decode_ids), slots.extend_logits(model, chunk_ids)
             for i, row in enumerate(rows):
                 row.append(20 + step)
                 torch.testing.assert_close(logits[i], alone(model, row), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(last[0], alone(model, long[:start + 40]), rtol=1e-4, atol=1e-4)
             if step == 1:  # the middle row leaves while the long prompt is half prefilled: the staged slot moves
                 slots.keep([0, 2])
                 rows = [rows[0], rows[2]]
-            last = slots.extend_logits(model, torch.tensor([long[start:start + 40]]))[0]
-        torch.testing.assert_close(last, alone(model, long), rtol=1e-4, atol=1e-4)
         slots.commit()
         rows.append(long)
         assert slots.lengths == [len(r) for r in rows]

@@ -4,9 +4,11 @@ Layout: keys and values [layers, max_batch_size, kv heads, context_length, head 
 The batch's rows are slots 0..n-1 in the engine's row order; row b's real tokens fill positions 0..lengths[b]-1.
 A decode step writes each row's new key and value in place at its own position and attends over the first W
 columns only (W: the longest row rounded up to WINDOW_STEP), masking each row past its length: nothing is padded,
-concatenated or re-allocated as rows join and leave. A joining row's prefill is transformers' own forward (a batch
-of one, as on the old path) and is copied into its slot; a leaving row's slot is refilled by moving the rows after
-it down, keeping the order.
+concatenated or re-allocated as rows join and leave. A joining row is *staged* in slot n (`stage`, optionally from
+cached prefix blocks), its prompt appended there in one or more causal passes (`extend_logits`: chunked prefill,
+between decode steps that leave it out), and `commit` makes it row n. (`join` copies a transformers prefill cache
+into slot n instead: the benchmarks' and tests' way.) A leaving row's slot is refilled by moving the rows after it
+down, keeping the order; a staged row moves down behind them.
 
 The step uses the model's own modules (embeddings, norms, projections, rotary embedding, MLP) so weights, RoPE
 scaling and pruned layer lists come from the checkpoint; only the attention and the cache are ours. Families whose
@@ -54,6 +56,27 @@ def refusal(model, context_length: int) -> str | None:
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
         return "no model.model.rotary_emb / lm_head"
     return None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Tokens for consecutive slots: input_ids [B, T] for slots first..first+B-1, row b's from position starts[b]."""
+    input_ids: torch.Tensor
+    first: int
+    starts: torch.Tensor  # [B] long
+
+
+@dataclass(frozen=True)
+class _View:
+    """A part as the layers see it (computed once per forward pass)."""
+    batch: int
+    new: int
+    rows: slice  # its slots
+    positions: torch.Tensor  # [B, T]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    visible: torch.Tensor  # [B, 1, T, W] bool
+    width: int  # key columns read
 
 
 class SlotKV:
@@ -114,13 +137,18 @@ class SlotKV:
 
     def extend_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Append input_ids [1, T] to the staged row (causal within them); logits [1, V] of the last one."""
-        assert self._staged is not None, "stage a row first"
-        start = self._staged
-        if start + input_ids.shape[1] > self.context_length:
-            raise ValueError(f"{start + input_ids.shape[1]} tokens do not fit the context of {self.context_length}")
-        logits = self._forward(model, input_ids, self.size, torch.tensor([start], device=self.keys.device))
-        self._staged = start + input_ids.shape[1]
+        (logits,) = self._forward(model, [self._staged_part(input_ids)])
+        self._staged += input_ids.shape[1]
         return logits
+
+    def decode_and_extend_logits(self, model, decode_ids: torch.Tensor, chunk_ids: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_logits(decode_ids)` and `extend_logits(chunk_ids)` in one forward pass: the norms, projections
+        and MLPs run once over all their tokens (a mixed batch), only rotary embedding and attention per part."""
+        decoded, extended = self._forward(model, [self._decode_part(decode_ids), self._staged_part(chunk_ids)])
+        self.lengths = [n + 1 for n in self.lengths]
+        self._staged += chunk_ids.shape[1]
+        return decoded, extended
 
     def commit(self) -> None:
         """The staged row becomes the last decoding row."""
@@ -146,40 +174,66 @@ class SlotKV:
 
     def decode_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """One decode step of every row: input_ids [B, 1] -> logits [B, V]; each row's new key is stored."""
-        logits = self._forward(model, input_ids, 0, torch.tensor(self.lengths, device=self.keys.device))
+        (logits,) = self._forward(model, [self._decode_part(input_ids)])
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def _forward(self, model, input_ids: torch.Tensor, first: int, starts: torch.Tensor) -> torch.Tensor:
-        """Rows first..first+B-1 take input_ids [B, T] at positions starts[b]..starts[b]+T-1, attending over their
-        earlier tokens and causally among these; their keys and values are stored. Returns logits [B, V] of each
-        row's last token."""
-        lm = model.model
-        batch, new = input_ids.shape
-        positions = starts[:, None] + torch.arange(new, device=starts.device)[None, :]  # [B, T]
-        x = lm.embed_tokens(input_ids)
-        cos, sin = lm.rotary_emb(x, positions)
-        width = min(self.context_length, -(-(int(starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
-        visible = (torch.arange(width, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,W]
-        slots = torch.arange(first, first + batch, device=x.device)[:, None]  # [B, 1]
-        for index, layer in enumerate(lm.layers):
-            x = x + self._attention(layer, index, layer.input_layernorm(x), cos, sin, slots, positions, visible,
-                                    width)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.lm_head(lm.norm(x[:, -1:]))[:, -1]
+    def _decode_part(self, input_ids: torch.Tensor) -> _Part:
+        return _Part(input_ids, 0, torch.tensor(self.lengths, device=self.keys.device))
 
-    def _attention(self, layer, index: int, h: torch.Tensor, cos, sin, slots, positions, visible, width: int):
-        attn, (batch, new) = layer.self_attn, h.shape[:2]
-        q = attn.q_proj(h).view(batch, new, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(batch, new, self.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(batch, new, self.kv_heads, self.head_dim)
-        if self.shape.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        self.keys[index, slots, :, positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
-        self.values[index, slots, :, positions] = v
-        rows = slice(int(slots[0, 0]), int(slots[0, 0]) + batch)
-        out = F.scaled_dot_product_attention(q, self.keys[index, rows, :, :width], self.values[index, rows, :, :width],
-                                             attn_mask=visible, scale=attn.scaling,
-                                             enable_gqa=self.kv_heads != self.heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, new, self.heads * self.head_dim))
+    def _staged_part(self, input_ids: torch.Tensor) -> _Part:
+        assert self._staged is not None, "stage a row first"
+        if self._staged + input_ids.shape[1] > self.context_length:
+            raise ValueError(f"{self._staged + input_ids.shape[1]} tokens do not fit the context of "
+                             f"{self.context_length}")
+        return _Part(input_ids, self.size, torch.tensor([self._staged], device=self.keys.device))
+
+    def _forward(self, model, parts: list[_Part]) -> list[torch.Tensor]:
+        """Each part's rows (slots first..first+B-1) take its input_ids [B, T] at positions starts[b]..starts[b]+T-1,
+        attending over their earlier tokens and causally among these; their keys and values are stored. Every
+        part's tokens go through the norms, projections and MLPs together, as one [N, hidden] matrix. Returns each
+        part's logits [B, V] of its rows' last tokens."""
+        lm = model.model
+        views, flat = [], []
+        for part in parts:
+            batch, new = part.input_ids.shape
+            positions = part.starts[:, None] + torch.arange(new, device=part.starts.device)[None, :]  # [B, T]
+            x = lm.embed_tokens(part.input_ids)
+            cos, sin = lm.rotary_emb(x, positions)
+            width = min(self.context_length, -(-(int(part.starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
+            visible = (torch.arange(width, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
+            views.append(_View(batch, new, slice(part.first, part.first + batch), positions, cos, sin,
+                               visible, width))  # visible: [B, 1, T, W]
+            flat.append(x.reshape(batch * new, -1))
+        x = torch.cat(flat) if len(flat) > 1 else flat[0]  # [N, hidden]
+        for index, layer in enumerate(lm.layers):
+            x = x + self._attention(layer, index, layer.input_layernorm(x), views)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        lasts, at = [], 0
+        for view in views:
+            lasts.append(x[at:at + view.batch * view.new].view(view.batch, view.new, -1)[:, -1])
+            at += view.batch * view.new
+        logits = model.lm_head(lm.norm(torch.cat(lasts) if len(lasts) > 1 else lasts[0]))
+        return list(logits.split([view.batch for view in views]))
+
+    def _attention(self, layer, index: int, h: torch.Tensor, views: list[_View]) -> torch.Tensor:
+        attn = layer.self_attn
+        q_all, k_all, v_all = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        outs, at = [], 0
+        for p in views:
+            n = p.batch * p.new
+            q = q_all[at:at + n].view(p.batch, p.new, self.heads, self.head_dim)
+            k = k_all[at:at + n].view(p.batch, p.new, self.kv_heads, self.head_dim)
+            v = v_all[at:at + n].view(p.batch, p.new, self.kv_heads, self.head_dim)
+            at += n
+            if self.shape.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), p.cos, p.sin)  # [B, H, T, D]
+            slots = torch.arange(p.rows.start, p.rows.stop, device=h.device)[:, None]  # [B, 1]
+            self.keys[index, slots, :, p.positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
+            self.values[index, slots, :, p.positions] = v
+            out = F.scaled_dot_product_attention(q, self.keys[index, p.rows, :, :p.width],
+                                                 self.values[index, p.rows, :, :p.width], attn_mask=p.visible,
+                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            outs.append(out.transpose(1, 2).reshape(n, self.heads * self.head_dim))
+        return attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])

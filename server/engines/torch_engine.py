@@ -182,64 +182,68 @@ class TorchEngine(BookedEngine):
                 out.append((seq, self.book.finish(seq, reason, seq.text.finish())))
         self._drop_done()
         self._prefilling.extend(newcomers)
-        with torch.inference_mode():
-            # running rows advance first; prompts are prefilled after, so a newcomer's first token goes out with
-            # this step's results instead of waiting for another decode step
-            if self._active:
-                out.extend(self._decode())
-                self._drop_done()
-            self._advance_prefills(now, out)
-            self._drop_done()
-
-    def _advance_prefills(self, now: float, out: list) -> None:
-        """Prefill waiting prompts in order, within this step's token budget (the slot path's chunk size; whole
-        prompts on the transformers path), appending each first token to `out` as it comes (a later failure in the
-        step keeps it). A prompt whose request ended while it waited never runs."""
-        budget = (self.cfg.prefill_chunk_tokens or float("inf")) if self.decode_path == "slots" else float("inf")
-        while self._prefilling and budget > 0:
-            seq = self._prefilling[0]
+        for i, seq in reversed(list(enumerate(self._prefilling))):  # ended while its prompt waited: never runs
             if reason := self._stop_reason(seq, now):
-                self._prefilling.popleft()
-                if isinstance(self._kv, SlotKV) and self._kv.staged is not None:
+                del self._prefilling[i]
+                if i == 0 and isinstance(self._kv, SlotKV) and self._kv.staged is not None:
                     self._kv.unstage()  # only the first waiting prompt is ever staged
                 out.append((seq, self.book.finish(seq, reason)))
-                continue
-            if self.decode_path != "slots":
-                out.append((seq, self._prefill(seq)))
-                self._prefilling.popleft()
-                continue
-            chunk, used = self._prefill_slot_chunk(seq, budget)
-            budget -= used
-            if chunk is not None:
-                self._prefilling.popleft()
-                out.append((seq, chunk))
+        budget = (self.cfg.prefill_chunk_tokens or float("inf")) if self.decode_path == "slots" else float("inf")
+        with torch.inference_mode():
+            # running rows advance first; prompts are prefilled after (on the slot path the first waiting prompt's
+            # next chunk rides in the decode's forward pass), so a newcomer's first token goes out with this step's
+            # results instead of waiting for another decode step
+            if self._active:
+                budget -= self._decode(out, budget)
+                self._drop_done()
+            self._advance_prefills(out, budget)
+            self._drop_done()
 
-    def _prefill_slot_chunk(self, seq: _Sequence, budget: float) -> tuple[GenerationChunk | None, int]:
-        """Prefill up to `budget` more of the staged prompt (staging it first, from its cached prefix); when it is
-        all in, its first token: (chunk, tokens computed), else (None, tokens computed)."""
-        assert self._loaded is not None and isinstance(self._kv, SlotKV)
-        prompt = seq.prompt_ids
+    def _advance_prefills(self, out: list, budget: float) -> None:
+        """Prefill waiting prompts in order, within `budget` prompt tokens (the slot path's chunk size, less what
+        rode with the decode; whole prompts on the transformers path), appending each first token to `out` as it
+        comes (a later failure in the step keeps it)."""
+        while self._prefilling and budget > 0:
+            if self.decode_path != "slots":
+                out.append((self._prefilling[0], self._prefill(self._prefilling[0])))
+                self._prefilling.popleft()
+                continue
+            ids = self._next_slot_chunk(budget)
+            budget -= ids.shape[1]
+            self._after_slot_chunk(self._kv.extend_logits(self._loaded.model, ids), ids.shape[1], out)
+
+    def _next_slot_chunk(self, budget: float) -> torch.Tensor:
+        """The first waiting prompt's next at most `budget` tokens [1, T], staging it first (from its cached prefix
+        blocks) if it is not staged yet."""
+        assert isinstance(self._kv, SlotKV)
+        seq = self._prefilling[0]
         if self._kv.staged is None:
             seq.started = time.monotonic()
-            self._kv.stage(self.prefix_cache.lookup(prompt) if self.prefix_cache else [])
+            self._kv.stage(self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else [])
             PROMPT_TOKENS.labels(self.name, "prefix_cache").inc(self._kv.staged)
         start = self._kv.staged
-        end = int(min(len(prompt), start + budget))
-        logits = self._kv.extend_logits(self._loaded.model, torch.tensor([prompt[start:end]], device=self.cfg.device))
-        PROMPT_TOKENS.labels(self.name, "computed").inc(end - start)
+        return torch.tensor([seq.prompt_ids[start:int(min(len(seq.prompt_ids), start + budget))]],
+                            device=self.cfg.device)
+
+    def _after_slot_chunk(self, logits: torch.Tensor, tokens: int, out: list) -> None:
+        """After a chunk of the first waiting prompt went in: when the prompt is all in, cache its blocks, pick its
+        first token and let it join the decode (or leave, if that token ended it)."""
+        assert isinstance(self._kv, SlotKV)
+        seq = self._prefilling[0]
+        PROMPT_TOKENS.labels(self.name, "computed").inc(tokens)
         self.prefill_passes += 1
-        if end < len(prompt):
-            return None, end - start
+        if self._kv.staged < len(seq.prompt_ids):
+            return
         if self.prefix_cache:
-            self.prefix_cache.store(prompt, self._kv.staged_block)
-        tokens, logprobs = self._select(logits, [seq])
-        chunk = self.book.tokens(seq, tokens, logprobs=logprobs)
+            self.prefix_cache.store(seq.prompt_ids, self._kv.staged_block)
+        chosen, logprobs = self._select(logits, [seq])
+        out.append((seq, self.book.tokens(seq, chosen, logprobs=logprobs)))
+        self._prefilling.popleft()
         if seq.done:  # a row that ended on its first token never joins the decode
             self._kv.unstage()
         else:
             self._kv.commit()
             self._active.append(seq)
-        return chunk, end - start
 
     @staticmethod
     def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
@@ -262,17 +266,27 @@ class TorchEngine(BookedEngine):
             self._active.append(seq)
         return chunk
 
-    def _decode(self) -> list[tuple[_Sequence, GenerationChunk]]:
+    def _decode(self, out: list, budget: float) -> int:
+        """One decode step of every running row, with the first waiting prompt's next chunk (at most `budget`
+        tokens) in the same forward pass on the slot path; returns the prompt tokens it took."""
         assert self._loaded is not None
-        rows = self._active
+        rows = list(self._active)
         input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=self.cfg.device)
-        logits = self._kv.decode_logits(self._loaded.model, input_ids)  # [B, V]
+        ride = self._next_slot_chunk(budget) if self.decode_path == "slots" and self._prefilling and budget else None
+        if ride is None:
+            logits = self._kv.decode_logits(self._loaded.model, input_ids)  # [B, V]
+        else:
+            logits, ride_logits = self._kv.decode_and_extend_logits(self._loaded.model, input_ids, ride)
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         BATCH_SIZE.labels(self.name).observe(len(rows))
         tokens, logprobs = self._select(logits, rows)
-        return [(seq, self.book.tokens(seq, [tok], logprobs=[lp])) for seq, tok, lp in zip(rows, tokens, logprobs,
-                                                                                            strict=True)]
+        out.extend((seq, self.book.tokens(seq, [tok], logprobs=[lp])) for seq, tok, lp in zip(rows, tokens, logprobs,
+                                                                                               strict=True))
+        if ride is None:
+            return 0
+        self._after_slot_chunk(ride_logits, ride.shape[1], out)
+        return ride.shape[1]
 
     def _select(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[list[int], list]:
         """Each row's next token (penalties, then sampling) and, for rows that asked, its logprobs."""
