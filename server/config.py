@@ -83,7 +83,7 @@ class TorchModelConfig(TextModelConfig):
     fast_decode: bool = True
     # slot path only: a prompt is prefilled at most this many tokens per scheduling step, between decode steps, so
     # a long one does not stall the running streams; null: the whole prompt in the step it arrives
-    prefill_chunk_tokens: Annotated[int, Field(ge=1)] | None = 128
+    prefill_chunk_tokens: Annotated[int, Field(ge=1)] | None = 32
     # slot path only: keys and values of up to this many prompt tokens (blocks of 32) kept for prompts that start
     # the same way (a system prompt, few-shot examples); exact, LRU; 0: off
     prefix_cache_tokens: Annotated[int, Field(ge=0)] = 8192
