@@ -25,19 +25,26 @@ def tokenizer(pico_dir):
 SLOT_FAMILIES = {"llama", "qwen2", "qwen3"}  # pico mistral has sliding_window 16 < its context: transformers
 
 
+def generate_references(family: str, tokenizer, directory, prompts: list[str], tokens: int) -> list[list[int]]:
+    """Save a pico `family` model to `directory` (what the engine will load) and return transformers' greedy
+    `generate` continuation of each prompt from the reloaded copy, `tokens` long, EOS ignored."""
+    model = pico_family_model(family, tokenizer, layers=3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    return expected
+
+
 @pytest.mark.parametrize("fast_decode", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 async def test_family_batched_greedy_equals_generate(family, fast_decode, tokenizer, tmp_path):
-    model = pico_family_model(family, tokenizer, layers=3)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    expected = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, ids.shape[1]:].tolist())
+    expected = generate_references(family, tokenizer, tmp_path, PROMPTS, 40)
 
     engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4, fast_decode=fast_decode))
     await engine.start()
@@ -61,17 +68,8 @@ SHARED = " ".join(["The os module provides a portable way of using operating sys
 async def test_chunked_prefill_and_prefix_hits_keep_greedy_equal_to_generate(family, tokenizer, tmp_path):
     """Prompts prefilled 7 tokens per step between decode steps, three of them starting from blocks another prompt
     left in the prefix cache: every output equals generate's."""
-    model = pico_family_model(family, tokenizer, layers=3)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompts = [SHARED + " Lists", SHARED + " Tuples are immutable", "x", SHARED]
-    expected = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, ids.shape[1]:].tolist())
+    expected = generate_references(family, tokenizer, tmp_path, prompts, 30)
     shared_blocks = len(tokenizer(SHARED).input_ids) // 32
     assert shared_blocks >= 2
 

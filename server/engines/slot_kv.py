@@ -72,6 +72,7 @@ class _View:
     batch: int
     new: int
     rows: slice  # its slots
+    slots: torch.Tensor  # [B, 1] the same, as indices
     positions: torch.Tensor  # [B, T]
     cos: torch.Tensor
     sin: torch.Tensor
@@ -102,6 +103,11 @@ class SlotKV:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Keys and values of one token, every layer."""
+        return self.nbytes // (self.keys.shape[1] * self.context_length)
 
     @property
     def staged(self) -> int | None:
@@ -202,7 +208,8 @@ class SlotKV:
             cos, sin = lm.rotary_emb(x, positions)
             width = min(self.context_length, -(-(int(part.starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
             visible = (torch.arange(width, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
-            views.append(_View(batch, new, slice(part.first, part.first + batch), positions, cos, sin,
+            slots = torch.arange(part.first, part.first + batch, device=x.device)[:, None]
+            views.append(_View(batch, new, slice(part.first, part.first + batch), slots, positions, cos, sin,
                                visible, width))  # visible: [B, 1, T, W]
             flat.append(x.reshape(batch * new, -1))
         x = torch.cat(flat) if len(flat) > 1 else flat[0]  # [N, hidden]
@@ -229,9 +236,8 @@ class SlotKV:
             if self.shape.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), p.cos, p.sin)  # [B, H, T, D]
-            slots = torch.arange(p.rows.start, p.rows.stop, device=h.device)[:, None]  # [B, 1]
-            self.keys[index, slots, :, p.positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
-            self.values[index, slots, :, p.positions] = v
+            self.keys[index, p.slots, :, p.positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
+            self.values[index, p.slots, :, p.positions] = v
             out = F.scaled_dot_product_attention(q, self.keys[index, p.rows, :, :p.width],
                                                  self.values[index, p.rows, :, :p.width], attn_mask=p.visible,
                                                  scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)

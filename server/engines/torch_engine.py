@@ -185,7 +185,7 @@ class TorchEngine(BookedEngine):
         for i, seq in reversed(list(enumerate(self._prefilling))):  # ended while its prompt waited: never runs
             if reason := self._stop_reason(seq, now):
                 del self._prefilling[i]
-                if i == 0 and isinstance(self._kv, SlotKV) and self._kv.staged is not None:
+                if i == 0 and isinstance(self._kv, SlotKV):
                     self._kv.unstage()  # only the first waiting prompt is ever staged
                 out.append((seq, self.book.finish(seq, reason)))
         budget = (self.cfg.prefill_chunk_tokens or float("inf")) if self.decode_path == "slots" else float("inf")
@@ -316,8 +316,7 @@ class TorchEngine(BookedEngine):
         log.info("engine %s: decode on KV slots, %d rows x %d positions, %.1f MiB; prefill chunk %s tokens; "
                  "prefix cache up to %d tokens (%.1f MiB)", self.name, self.cfg.max_batch_size,
                  self._loaded.context_length, self._kv.nbytes / 2**20, self.cfg.prefill_chunk_tokens or "whole",
-                 self.cfg.prefix_cache_tokens, self._kv.nbytes / self._kv.keys.shape[1] /
-                 self._loaded.context_length * self.cfg.prefix_cache_tokens / 2**20)
+                 self.cfg.prefix_cache_tokens, self._kv.bytes_per_token * self.cfg.prefix_cache_tokens / 2**20)
 
     def _warm_up(self) -> None:
         assert self._loaded is not None
