@@ -6,7 +6,8 @@
 Needs the vLLM environment (scripts/setup_vllm_cpu.sh). Every number comes from this one run on this machine:
   1. baseline: transformers `generate` (greedy, batch of one), the prompts one after another;
   2. the torch engine (`TorchEngine`), in process, at each concurrency: a semaphore keeps that many requests in flight;
-     `torch` decodes on KV slots (fast_decode, server/engines/slot_kv.py), `torch-plain` on transformers' forward;
+     `torch` decodes on KV slots (fast_decode, server/engines/slot_kv.py), `torch-compiled` the same with the decode
+     step compiled (compile_decode), `torch-plain` on transformers' forward;
   3. the vLLM engine (`VllmEngine` on vLLM's AsyncLLMEngine; its model runs in vLLM's engine-core process), same.
 Both engines are started once; then `--rounds` rounds each run 1, 2 and 3 back to back (one at a time, a pause
 between), and the medians are reported: this machine's speed drifts by tens of percent over minutes, and
@@ -67,9 +68,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alone", action="store_true",
                         help="start each engine for its turn and stop it after, so the other one is never up")
-    parser.add_argument("--engines", nargs="+", choices=["torch", "torch-plain", "vllm"],
-                        default=["torch", "torch-plain", "vllm"],
-                        help="torch: the fast decode path (KV slots); torch-plain: fast_decode false")
+    parser.add_argument("--engines", nargs="+", choices=["torch-compiled", "torch", "torch-plain", "vllm"],
+                        default=["torch-compiled", "torch", "torch-plain", "vllm"],
+                        help="torch: the fast decode path (KV slots), eager; torch-compiled: the same with "
+                             "compile_decode; torch-plain: fast_decode false")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -80,11 +82,13 @@ def main() -> None:
     texts = prompts(args.requests)
     batch = max(args.concurrency)
 
-    def torch_engine(name: str, fast_decode: bool) -> TorchEngine:
+    def torch_engine(name: str, fast_decode: bool, compiled: bool = False) -> TorchEngine:
         return TorchEngine(TorchModelConfig(
             name=name, path=str(args.model_dir), max_batch_size=batch, fast_decode=fast_decode,
-            max_new_tokens_limit=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens))
+            compile_decode=compiled, max_new_tokens_limit=args.max_new_tokens,
+            default_max_new_tokens=args.max_new_tokens))
     factories = {
+        "torch-compiled": lambda: torch_engine("bench-torch-compiled", fast_decode=True, compiled=True),
         "torch": lambda: torch_engine("bench-torch", fast_decode=True),
         "torch-plain": lambda: torch_engine("bench-torch-plain", fast_decode=False),
         "vllm": lambda: VllmEngine(VllmModelConfig(
@@ -96,12 +100,16 @@ def main() -> None:
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in engines}
     last: dict[str, dict[int, list]] = {name: {} for name in engines}
     baseline_s: list[float] = []
+    starts: dict[str, list[float]] = {}
 
     async def started(name: str):
         begin = time.perf_counter()
         engine = factories[name]()
         await engine.start()
-        print(f"{name} engine started in {time.perf_counter() - begin:.0f} s", flush=True)
+        compiled = getattr(engine, "compile_seconds", None)
+        print(f"{name} engine started in {time.perf_counter() - begin:.0f} s" +
+              (f" (decode step compiled in {compiled:.1f} s)" if compiled else ""), flush=True)
+        starts.setdefault(name, []).append(time.perf_counter() - begin)
         return engine
 
     async def measure(name: str, engine, c: int) -> None:
@@ -146,12 +154,17 @@ def main() -> None:
 
     rows, report = [], {"model": str(args.model_dir), "requests": len(texts), "max_new_tokens": args.max_new_tokens,
                         "vllm_eager": args.eager, "rounds": args.rounds, "alone": args.alone,
-                        "baseline_tokens_per_s": base_tps, "levels": {}}
+                        "baseline_tokens_per_s": base_tps, "start_seconds": starts, "levels": {}}
     def spread(a: str, b: str, c: int) -> str:
         """a / b at concurrency c: the median of per-round ratios (rounds interleave, so each pairs same-time runs)."""
         if b not in engines:
             return "-"
         ratios = [x / y for x, y in zip(samples[a][c], samples[b][c], strict=True)]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+    def per_round_sequential(a: str, c: int) -> str:
+        """a / sequential generate at concurrency c, per round (the baseline ran at the start of each round)."""
+        ratios = [x / (sum(map(len, base_tokens)) / s) for x, s in zip(samples[a][c], baseline_s, strict=True)]
         return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
     print("\n| concurrency | engine | tok/s | / vLLM (rounds) | / torch-plain (rounds) | / sequential |"
@@ -163,7 +176,7 @@ def main() -> None:
         report["levels"][c] = {"tokens_per_s": tps, "samples": {n: samples[n][c] for n in engines},
                                "same_tokens_as_generate": same}
         rows.extend(f"| {c} | {name} | {tps[name]:,.0f} | {spread(name, 'vllm', c)} | "
-                    f"{spread(name, 'torch-plain', c)} | {tps[name] / base_tps:.2f}x | {same[name]}/{len(texts)} |"
+                    f"{spread(name, 'torch-plain', c)} | {per_round_sequential(name, c)} | {same[name]}/{len(texts)} |"
                     for name in engines)
     print("\n".join(rows))
     if args.json:

@@ -87,6 +87,9 @@ class TorchModelConfig(TextModelConfig):
     # slot path only: keys and values of up to this many prompt tokens (blocks of 32) kept for prompts that start
     # the same way (a system prompt, few-shot examples); exact, LRU; 0: off
     prefix_cache_tokens: Annotated[int, Field(ge=0)] = 8192
+    # slot path only: compile the decode step with torch.compile at start-up (dynamic shapes: one compile serves
+    # every batch size and length; its time is logged); false: the same step eager, no compile wait
+    compile_decode: bool = False
 
 
 # AsyncEngineArgs fields the adapter fills from the model's own config keys (path, dtype, context_length, ...)

@@ -91,3 +91,21 @@ async def test_chunked_prefill_and_prefix_hits_keep_greedy_equal_to_generate(fam
     assert engine.prefix_cache.hit_tokens >= 2 * shared_blocks * 32  # prompts 1 and 3 start with the shared blocks
     for result, reference in zip([first, *rest], expected, strict=True):
         assert list(result.token_ids) == reference
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3", marks=pytest.mark.slow)])  # qwen3: q/k norms
+async def test_the_compiled_decode_step_keeps_greedy_equal_to_generate(family, tokenizer, tmp_path):
+    """compile_decode: the decode steps run through torch.compile's graph (dynamic shapes: rows join one by one,
+    the window grows past 64 columns), and every output still equals generate's."""
+    prompts = [SHARED, "x", PROMPTS[2]]
+    expected = generate_references(family, tokenizer, tmp_path, prompts, 40)
+    engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4, compile_decode=True))
+    await engine.start()
+    try:
+        results = await asyncio.gather(*(collect(engine.generate(GenerationRequest(
+            f"r{i}", p, SamplingParams(max_new_tokens=40, ignore_eos=True)))) for i, p in enumerate(prompts)))
+    finally:
+        await engine.shutdown()
+    assert engine.compile_seconds > 0 and engine._kv.compiled_passes >= 39
+    for result, reference in zip(results, expected, strict=True):
+        assert list(result.token_ids) == reference

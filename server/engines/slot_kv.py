@@ -15,11 +15,19 @@ scaling and pruned layer lists come from the checkpoint; only the attention and 
 layers fit that shape are in FAST_FAMILIES; every other model, and one with a sliding window shorter than the
 context, stays on kv_batch.py's transformers path (`refusal` says why). Measured on tiny-lm (16 rows, 2 threads):
 1.28-1.40x the transformers step (benchmarks/decode_step_probe.py).
+
+`compile` (config compile_decode) puts the decode-only pass through torch.compile once, with dynamic shapes, so one
+graph serves every batch size and window. For that the cache is stored flat ([layers * rows * kv heads * context,
+head dim]; `keys` / `values` are 5-d views of it) and each pass writes its keys and values with one `index_copy_`
+per layer into that tensor itself: a write through a view of a graph input makes the compiled graph copy the whole
+cache every step (measured: 10x slower than eager). Prefill and mixed passes stay eager.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,18 +74,13 @@ class _Part:
     starts: torch.Tensor  # [B] long
 
 
-@dataclass(frozen=True)
-class _View:
-    """A part as the layers see it (computed once per forward pass)."""
-    batch: int
-    new: int
-    rows: slice  # its slots
-    slots: torch.Tensor  # [B, 1] the same, as indices
+class _View(NamedTuple):
+    """A part as the layers see it, computed before the pass (tensors and one int only, so a compiled pass can take
+    it): B rows from slot `first`, T new tokens each."""
+    first: int
     positions: torch.Tensor  # [B, T]
-    cos: torch.Tensor
-    sin: torch.Tensor
-    visible: torch.Tensor  # [B, 1, T, W] bool
-    width: int  # key columns read
+    cache_rows: torch.Tensor  # [B * kv heads * T]: where its keys go in one layer's cache seen as [rows*kv*ctx, D]
+    visible: torch.Tensor  # [B, 1, T, W] bool: the key columns each query sees (W: the columns read)
 
 
 class SlotKV:
@@ -88,17 +91,32 @@ class SlotKV:
         self.context_length = context_length
         self.shape = FAST_FAMILIES[cfg.model_type]
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.grouped = self.heads != self.kv_heads  # a bool, not an int comparison a compiled pass would trace
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         first = model.model.embed_tokens.weight
-        shape = (len(model.model.layers), rows, self.kv_heads, context_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=first.dtype, device=first.device)
-        self.values = torch.zeros_like(self.keys)
+        self.layout = (len(model.model.layers), rows, self.kv_heads, context_length, self.head_dim)
+        # stored flat, [layers * rows * kv heads * context, head dim]: a pass writes its keys with one index_copy_
+        # into the tensor itself, which a compiled pass does in place (into a view of it, it copies the cache)
+        self._key_rows = torch.zeros(rows * self.kv_heads * context_length * len(model.model.layers), self.head_dim,
+                                     dtype=first.dtype, device=first.device)
+        self._value_rows = torch.zeros_like(self._key_rows)
         self.lengths: list[int] = []  # the decoding rows' tokens, slots 0..size-1
         self._staged: int | None = None
+        self._compiled = None  # the decode-only pass, compiled by `compile`
+        self.compiled_passes = 0
 
     @property
     def size(self) -> int:
         return len(self.lengths)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[layers, rows, kv heads, context, head dim], a view of the cache."""
+        return self._key_rows.view(self.layout)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._value_rows.view(self.layout)
 
     @property
     def nbytes(self) -> int:
@@ -113,6 +131,20 @@ class SlotKV:
     def staged(self) -> int | None:
         """Tokens already in the staged slot (a prompt being prefilled in chunks), None when no row is staged."""
         return self._staged
+
+    def compile(self, model, batch_sizes: list[int]) -> float:
+        """Compile the decode-only pass (torch.compile, shapes dynamic) and run it once at each of these batch sizes
+        (rows 0..B-1, which must be free: their keys are scribbled on), so no request pays for compiling; returns
+        the seconds it took. Eager and compiled passes are the same code (`_pass`)."""
+        assert not self.lengths and self._staged is None, "compile before any row joins"
+        begin = time.perf_counter()
+        compiled = torch.compile(self._pass, dynamic=True, fullgraph=True)
+        device = self.keys.device
+        for batch in batch_sizes:
+            ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            compiled(model, [ids], [self._view(_Part(ids, 0, torch.zeros(batch, dtype=torch.long, device=device)))])
+        self._compiled = compiled
+        return time.perf_counter() - begin
 
     def join(self, row_cache: DynamicCache, length: int) -> None:
         """Copy a batch-of-one prefill's cache (`length` tokens, no padding) into the next free slot."""
@@ -196,50 +228,69 @@ class SlotKV:
 
     def _forward(self, model, parts: list[_Part]) -> list[torch.Tensor]:
         """Each part's rows (slots first..first+B-1) take its input_ids [B, T] at positions starts[b]..starts[b]+T-1,
-        attending over their earlier tokens and causally among these; their keys and values are stored. Every
-        part's tokens go through the norms, projections and MLPs together, as one [N, hidden] matrix. Returns each
-        part's logits [B, V] of its rows' last tokens."""
+        attending over their earlier tokens and causally among these; their keys and values are stored. Returns
+        each part's logits [B, V] of its rows' last tokens. A decode-only pass runs compiled once `compile` ran."""
+        views = [self._view(part) for part in parts]
+        ids = [part.input_ids for part in parts]
+        if self._compiled is not None and len(parts) == 1 and parts[0].input_ids.shape[1] == 1:  # decode only
+            self.compiled_passes += 1
+            return self._compiled(model, ids, views)
+        return self._pass(model, ids, views)
+
+    def _view(self, part: _Part) -> _View:
+        batch, new = part.input_ids.shape
+        device = part.starts.device
+        positions = part.starts[:, None] + torch.arange(new, device=device)[None, :]  # [B, T]
+        width = min(self.context_length, -(-(int(part.starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
+        visible = (torch.arange(width, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        heads = torch.arange(part.first, part.first + batch, device=device)[:, None] * self.kv_heads + \
+            torch.arange(self.kv_heads, device=device)[None, :]  # [B, kv]: (slot, head) pairs
+        cache_rows = heads[:, :, None] * self.context_length + positions[:, None, :]  # [B, kv, T]
+        return _View(part.first, positions, cache_rows.reshape(-1), visible)
+
+    def _pass(self, model, ids: list[torch.Tensor], views: list[_View]) -> list[torch.Tensor]:
+        """The forward pass itself (eager, or the compiled decode step): every part's tokens go through the norms,
+        projections and MLPs together, as one [N, hidden] matrix; rotary embedding and attention per part."""
         lm = model.model
-        views, flat = [], []
-        for part in parts:
-            batch, new = part.input_ids.shape
-            positions = part.starts[:, None] + torch.arange(new, device=part.starts.device)[None, :]  # [B, T]
-            x = lm.embed_tokens(part.input_ids)
-            cos, sin = lm.rotary_emb(x, positions)
-            width = min(self.context_length, -(-(int(part.starts.max()) + new) // WINDOW_STEP) * WINDOW_STEP)
-            visible = (torch.arange(width, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
-            slots = torch.arange(part.first, part.first + batch, device=x.device)[:, None]
-            views.append(_View(batch, new, slice(part.first, part.first + batch), slots, positions, cos, sin,
-                               visible, width))  # visible: [B, 1, T, W]
-            flat.append(x.reshape(batch * new, -1))
+        xs = [lm.embed_tokens(part_ids) for part_ids in ids]  # [B, T, hidden] each
+        rope = [lm.rotary_emb(x, view.positions) for x, view in zip(xs, views, strict=True)]
+        flat = [x.reshape(-1, x.shape[-1]) for x in xs]
         x = torch.cat(flat) if len(flat) > 1 else flat[0]  # [N, hidden]
         for index, layer in enumerate(lm.layers):
-            x = x + self._attention(layer, index, layer.input_layernorm(x), views)
+            x = x + self._attention(layer, index, layer.input_layernorm(x), views, rope)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         lasts, at = [], 0
         for view in views:
-            lasts.append(x[at:at + view.batch * view.new].view(view.batch, view.new, -1)[:, -1])
-            at += view.batch * view.new
+            batch, new = view.positions.shape
+            lasts.append(x[at:at + batch * new].view(batch, new, -1)[:, -1])
+            at += batch * new
         logits = model.lm_head(lm.norm(torch.cat(lasts) if len(lasts) > 1 else lasts[0]))
-        return list(logits.split([view.batch for view in views]))
+        return list(logits.split([view.positions.shape[0] for view in views]))
 
-    def _attention(self, layer, index: int, h: torch.Tensor, views: list[_View]) -> torch.Tensor:
+    def _attention(self, layer, index: int, h: torch.Tensor, views: list[_View], rope: list) -> torch.Tensor:
         attn = layer.self_attn
         q_all, k_all, v_all = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        rows, _, context, dim = self.layout[1:]
+        layer_rows = index * rows * self.kv_heads * context  # where layer `index` starts in the flat cache
+        keys, values = self._key_rows.view(self.layout)[index], self._value_rows.view(self.layout)[index]
         outs, at = [], 0
-        for p in views:
-            n = p.batch * p.new
-            q = q_all[at:at + n].view(p.batch, p.new, self.heads, self.head_dim)
-            k = k_all[at:at + n].view(p.batch, p.new, self.kv_heads, self.head_dim)
-            v = v_all[at:at + n].view(p.batch, p.new, self.kv_heads, self.head_dim)
+        for view, (cos, sin) in zip(views, rope, strict=True):
+            batch, new = view.positions.shape
+            n = batch * new
+            q = q_all[at:at + n].view(batch, new, self.heads, dim)
+            k = k_all[at:at + n].view(batch, new, self.kv_heads, dim)
+            v = v_all[at:at + n].view(batch, new, self.kv_heads, dim)
             at += n
             if self.shape.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), p.cos, p.sin)  # [B, H, T, D]
-            self.keys[index, p.slots, :, p.positions] = k.transpose(1, 2)  # [B, T, kv heads, D] at (slot, position)
-            self.values[index, p.slots, :, p.positions] = v
-            out = F.scaled_dot_product_attention(q, self.keys[index, p.rows, :, :p.width],
-                                                 self.values[index, p.rows, :, :p.width], attn_mask=p.visible,
-                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-            outs.append(out.transpose(1, 2).reshape(n, self.heads * self.head_dim))
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, D]
+            # in place, on the whole cache (not a view of it), so a compiled pass writes in place too
+            self._key_rows.index_copy_(0, view.cache_rows + layer_rows, k.reshape(-1, dim))
+            self._value_rows.index_copy_(0, view.cache_rows + layer_rows, v.transpose(1, 2).reshape(-1, dim))
+            width = view.visible.shape[-1]
+            out = F.scaled_dot_product_attention(q, keys[view.first:view.first + batch, :, :width],
+                                                 values[view.first:view.first + batch, :, :width],
+                                                 attn_mask=view.visible, scale=attn.scaling,
+                                                 enable_gqa=self.grouped)
+            outs.append(out.transpose(1, 2).reshape(n, self.heads * dim))
         return attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])

@@ -73,6 +73,7 @@ class TorchEngine(BookedEngine):
         self.steps = 0  # decode steps run
         self.prefill_passes = 0  # forward passes over prompt tokens (a chunk each on the slot path)
         self.peak_batch = 0  # most rows decoded together in one step
+        self.compile_seconds: float | None = None  # start-up compile of the slot decode step, when it ran
         self._eos_ids: frozenset[int] = frozenset()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class TorchEngine(BookedEngine):
             context_length=c.context_length))
         self.open_book(self._loaded, device=torch.device(c.device).type)
         self._eos_ids = frozenset(self._loaded.eos_token_ids)
-        self._choose_decode_path()
+        await self._compute.run(self._choose_decode_path)  # on the model thread: see _choose_decode_path
         await self._compute.run(self._warm_up)
         self._loop_task = asyncio.create_task(self._run(), name=f"engine-loop-{self.name}")
         self._accepting = True
@@ -324,3 +325,17 @@ class TorchEngine(BookedEngine):
             ids = torch.tensor([self.book.prompts.encode_now("Hello")], device=self.cfg.device)
             cache = DynamicCache()
             self._loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if isinstance(self._kv, SlotKV) and self.cfg.compile_decode:
+                self._compile_decode()
+
+    def _compile_decode(self) -> None:
+        """Compile the slot decode step now, not on the first requests; if compiling fails (no C++ compiler for
+        inductor, an unsupported op), say so and decode eager: same outputs, slower."""
+        sizes = sorted({1, min(2, self.cfg.max_batch_size), self.cfg.max_batch_size})
+        try:
+            self.compile_seconds = self._kv.compile(self._loaded.model, sizes)
+        except Exception:
+            log.exception("engine %s: compiling the decode step failed; decoding eager", self.name)
+            return
+        log.info("engine %s: decode step compiled in %.1f s (batch sizes %s warmed; compile_decode: false skips "
+                 "it)", self.name, self.compile_seconds, sizes)
