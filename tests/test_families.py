@@ -41,19 +41,25 @@ def generate_references(family: str, tokenizer, directory, prompts: list[str], t
     return expected
 
 
+async def served_together(engine: TorchEngine, prompts: list[str], tokens: int) -> list:
+    """Start the engine, send every prompt at once (greedy, `tokens` long, EOS ignored), shut it down; the results
+    in prompt order."""
+    await engine.start()
+    try:
+        return await asyncio.gather(*(collect(engine.generate(GenerationRequest(
+            f"r{i}", p, SamplingParams(max_new_tokens=tokens, ignore_eos=True)))) for i, p in enumerate(prompts)))
+    finally:
+        await engine.shutdown()
+
+
 @pytest.mark.parametrize("fast_decode", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 async def test_family_batched_greedy_equals_generate(family, fast_decode, tokenizer, tmp_path):
     expected = generate_references(family, tokenizer, tmp_path, PROMPTS, 40)
 
     engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4, fast_decode=fast_decode))
-    await engine.start()
-    try:
-        # no EOS in the engine either: the comparison covers all 40 positions, past the sliding windows
-        results = await asyncio.gather(*(collect(engine.generate(GenerationRequest(
-            f"r{i}", p, SamplingParams(max_new_tokens=40, ignore_eos=True)))) for i, p in enumerate(PROMPTS)))
-    finally:
-        await engine.shutdown()
+    # no EOS in the engine either: the comparison covers all 40 positions, past the sliding windows
+    results = await served_together(engine, PROMPTS, 40)
     assert engine.info.family == family
     assert engine.decode_path == ("slots" if fast_decode and family in SLOT_FAMILIES else "transformers")
     assert engine.peak_batch == len(PROMPTS)
@@ -100,12 +106,7 @@ async def test_the_compiled_decode_step_keeps_greedy_equal_to_generate(family, t
     prompts = [SHARED, "x", PROMPTS[2]]
     expected = generate_references(family, tokenizer, tmp_path, prompts, 40)
     engine = TorchEngine(TorchModelConfig(name=family, path=str(tmp_path), max_batch_size=4, compile_decode=True))
-    await engine.start()
-    try:
-        results = await asyncio.gather(*(collect(engine.generate(GenerationRequest(
-            f"r{i}", p, SamplingParams(max_new_tokens=40, ignore_eos=True)))) for i, p in enumerate(prompts)))
-    finally:
-        await engine.shutdown()
+    results = await served_together(engine, prompts, 40)
     assert engine.compile_seconds > 0 and engine._kv.compiled_passes >= 39
     for result, reference in zip(results, expected, strict=True):
         assert list(result.token_ids) == reference

@@ -25,6 +25,7 @@ cache every step (measured: 10x slower than eager). Prefill and mixed passes sta
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -97,8 +98,8 @@ class SlotKV:
         self.layout = (len(model.model.layers), rows, self.kv_heads, context_length, self.head_dim)
         # stored flat, [layers * rows * kv heads * context, head dim]: a pass writes its keys with one index_copy_
         # into the tensor itself, which a compiled pass does in place (into a view of it, it copies the cache)
-        self._key_rows = torch.zeros(rows * self.kv_heads * context_length * len(model.model.layers), self.head_dim,
-                                     dtype=first.dtype, device=first.device)
+        self._key_rows = torch.zeros(math.prod(self.layout[:-1]), self.head_dim, dtype=first.dtype,
+                                     device=first.device)
         self._value_rows = torch.zeros_like(self._key_rows)
         self.lengths: list[int] = []  # the decoding rows' tokens, slots 0..size-1
         self._staged: int | None = None
@@ -272,7 +273,7 @@ class SlotKV:
         q_all, k_all, v_all = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         rows, _, context, dim = self.layout[1:]
         layer_rows = index * rows * self.kv_heads * context  # where layer `index` starts in the flat cache
-        keys, values = self._key_rows.view(self.layout)[index], self._value_rows.view(self.layout)[index]
+        keys, values = self.keys[index], self.values[index]  # read through views; written in place below
         outs, at = [], 0
         for view, (cos, sin) in zip(views, rope, strict=True):
             batch, new = view.positions.shape
