@@ -3,7 +3,8 @@ only (the shipped job before) vs on several local text sources through the quali
 original's embeddings in domain (held-out stdlib sentences) and out of domain (sources no variant heals on).
 
 Each variant is compression/jobs/minilm-2of6.yaml (the product path, `run_job`) with its `heal.data` / `heal.filter`
-replaced; every variant is evaluated on the same two sets:
+replaced (broad-layer-wise: by minilm-2of6-broad.yaml's healing data, steps and layer-wise term); every variant is
+evaluated on the same two sets:
 - in domain: the stdlib corpus' held-out prose sentences (none occurs in a training document);
 - out of domain: `local:licenses`, `local:package-readmes`, `local:debian-changelogs` (prunefusion/local_texts.py):
   licence texts, Python package readmes, Debian changelogs. No variant heals on these source types, and their
@@ -29,10 +30,14 @@ from prunefusion.texts import load_texts
 OUT_OF_DOMAIN = ["local:licenses", "local:package-readmes", "local:debian-changelogs"]
 BROAD = ["local:stdlib", "local:man-pages", "local:info-manuals", "local:debian-descriptions"]
 BROAD_FILTER = {"methods": ["sharma"], "keep_fraction": 0.8}
+BROAD_JOB = yaml.safe_load(job_file("minilm-2of6-broad").read_text())["heal"]
 VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides
     "stdlib": ([], None, {}),
     "broad": (BROAD, BROAD_FILTER, {}),
     "broad-2000": (BROAD, BROAD_FILTER, {"steps": 2000}),  # twice the job's steps: about one pass over the kept text
+    # compression/jobs/minilm-2of6-broad.yaml: + the layer-wise term, 10000 steps
+    "broad-layer-wise": (BROAD_JOB["data"], BROAD_JOB["filter"],
+                         {k: BROAD_JOB[k] for k in ("steps", "layer_weight", "checkpoint_every")}),
 }
 
 

@@ -4,8 +4,10 @@ unpruned model's sentence embeddings.
 - Sentence embedding = the mean of the last hidden states over the attention mask, L2-normalized: what
   sentence-transformers' Pooling(mean) + Normalize compute for all-MiniLM-L6-v2.
 - Loss per batch: 1 - cos(student, teacher) averaged over sentences, plus `token_weight` x the mean squared error
-  between the student's and the teacher's last hidden states over real tokens. The teacher runs in eval mode, under
-  no_grad, on the same batch.
+  between the student's and the teacher's last hidden states over real tokens, plus `layer_weight` x the mean of
+  that MSE over the states after each student layer past the cut and the teacher's after the layer it was copied
+  from (layer-wise distillation: the pairing comes from the pruned model's manifest.json, `kept`). The teacher runs
+  in eval mode, under no_grad, on the same batch.
 - Everything else is heal.py's: NF4 base (QLoRA) or plain LoRA, LoRA on the FFN (`FFN_TARGETS["bert"]`: a regex for
   layer.N.intermediate.dense and layer.N.output.dense, because the suffix "output.dense" also names
   attention.output.dense), alpha = r, dropout 0.05, AdamW with a cosine schedule after warm-up, checkpoints and
@@ -39,6 +41,7 @@ class DistillConfig(HealConfig):
     learning_rate: float = 3e-3
     quantize: bool = False  # True: QLoRA as in heal.py
     token_weight: float = 0.0  # > 0: add the MSE between token states to 1 - cosine
+    layer_weight: float = 0.0  # > 0: add the mean MSE between the states after each layer past the cut
     encoder_dropout: bool = False  # keep the student's own dropout while training
 
 
@@ -76,16 +79,46 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
 
 
+def state_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean squared error between [B, T, D] hidden states over the real tokens of the [B, T] mask."""
+    weights = mask.to(student.dtype).unsqueeze(-1)
+    return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1])
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, token_weight: float = 0.0
                  ) -> torch.Tensor:
     """1 - mean cos(pooled student, pooled teacher), + token_weight x the MSE of the token states (real tokens)."""
     cos = (mean_pool(student, mask) * mean_pool(teacher, mask)).sum(dim=-1)
     loss = 1.0 - cos.mean()
     if token_weight:
-        weights = mask.to(student.dtype).unsqueeze(-1)
-        mse = ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1])
-        loss = loss + token_weight * mse
+        loss = loss + token_weight * state_mse(student, teacher, mask)
     return loss
+
+
+def states_after_the_cut(kept: list[int]) -> dict[int, int]:
+    """Student hidden-state index -> the teacher's it stands for, for every student layer after the first gap in
+    `kept` (the teacher's layer indices the student kept, in order). Index 0 is the embeddings, index i + 1 the
+    output of layer i: the student's layer j is the teacher's layer kept[j]."""
+    cut = next((j for j, layer in enumerate(kept) if layer != j), len(kept))
+    return {j + 1: kept[j] + 1 for j in range(cut, len(kept))}
+
+
+def layer_wise_mse(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...],
+                   mask: torch.Tensor, pairs: dict[int, int]) -> torch.Tensor:
+    """The mean over `pairs` (student state index -> teacher's) of the states' MSE over real tokens."""
+    return sum(state_mse(student_states[s].float(), teacher_states[t].float(), mask)
+               for s, t in pairs.items()) / len(pairs)
+
+
+def _layer_pairs(student_dir: Path) -> dict[int, int]:
+    manifest = student_dir / "manifest.json"
+    if not manifest.is_file():
+        raise ValueError(f"heal.layer_weight pairs the student's layers with the teacher's by the pruned model's "
+                         f"manifest.json, and {manifest} is missing (`prunefusion compress prune` writes it)")
+    pairs = states_after_the_cut(json.loads(manifest.read_text())["kept"])
+    if not pairs:
+        raise ValueError(f"heal.layer_weight: {manifest} keeps no layer after a removed one (the cut is at the end)")
+    return pairs
 
 
 def _load_teacher(teacher_dir: Path, student_config, device: str):
@@ -123,14 +156,20 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
             if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
                 module.p = 0.0  # BERT's attention reads its dropout's p too
     teacher = _load_teacher(teacher_dir, model.config, cfg.device)
+    pairs = _layer_pairs(student_dir) if cfg.layer_weight else {}
 
     def next_loss(model, generator: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, len(texts), (cfg.batch_size,), generator=generator).tolist()
         enc = tokenizer([texts[r] for r in rows], truncation=True, max_length=cfg.seq_len, padding=True,
                         return_tensors="pt").to(cfg.device)
         with torch.no_grad():
-            target = teacher(**enc)[0].float()
-        return distill_loss(model(**enc)[0].float(), target, enc["attention_mask"], cfg.token_weight)
+            target = teacher(**enc, output_hidden_states=bool(pairs))
+        got = model(**enc, output_hidden_states=bool(pairs))
+        mask = enc["attention_mask"]
+        loss = distill_loss(got[0].float(), target[0].float(), mask, cfg.token_weight)
+        if pairs:
+            loss = loss + cfg.layer_weight * layer_wise_mse(got.hidden_states, target.hidden_states, mask, pairs)
+        return loss
 
     summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps, desc="distill")
     if summary["step"] < cfg.steps:
@@ -138,7 +177,8 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
     model.save_pretrained(out_dir / "adapter")
     losses = summary["losses"]
     plot_losses(losses, out_dir / "heal_loss.png", ylabel="1 - cos(student, teacher)" +
-                (f" + {cfg.token_weight} x token MSE" if cfg.token_weight else ""),
+                (f" + {cfg.token_weight} x token MSE" if cfg.token_weight else "") +
+                (f" + {cfg.layer_weight} x layer MSE" if cfg.layer_weight else ""),
                 title=f"distillation toward the unpruned encoder (final loss {losses[-1]:.4f})")
     summary["merge"] = merge(student_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device, ENCODER)
     return summary

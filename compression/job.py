@@ -86,6 +86,7 @@ class HealSpec(StrictModel):
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     seed: int | None = None
     token_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the token states
+    layer_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the states after the cut
 
     def config(self, kind: ModelKind, device: str):
         """The healing config of the model's kind with these overrides."""

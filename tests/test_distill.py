@@ -3,6 +3,7 @@ plain checkpoint equal to the adapter, trains only the FFN, resumes after a kill
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -16,9 +17,11 @@ from prunefusion.compression.distill import (
     DistillConfig,
     distill,
     distill_loss,
+    layer_wise_mse,
     mean_cosine,
     mean_pool,
     mean_pooled_embeddings,
+    states_after_the_cut,
 )
 from prunefusion.compression.layers import prune_layers
 from prunefusion.models.corpus import pydoc_topics
@@ -160,6 +163,43 @@ def test_plain_lora_and_a_teacher_that_does_not_fit(tmp_path, models, data):
     transformers.BertModel(config).save_pretrained(other)
     with pytest.raises(ValueError, match="hidden_size"):
         distill(student, other, tmp_path / "bad", data[0], cfg)
+
+
+def test_states_after_the_cut_pair_each_kept_layer_with_the_one_it_was_copied_from():
+    # MiniLM 2 of 6 ([2, 4) removed): the student's layers 2, 3 are the teacher's 4, 5; state i + 1 follows layer i
+    assert states_after_the_cut([0, 1, 4, 5]) == {3: 5, 4: 6}
+    assert states_after_the_cut([2, 3, 4, 5]) == {1: 3, 2: 4, 3: 5, 4: 6}  # the first block removed: every layer
+    assert states_after_the_cut([0, 1, 2]) == {}  # the last block removed: nothing after the cut
+    generator = torch.Generator().manual_seed(0)
+    student = tuple(torch.randn(2, 5, 8, generator=generator) for _ in range(5))
+    teacher = tuple(torch.randn(2, 5, 8, generator=generator) for _ in range(7))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    reference = []
+    for s, t in ((3, 5), (4, 6)):  # the obvious way: a loop over the real tokens
+        squared = [((student[s][b, i] - teacher[t][b, i]) ** 2).mean()
+                   for b in range(2) for i in range(5) if mask[b, i]]
+        reference.append(torch.stack(squared).mean())
+    assert torch.allclose(layer_wise_mse(student, teacher, mask, {3: 5, 4: 6}), torch.stack(reference).mean())
+
+
+def test_the_layer_wise_term_adds_to_the_loss_and_needs_the_prune_manifest(tmp_path, models, data):
+    teacher, student = models
+    cfg = DistillConfig(steps=3, batch_size=8, seq_len=32, warmup_steps=1, quantize=False, checkpoint_every=10)
+    layer_cfg = dataclasses.replace(cfg, layer_weight=4.0)
+    with pytest.raises(ValueError, match="layer_weight.*manifest.json"):
+        distill(student, teacher, tmp_path / "no-manifest", data[0], layer_cfg)
+    with_manifest = tmp_path / "student"
+    with_manifest.mkdir()
+    for item in student.iterdir():
+        (with_manifest / item.name).write_bytes(item.read_bytes())
+    _, record = prune_layers(AutoModel.from_pretrained(teacher), 1, 3)
+    (with_manifest / "manifest.json").write_text(json.dumps(record))
+    plain = distill(with_manifest, teacher, tmp_path / "plain", data[0], cfg)
+    layer_wise = distill(with_manifest, teacher, tmp_path / "layer-wise", data[0], layer_cfg)
+    # the same seed draws the same first batch: the difference is the layer-wise term (the pico student's state
+    # after its layer 1, the teacher's layer 3, differs from the teacher's)
+    assert layer_wise["losses"][0] > plain["losses"][0] + 1e-3
+    assert json.loads((tmp_path / "layer-wise" / "heal_config.json").read_text())["layer_weight"] == 4.0
 
 
 def _heal(*argv: str) -> int:
