@@ -177,10 +177,14 @@ def _goals(tag: str, delay: float, figures: dict) -> list[Goal]:
         return [Goal(text, figures["error"], False)] if delay > 0 else [Goal(f"{tag}: the server starts",
                                                                                figures["error"], False)]
     failed = figures["in_flight_at_sigterm"]["failed"] + figures["sent_in_window"]["failed"]
-    goals = [Goal(f"{tag}: exit code 0", figures["exit_code"], figures["exit_code"] == 0),
-             Goal(f"{tag}: NOT_SERVING observed by the watcher before the listener closed",
-                  {"not_serving": figures["not_serving_seen_at_s"], "closed": figures["listener_closed_at_s"]},
-                  figures["not_serving_before_listener_closed"])]
+    seen = {"not_serving": figures["not_serving_seen_at_s"], "closed": figures["listener_closed_at_s"]}
+    # with a delay, the listener stays open D seconds after NOT_SERVING; without one the two come within the same
+    # millisecond, and which of them this client's threads see first is their scheduling's doing (CI saw both)
+    watched = (Goal(f"{tag}: NOT_SERVING observed by the watcher before the listener closed", seen,
+                    figures["not_serving_before_listener_closed"]) if delay > 0 else
+               Goal(f"{tag}: NOT_SERVING observed by the watcher (before its stream ended)", seen,
+                    figures["not_serving_seen_at_s"] is not None))
+    goals = [Goal(f"{tag}: exit code 0", figures["exit_code"], figures["exit_code"] == 0), watched]
     if delay > 0:
         goals.insert(0, Goal(f"{tag}: 0 failed requests from a client that keeps sending during the first "
                              f"{delay:g} s (in flight at SIGTERM + sent in the window)", failed, failed == 0))

@@ -25,6 +25,7 @@ import signal
 import time
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,15 +36,14 @@ from prunefusion.server.config import AppConfig, ConfigError
 from prunefusion.server.guard import RequestBounds, RequestGuard
 from prunefusion.server.health import DrainableHealth
 from prunefusion.server.metrics import start_metrics_server
+from prunefusion.server.registry import SERVICE_OF_TASK as TASK_SERVICES
 from prunefusion.server.registry import ModelRegistry
 from prunefusion.server.servicers.embeddings import EmbeddingsServicer
 from prunefusion.server.servicers.multimodal import MultimodalServicer
 from prunefusion.server.servicers.text_generation import TextGenerationServicer
 from prunefusion.server.startup import build_missing, cache_url, check_built, is_built, open_cache
 from prunefusion_client.v1 import (
-    embeddings_pb2,
     embeddings_pb2_grpc,
-    multimodal_pb2,
     multimodal_pb2_grpc,
     quality_filter_pb2,
     quality_filter_pb2_grpc,
@@ -54,9 +54,10 @@ from prunefusion_client.v1 import (
 log = logging.getLogger(__name__)
 
 # the service each task's models answer, as registered (health and reflection list exactly the served ones)
-SERVICE_OF_TASK = {"text": text_generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
-                   "multimodal": multimodal_pb2.DESCRIPTOR.services_by_name["Multimodal"].full_name,
-                   "embedding": embeddings_pb2.DESCRIPTOR.services_by_name["Embeddings"].full_name}
+# (the registry's names, looked up in the compiled protos so a renamed service fails at import)
+PROTO_PACKAGE = text_generation_pb2.DESCRIPTOR.package
+SERVICE_OF_TASK = {task: descriptor_pool.Default().FindServiceByName(f"{PROTO_PACKAGE}.{name}").full_name
+                   for task, name in TASK_SERVICES.items()}
 QUALITY_SERVICE = quality_filter_pb2.DESCRIPTOR.services_by_name["QualityFilter"].full_name
 FLUSH_SECONDS = 2.0  # after the drain: how long the streams' final CANCELLED chunks get to go out
 

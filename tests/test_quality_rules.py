@@ -263,6 +263,8 @@ def test_every_rule_takes_linear_time_on_adversarial_text(shape):
     slow = {}
     for name, check in _families().items():
         t1, t4 = _cpu_seconds(check, small), _cpu_seconds(check, large)
+        if t4 > 8 * t1 + 1e-3:  # once seen at 8.4x in CI on a linear rule: measured again, longer, before failing
+            t1, t4 = _cpu_seconds(check, small, repeats=7), _cpu_seconds(check, large, repeats=7)
         if t4 > 8 * t1 + 1e-3:
             slow[name] = (round(t1, 4), round(t4, 4))
     assert not slow, f"{shape}: super-linear (seconds at n and 4n): {slow}"
