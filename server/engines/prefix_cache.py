@@ -7,11 +7,13 @@ only the rest, so outputs are those of a full prefill (up to floating-point summ
 is never taken from the cache: its logits give the first output token. The cache holds at most `max_tokens` tokens
 (whole blocks); the least recently used block goes first, and a prompt's blocks are used last to first, so a
 chain loses its tail before its head (a head without its tail still hits; a tail without its head never can). Only
-the worker thread touches it.
+the worker thread touches it. `store` reuses the digests `lookup` computed for the same prompt (one staged prompt
+at a time, so the last lookup's is the one stored next).
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 from collections.abc import Callable, Sequence
@@ -24,10 +26,11 @@ Block = tuple[torch.Tensor, torch.Tensor]  # keys, values [layers, kv heads, BLO
 
 def block_digests(tokens: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list[bytes]:
     """One digest per full block of `tokens`, each covering every token up to the block's end."""
+    data = array.array("I", tokens).tobytes()  # 4 bytes per token id
+    width = 4 * block_tokens
     digests, previous = [], b""
-    for end in range(block_tokens, len(tokens) + 1, block_tokens):
-        block = b"".join(t.to_bytes(4, "little") for t in tokens[end - block_tokens:end])
-        previous = hashlib.blake2b(previous + block, digest_size=16).digest()
+    for end in range(width, len(data) + 1, width):
+        previous = hashlib.blake2b(previous + data[end - width:end], digest_size=16).digest()
         digests.append(previous)
     return digests
 
@@ -39,6 +42,7 @@ class PrefixCache:
         self._blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
         self.hit_tokens = 0  # prompt tokens taken from the cache
         self.computed_tokens = 0  # prompt tokens prefilled by the model
+        self._looked_up: tuple[Sequence[int], list[bytes]] = ((), [])  # the last lookup's prompt, its digests
 
     @property
     def tokens(self) -> int:
@@ -52,7 +56,9 @@ class PrefixCache:
         """The cached blocks of the longest cached run from the prompt's start, leaving its last token uncovered;
         they become the most recently used. Counts the hit and the tokens left to compute."""
         found: list[Block] = []
-        digests = block_digests(prompt[:-1], self.block_tokens)
+        every = block_digests(prompt, self.block_tokens)
+        self._looked_up = (prompt, every)
+        digests = every[:(len(prompt) - 1) // self.block_tokens]  # the blocks before the last token
         for digest in digests:
             block = self._blocks.get(digest)
             if block is None:
@@ -66,7 +72,8 @@ class PrefixCache:
     def store(self, prompt: Sequence[int], read: Callable[[int, int], Block]) -> None:
         """Keep the prompt's full blocks that are not cached yet; `read(start, end)` copies one out of the row's
         slot."""
-        digests = block_digests(prompt, self.block_tokens)[:self.max_blocks]
+        looked_up, every = self._looked_up
+        digests = (every if looked_up is prompt else block_digests(prompt, self.block_tokens))[:self.max_blocks]
         for i, digest in enumerate(digests):
             if digest not in self._blocks:
                 self._blocks[digest] = read(i * self.block_tokens, (i + 1) * self.block_tokens)
