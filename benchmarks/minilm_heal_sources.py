@@ -28,16 +28,15 @@ from prunefusion.models.builds import job_file
 from prunefusion.texts import load_texts
 
 OUT_OF_DOMAIN = ["local:licenses", "local:package-readmes", "local:debian-changelogs"]
-BROAD = ["local:stdlib", "local:man-pages", "local:info-manuals", "local:debian-descriptions"]
-BROAD_FILTER = {"methods": ["sharma"], "keep_fraction": 0.8}
 BROAD_JOB = yaml.safe_load(job_file("minilm-2of6-broad").read_text())["heal"]
+BROAD = BROAD_JOB["data"]  # stdlib, man pages, info manuals, Debian descriptions
+BROAD_FILTER = BROAD_JOB["filter"]  # Sharma score, keep 0.8
 VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides
     "stdlib": ([], None, {}),
     "broad": (BROAD, BROAD_FILTER, {}),
     "broad-2000": (BROAD, BROAD_FILTER, {"steps": 2000}),  # twice the job's steps: about one pass over the kept text
     # compression/jobs/minilm-2of6-broad.yaml: + the layer-wise term, 10000 steps
-    "broad-layer-wise": (BROAD_JOB["data"], BROAD_JOB["filter"],
-                         {k: BROAD_JOB[k] for k in ("steps", "layer_weight", "checkpoint_every")}),
+    "broad-layer-wise": (BROAD, BROAD_FILTER, {k: BROAD_JOB[k] for k in ("steps", "layer_weight", "checkpoint_every")}),
 }
 
 
