@@ -37,6 +37,10 @@ VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides
     "broad-2000": (BROAD, BROAD_FILTER, {"steps": 2000}),  # twice the job's steps: about one pass over the kept text
     # compression/jobs/minilm-2of6-broad.yaml: + the layer-wise term, 10000 steps
     "broad-layer-wise": (BROAD, BROAD_FILTER, {k: BROAD_JOB[k] for k in ("steps", "layer_weight", "checkpoint_every")}),
+    # the same data and term, every weight trained instead of a LoRA adapter (lr 3e-4: best of 1e-4, 3e-4, 1e-3 at
+    # 400 steps), 6000 steps
+    "broad-full": (BROAD, BROAD_FILTER, {"steps": 6000, "layer_weight": 4.0, "checkpoint_every": 500,
+                                         "full_finetune": True, "learning_rate": 3e-4}),
 }
 
 

@@ -69,6 +69,8 @@ def _heal(args: argparse.Namespace) -> int:
                    targets=tuple(args.targets) if args.targets else None)
     if args.quantize is not None:
         options["quantize"] = args.quantize
+    if args.full_finetune:
+        options.update(full_finetune=True, quantize=False)
     model, out = Path(args.model), Path(args.out)
     kind = checkpoint_kind(model)
     if args.teacher and not kind.heals_toward_original:
@@ -85,9 +87,10 @@ def _heal(args: argparse.Namespace) -> int:
         print(f"stopped after {summary['steps_run']} steps this run (step {summary['step']}{resumed}); rerun the same "
               f"command to go on from the last checkpoint in {args.out}/checkpoints")
         return 0
+    merged = ("every weight trained, nothing to merge" if summary["merge"].get("full_finetune") else
+              f"merged vs adapter {kind.merge_check.replace('_', ' ')} {summary['merge'][kind.merge_check]:.1e}")
     print(f"{kind.healed} {args.model} -> {args.out}/merged by {kind.heal_method} ({summary['steps_run']} steps "
-          f"this run{resumed}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter "
-          f"{kind.merge_check.replace('_', ' ')} {summary['merge'][kind.merge_check]:.1e}")
+          f"this run{resumed}); loss {losses[0]:.3f} -> {losses[-1]:.3f}; {merged}")
     return 0
 
 
@@ -179,6 +182,8 @@ def register(subparsers) -> None:
     h.add_argument("--targets", nargs="*", help="module names for LoRA (default: the family's FFN projections)")
     h.add_argument("--quantize", action=argparse.BooleanOptionalAction, help="NF4 base (QLoRA), or plain LoRA "
                    "on the unquantized base (--no-quantize); default: QLoRA for causal LMs, plain LoRA for encoders")
+    h.add_argument("--full-finetune", action="store_true", help="train every weight of the unquantized model "
+                   "instead of a LoRA adapter (no merge; implies --no-quantize): more capacity, for small models")
     h.add_argument("--checkpoint-every", type=int, default=50)
     h.add_argument("--device", default="cpu", help="cpu (float32 compute) or cuda (bfloat16 compute)")
     h.add_argument("--stop-after-steps", type=int, metavar="N", help="train at most N steps in this run, then stop "

@@ -12,7 +12,7 @@ unpruned model's sentence embeddings.
   layer.N.intermediate.dense and layer.N.output.dense, because the suffix "output.dense" also names
   attention.output.dense), alpha = r, dropout 0.05, AdamW with a cosine schedule after warm-up, checkpoints and
   resume (`train_lora`), the merge into an unquantized plain checkpoint checked against the adapter's outputs, the
-  loss plot.
+  loss plot; or, with `full_finetune`, every weight of the student trained (no adapter, nothing to merge).
 - The student's own dropout (hidden and attention, 0.1 in MiniLM) is off while training unless `encoder_dropout`:
   the target is the deterministic teacher. LoRA's dropout stays.
 - Plain LoRA by default (`quantize=False`), unlike heal.py: the full-precision teacher sits in memory anyway, encoders
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from prunefusion.checkpoints import load_tokenizer
-from prunefusion.compression.heal import HealConfig, load_base, lora_model, merge, plot_losses, train_lora
+from prunefusion.compression.heal import HealConfig, load_base, plot_losses, save_result, train_lora, trainable_model
 from prunefusion.model_kinds import ENCODER
 
 
@@ -150,7 +150,7 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
         json.dumps({"method": "distill", "teacher": str(teacher_dir), **asdict(cfg)}, indent=1) + "\n")
     tokenizer = load_tokenizer(student_dir)
     torch.manual_seed(cfg.seed)
-    model = lora_model(load_base(student_dir, cfg, ENCODER), cfg, ENCODER)
+    model = trainable_model(load_base(student_dir, cfg, ENCODER), cfg, ENCODER)
     if not cfg.encoder_dropout:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
@@ -174,13 +174,12 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
     summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps, desc="distill")
     if summary["step"] < cfg.steps:
         return summary
-    model.save_pretrained(out_dir / "adapter")
     losses = summary["losses"]
     plot_losses(losses, out_dir / "heal_loss.png", ylabel="1 - cos(student, teacher)" +
                 (f" + {cfg.token_weight} x token MSE" if cfg.token_weight else "") +
                 (f" + {cfg.layer_weight} x layer MSE" if cfg.layer_weight else ""),
                 title=f"distillation toward the unpruned encoder (final loss {losses[-1]:.4f})")
-    summary["merge"] = merge(student_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device, ENCODER)
+    summary["merge"] = save_result(model, cfg, student_dir, out_dir, tokenizer, ENCODER)
     return summary
 
 

@@ -6,6 +6,8 @@
 - Checkpoints (adapter, optimizer, scheduler, RNG states, step) every N steps; a rerun resumes from the last one.
 - Merge the right way: peft's merge on a 4-bit base would re-quantize it, so the base is reloaded unquantized, the
   adapter attached and merged, and the merged model's logits are checked against the unmerged adapter's.
+- `full_finetune`: no adapter; every weight of the unquantized base is trained and saved as the result (nothing to
+  merge). More capacity than LoRA, for small models (MiniLM 2-of-6 out of domain: benchmarks/RESULTS.md).
 
 The loading, LoRA, training loop (`train_lora`), merge and plot are shared with encoder healing by distillation
 (distill.py), which only brings its own batches and loss.
@@ -55,6 +57,17 @@ class HealConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "cpu"
+    full_finetune: bool = False  # train every weight instead of a LoRA adapter (needs quantize: false)
+
+    def __post_init__(self):
+        if self.full_finetune and self.quantize:
+            raise ValueError("heal.full_finetune trains every weight, and a 4-bit (NF4) base cannot be trained: set "
+                             "heal.quantize: false")
+
+    @property
+    def method(self) -> str:
+        """What is trained: "full" (every weight), "qlora" (an adapter on an NF4 base) or "lora"."""
+        return "full" if self.full_finetune else "qlora" if self.quantize else "lora"
 
 
 def _dtype(device: str) -> torch.dtype:
@@ -88,6 +101,24 @@ def lora_model(base, cfg: HealConfig, kind: ModelKind = CAUSAL_LM):
     return get_peft_model(base, config)
 
 
+def trainable_model(base, cfg: HealConfig, kind: ModelKind = CAUSAL_LM):
+    """What training updates: a LoRA adapter on the base (`lora_model`), or with cfg.full_finetune the base itself."""
+    return base.requires_grad_(True) if cfg.full_finetune else lora_model(base, cfg, kind)
+
+
+def save_result(model, cfg: HealConfig, model_dir: Path, out_dir: Path, tokenizer, kind: ModelKind = CAUSAL_LM
+                ) -> dict:
+    """After the last step: the adapter into out_dir/adapter, merged into out_dir/merged and checked (`merge`); a
+    fully fine-tuned model straight into out_dir/merged (nothing to merge or check). Returns the merge record."""
+    if not cfg.full_finetune:
+        model.save_pretrained(out_dir / "adapter")
+        return merge(model_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device, kind)
+    with atomic_dir(out_dir / "merged") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"full_finetune": True, "dtype": str(_dtype(cfg.device)).removeprefix("torch.")}
+
+
 def _latest_checkpoint(root: Path) -> Path | None:
     """The last complete checkpoint: step-N/ with its state; never step-N.partial/ (a kill while it was written)."""
     done = sorted((p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()
@@ -113,7 +144,7 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
     if stream.numel() <= cfg.seq_len + 1:
         raise ValueError(f"the healing text has {stream.numel()} tokens; need more than seq_len={cfg.seq_len}")
     torch.manual_seed(cfg.seed)
-    model = lora_model(load_base(model_dir, cfg), cfg)
+    model = trainable_model(load_base(model_dir, cfg), cfg)
 
     def next_loss(model, generator: torch.Generator) -> torch.Tensor:
         starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
@@ -123,9 +154,8 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
     summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps)
     if summary["step"] < cfg.steps:
         return summary
-    model.save_pretrained(out_dir / "adapter")
     plot_losses(summary["losses"], out_dir / "heal_loss.png")
-    summary["merge"] = merge(model_dir, out_dir / "adapter", out_dir / "merged", tokenizer, cfg.device)
+    summary["merge"] = save_result(model, cfg, model_dir, out_dir, tokenizer)
     return summary
 
 
@@ -154,11 +184,8 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
     step = 0
     resume = _latest_checkpoint(checkpoints)
     if resume is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         state = load_resume_state(resume / "state.pt", remedy="Delete its step directory to resume from an earlier one")
-        set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
+        _load_trained(model, resume, cfg)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["data_rng"])
@@ -179,14 +206,36 @@ def train_lora(model, cfg: HealConfig, checkpoints: Path,
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(model, optimizer, schedule, generator, step, losses, checkpoints)
+            _save_checkpoint(model, cfg, optimizer, schedule, generator, step, losses, checkpoints)
     bar.close()
     return {"steps_run": step - start_step, "step": step, "resumed_from": start_step or None, "losses": losses}
 
 
-def _save_checkpoint(model, optimizer, schedule, generator, step, losses, root: Path) -> None:
+def _save_trained(model, where: Path, cfg: HealConfig) -> None:
+    """What training changed: the adapter (peft's files), or every weight (safetensors' save_model, which keeps
+    tied weights once and loads them back)."""
+    if cfg.full_finetune:
+        from safetensors.torch import save_model
+
+        save_model(model, str(where / "weights.safetensors"))
+    else:
+        model.save_pretrained(where)
+
+
+def _load_trained(model, where: Path, cfg: HealConfig) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if cfg.full_finetune:
+        load_model(model, str(where / "weights.safetensors"))
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(where / "adapter_model.safetensors"))
+
+
+def _save_checkpoint(model, cfg: HealConfig, optimizer, schedule, generator, step, losses, root: Path) -> None:
     with atomic_dir(root / f"step-{step}") as tmp:  # a killed job never leaves a checkpoint that looks complete
-        model.save_pretrained(tmp)
+        _save_trained(model, tmp, cfg)
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                     "losses": losses}, tmp / "state.pt")

@@ -83,6 +83,7 @@ class HealSpec(StrictModel):
     rank: Annotated[int, Field(ge=1)] | None = None  # alpha = rank
     targets: list[str] | str | None = None  # module-name suffixes, or one regex; default: the family's FFN
     quantize: bool | None = None  # NF4 base (QLoRA) or plain LoRA
+    full_finetune: bool | None = None  # every weight trained, no adapter (needs quantize: false)
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     seed: int | None = None
     token_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the token states
@@ -242,7 +243,7 @@ def _heal(ctx: Context) -> HealResult:
     texts = ctx.source_texts("heal")
     summary = resolve(ctx.kind.heal)(ctx.pruned_dir, ctx.spec.model_path, ctx.heal_dir, texts, cfg)
     losses = summary.pop("losses")
-    return HealResult(**summary, method="qlora" if cfg.quantize else "lora", distilled=ctx.kind.heals_toward_original,
+    return HealResult(**summary, method=cfg.method, distilled=ctx.kind.heals_toward_original,
                       config=asdict(cfg), first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
                       loss_curve="heal/heal_loss.png")
 

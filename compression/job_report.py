@@ -98,12 +98,16 @@ def filter_section(result, root: str = "") -> list[str]:
 def healing_section(heal, root: str = "") -> list[str]:
     """The report's "Healing" section: method, settings, loss, the merge check and the loss curve."""
     how = "distillation toward the original's embeddings" if heal.distilled else "next-token loss"
-    merged = next(v for k, v in heal.merge.items() if k.startswith("max_"))
+    if heal.method == "full":
+        what, merged = "Full fine-tuning", "every weight trained, nothing merged"
+    else:
+        what = f"{heal.method.upper()}, rank {heal.config['rank']}"
+        check = next(v for k, v in heal.merge.items() if k.startswith("max_"))
+        merged = f"merged vs adapter max difference {check:.1e}"
     return ["## Healing", "",
-            f"{heal.method.upper()} ({how}), rank {heal.config['rank']}, {heal.step} steps of "
-            f"{heal.config['batch_size']}, learning rate {heal.config['learning_rate']:g}; loss "
-            f"{heal.first_loss:.3f} -> {heal.final_loss:.3f} (mean of the last 10); merged vs adapter "
-            f"max difference {merged:.1e}; {heal.seconds:.0f} s.", "",
+            f"{what} ({how}), {heal.step} steps of {heal.config['batch_size']}, learning rate "
+            f"{heal.config['learning_rate']:g}; loss {heal.first_loss:.3f} -> {heal.final_loss:.3f} (mean of the "
+            f"last 10); {merged}; {heal.seconds:.0f} s.", "",
             f"![healing loss]({root}{heal.loss_curve})", ""]
 
 

@@ -67,7 +67,7 @@ class HealResult:
     step: int
     resumed_from: int | None
     merge: dict[str, Any]  # the merge check: max difference of the kind's output, and the dtype merged in
-    method: str  # "qlora" | "lora"
+    method: str  # "qlora" | "lora" | "full" (every weight trained: `merge` has no check)
     distilled: bool
     config: dict[str, Any]
     first_loss: float

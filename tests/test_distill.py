@@ -165,6 +165,30 @@ def test_plain_lora_and_a_teacher_that_does_not_fit(tmp_path, models, data):
         distill(student, other, tmp_path / "bad", data[0], cfg)
 
 
+def test_full_finetuning_trains_every_weight_resumes_and_refuses_a_4bit_base(tmp_path, models, data):
+    teacher, student = models
+    cfg = DistillConfig(steps=4, batch_size=8, seq_len=32, learning_rate=1e-3, warmup_steps=1, quantize=False,
+                        full_finetune=True, checkpoint_every=2)
+    with pytest.raises(ValueError, match="full_finetune.*quantize: false"):
+        dataclasses.replace(cfg, quantize=True)
+    summary = distill(student, teacher, tmp_path / "full", data[0], cfg)
+    assert summary["merge"] == {"full_finetune": True, "dtype": "float32"}
+    assert not (tmp_path / "full" / "adapter").exists()  # no adapter: the trained model is the result
+    before = load_file(student / "model.safetensors")
+    after = load_file(tmp_path / "full" / "merged" / "model.safetensors")
+    # LoRA never touches the norms or the embeddings; full fine-tuning moves them too
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.output.LayerNorm.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    # killed after 2 steps and rerun: the same weights as the uninterrupted run (optimizer, schedule, data RNG)
+    distill(student, teacher, tmp_path / "resumed", data[0], cfg, stop_after_steps=2)
+    assert not (tmp_path / "resumed" / "merged").exists()
+    resumed = distill(student, teacher, tmp_path / "resumed", data[0], cfg)
+    assert resumed["resumed_from"] == 2 and resumed["losses"] == summary["losses"]
+    again = load_file(tmp_path / "resumed" / "merged" / "model.safetensors")
+    for name in after:
+        torch.testing.assert_close(again[name], after[name])
+
+
 def test_states_after_the_cut_pair_each_kept_layer_with_the_one_it_was_copied_from():
     # MiniLM 2 of 6 ([2, 4) removed): the student's layers 2, 3 are the teacher's 4, 5; state i + 1 follows layer i
     assert states_after_the_cut([0, 1, 4, 5]) == {3: 5, 4: 6}

@@ -123,6 +123,24 @@ def test_bad_jobs_are_refused_with_the_field_named(tmp_path):
         load_job(bad)
 
 
+def test_full_finetune_needs_an_unquantized_base_and_is_reported_as_such(tmp_path):
+    from prunefusion.compression.job_report import healing_section
+    from prunefusion.compression.records import HealResult
+    from prunefusion.model_kinds import ENCODER
+
+    job = tmp_path / "full.yaml"
+    job.write_text("name: full\nmodel: m\nprune: {n: 2}\nheal: {full_finetune: true}\n")
+    with pytest.raises(ValueError, match="full_finetune.*quantize: false"):  # causal LMs default to QLoRA
+        load_job(job).heal.config(CAUSAL_LM, device="cpu")
+    cfg = load_job(job).heal.config(ENCODER, device="cpu")  # encoders default to plain LoRA's unquantized base
+    assert cfg.full_finetune and cfg.method == "full"
+    result = HealResult(steps_run=5, step=5, resumed_from=None, merge={"full_finetune": True, "dtype": "float32"},
+                        method=cfg.method, distilled=True, config={"batch_size": 4, "learning_rate": 3e-4},
+                        first_loss=0.5, final_loss=0.1, loss_curve="heal/heal_loss.png")
+    assert "Full fine-tuning (distillation" in healing_section(result)[2]
+    assert "merged vs adapter" not in healing_section(result)[2]
+
+
 def test_example_jobs_are_valid():
     jobs = sorted(JOBS_DIR.glob("*.yaml"))
     assert jobs
