@@ -3,8 +3,8 @@ only (the shipped job before) vs on several local text sources through the quali
 original's embeddings in domain (held-out stdlib sentences) and out of domain (sources no variant heals on).
 
 Each variant is compression/jobs/minilm-2of6.yaml (the product path, `run_job`) with its `heal.data` / `heal.filter`
-replaced (broad-layer-wise: by minilm-2of6-broad.yaml's healing data, steps and layer-wise term); every variant is
-evaluated on the same two sets:
+replaced (broad-full: by minilm-2of6-broad.yaml's healing data and settings: every weight trained, the layer-wise
+term); every variant is evaluated on the same two sets:
 - in domain: the stdlib corpus' held-out prose sentences (none occurs in a training document);
 - out of domain: `local:licenses`, `local:package-readmes`, `local:debian-changelogs` (prunefusion/local_texts.py):
   licence texts, Python package readmes, Debian changelogs. No variant heals on these source types, and their
@@ -31,17 +31,17 @@ OUT_OF_DOMAIN = ["local:licenses", "local:package-readmes", "local:debian-change
 BROAD_JOB = yaml.safe_load(job_file("minilm-2of6-broad").read_text())["heal"]
 BROAD = BROAD_JOB["data"]  # stdlib, man pages, info manuals, Debian descriptions
 BROAD_FILTER = BROAD_JOB["filter"]  # Sharma score, keep 0.8
-VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides
+VARIANTS = {  # name -> heal.data, heal.filter, other heal overrides (of minilm-2of6.yaml: LoRA rank 32, lr 3e-3)
     "stdlib": ([], None, {}),
     "broad": (BROAD, BROAD_FILTER, {}),
     "broad-2000": (BROAD, BROAD_FILTER, {"steps": 2000}),  # twice the job's steps: about one pass over the kept text
-    # compression/jobs/minilm-2of6-broad.yaml: + the layer-wise term, 10000 steps
-    "broad-layer-wise": (BROAD, BROAD_FILTER, {k: BROAD_JOB[k] for k in ("steps", "layer_weight", "checkpoint_every")}),
-    # the same data and term, every weight trained instead of a LoRA adapter (lr 3e-4: best of 1e-4, 3e-4, 1e-3 at
-    # 400 steps), 6000 steps
-    "broad-full": (BROAD, BROAD_FILTER, {"steps": 6000, "layer_weight": 4.0, "checkpoint_every": 500,
-                                         "full_finetune": True, "learning_rate": 3e-4}),
+    # + the layer-wise term, 10000 steps, still LoRA (minilm-2of6-broad.yaml before it trained every weight)
+    "broad-layer-wise": (BROAD, BROAD_FILTER, {"steps": 10000, "layer_weight": 4.0, "checkpoint_every": 500}),
+    # compression/jobs/minilm-2of6-broad.yaml: the same data and term, every weight trained, lr 3e-4, 6000 steps
+    "broad-full": (BROAD, BROAD_FILTER, {k: BROAD_JOB[k] for k in ("full_finetune", "steps", "learning_rate",
+                                                                   "layer_weight", "checkpoint_every")}),
 }
+VARIANTS["broad-full-seed1"] = (BROAD, BROAD_FILTER, {**VARIANTS["broad-full"][2], "seed": 1})  # another batch order
 
 
 def main() -> None:

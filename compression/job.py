@@ -83,7 +83,7 @@ class HealSpec(StrictModel):
     rank: Annotated[int, Field(ge=1)] | None = None  # alpha = rank
     targets: list[str] | str | None = None  # module-name suffixes, or one regex; default: the family's FFN
     quantize: bool | None = None  # NF4 base (QLoRA) or plain LoRA
-    full_finetune: bool | None = None  # every weight trained, no adapter (needs quantize: false)
+    full_finetune: bool | None = None  # every weight trained, no adapter: rank and targets unused (quantize: false)
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     seed: int | None = None
     token_weight: Annotated[float, Field(ge=0)] | None = None  # encoders: + weight x MSE of the token states

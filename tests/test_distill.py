@@ -246,3 +246,7 @@ def test_compress_heal_distills_encoders_and_needs_the_teacher(tmp_path, models,
     assert config["method"] == "distill" and config["batch_size"] == 32 and config["seq_len"] == 128
     assert config["quantize"] is False and config["steps"] == 3
     assert AutoModel.from_pretrained(tmp_path / "healed" / "merged").config.num_hidden_layers == 2
+    assert _heal(*common, "--out", str(tmp_path / "full"), "--teacher", str(teacher), "--full-finetune") == 0
+    assert "every weight trained, nothing to merge" in capsys.readouterr().out
+    assert json.loads((tmp_path / "full" / "heal_config.json").read_text())["full_finetune"] is True
+    assert not (tmp_path / "full" / "adapter").exists() and (tmp_path / "full" / "merged" / "config.json").is_file()
