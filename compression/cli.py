@@ -69,8 +69,9 @@ def _heal(args: argparse.Namespace) -> int:
                    targets=tuple(args.targets) if args.targets else None)
     if args.quantize is not None:
         options["quantize"] = args.quantize
-    if args.full_finetune:
-        options.update(full_finetune=True, quantize=False)
+    if args.full_finetune:  # unquantized unless --quantize was asked for too (which HealConfig then refuses)
+        options["full_finetune"] = True
+        options.setdefault("quantize", False)
     model, out = Path(args.model), Path(args.out)
     kind = checkpoint_kind(model)
     if args.teacher and not kind.heals_toward_original:

@@ -11,7 +11,7 @@ unpruned model's sentence embeddings.
 - Everything else is heal.py's: NF4 base (QLoRA) or plain LoRA, LoRA on the FFN (`FFN_TARGETS["bert"]`: a regex for
   layer.N.intermediate.dense and layer.N.output.dense, because the suffix "output.dense" also names
   attention.output.dense), alpha = r, dropout 0.05, AdamW with a cosine schedule after warm-up, checkpoints and
-  resume (`train_lora`), the merge into an unquantized plain checkpoint checked against the adapter's outputs, the
+  resume (`train_healing`), the merge into an unquantized plain checkpoint checked against the adapter's outputs, the
   loss plot; or, with `full_finetune`, every weight of the student trained (no adapter, nothing to merge).
 - The student's own dropout (hidden and attention, 0.1 in MiniLM) is off while training unless `encoder_dropout`:
   the target is the deterministic teacher. LoRA's dropout stays.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from prunefusion.checkpoints import load_tokenizer
-from prunefusion.compression.heal import HealConfig, load_base, plot_losses, save_result, train_lora, trainable_model
+from prunefusion.compression.heal import HealConfig, load_base, plot_losses, save_result, train_healing, trainable_model
 from prunefusion.model_kinds import ENCODER
 
 
@@ -171,7 +171,7 @@ def distill(student_dir: Path, teacher_dir: Path, out_dir: Path, texts: list[str
             loss = loss + cfg.layer_weight * layer_wise_mse(got.hidden_states, target.hidden_states, mask, pairs)
         return loss
 
-    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps, desc="distill")
+    summary = train_healing(model, cfg, checkpoints, next_loss, stop_after_steps, desc="distill")
     if summary["step"] < cfg.steps:
         return summary
     losses = summary["losses"]

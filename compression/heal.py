@@ -9,7 +9,7 @@
 - `full_finetune`: no adapter; every weight of the unquantized base is trained and saved as the result (nothing to
   merge). More capacity than LoRA, for small models (MiniLM 2-of-6 out of domain: benchmarks/RESULTS.md).
 
-The loading, LoRA, training loop (`train_lora`), merge and plot are shared with encoder healing by distillation
+The loading, LoRA, training loop (`train_healing`), merge and plot are shared with encoder healing by distillation
 (distill.py), which only brings its own batches and loss.
 """
 
@@ -151,7 +151,7 @@ def heal(model_dir: Path, out_dir: Path, texts: list[str], cfg: HealConfig = Hea
         batch = torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()]).to(cfg.device)
         return model(input_ids=batch, labels=batch).loss
 
-    summary = train_lora(model, cfg, checkpoints, next_loss, stop_after_steps)
+    summary = train_healing(model, cfg, checkpoints, next_loss, stop_after_steps)
     if summary["step"] < cfg.steps:
         return summary
     plot_losses(summary["losses"], out_dir / "heal_loss.png")
@@ -165,7 +165,7 @@ def heal_pruned(pruned_dir: Path, original_dir: Path, out_dir: Path, texts: list
     return heal(pruned_dir, out_dir, texts, cfg, stop_after_steps)
 
 
-def train_lora(model, cfg: HealConfig, checkpoints: Path,
+def train_healing(model, cfg: HealConfig, checkpoints: Path,
                next_loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor],
                stop_after_steps: int | None = None, desc: str = "heal") -> dict:
     """The training loop heal() and distill() share: AdamW, cosine schedule after warm-up, gradients clipped at 1, a
